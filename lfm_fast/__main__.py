@@ -1,0 +1,3 @@
+from lfm_fast.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""The latent space: diffusers' AutoencoderKL, pretrained (SD-VAE) or the small built-in one.
+
+Latents are always handled scaled: z = scaling_factor · E(x) (0.18215 for SD-VAE, LFM's setting);
+the built-in AE measures its factor as 1 / std of its latents and keeps it in its own config.json
+(`scaling_factor`, the field diffusers already has), so `load_autoencoder` restores it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from lfm_fast.errors import InputError
+from lfm_fast.fileio import atomic_dir, write_json
+
+SD_VAE_SCALE = 0.18215
+
+
+def build_small_autoencoder(latent_channels: int = 4, channels: tuple[int, ...] = (32, 64, 64)):
+    """A CPU-trainable AutoencoderKL of the SD-VAE design, downsampling by 2^(len(channels) − 1)."""
+    from diffusers import AutoencoderKL
+
+    n = len(channels)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=tuple(channels),
+                         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                         layers_per_block=1, norm_num_groups=min(32, min(channels)), scaling_factor=1.0)
+
+
+def load_autoencoder(spec: str, device="cpu", dtype=torch.float32):
+    """A diffusers AutoencoderKL from a local folder (config.json + weights) or a hub id (online only)."""
+    from diffusers import AutoencoderKL
+
+    if os.path.isdir(spec):
+        if not os.path.isfile(os.path.join(spec, "config.json")):
+            raise InputError(f"autoencoder {spec}: no config.json (expected a diffusers AutoencoderKL folder)")
+        ae = AutoencoderKL.from_pretrained(spec, torch_dtype=dtype, low_cpu_mem_usage=False)
+    elif spec.count("/") == 1 and not os.path.exists(spec) and not spec.startswith((".", "/")):
+        try:
+            ae = AutoencoderKL.from_pretrained(spec, torch_dtype=dtype, low_cpu_mem_usage=False)
+        except OSError as e:
+            raise InputError(f"autoencoder {spec}: not found locally and could not be fetched from the hub ({e.__class__.__name__})") from None
+    else:
+        raise InputError(f"autoencoder {spec}: no such folder (expected a diffusers AutoencoderKL folder or a hub id like {'stabilityai/sd-vae-ft-mse'})")
+    return ae.to(device).eval().requires_grad_(False)
+
+
+def downsample_factor(ae) -> int:
+    return 2 ** (len(ae.config.block_out_channels) - 1)
+
+
+@torch.no_grad()
+def encode(ae, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Images in [-1, 1] → scaled latents (the posterior mean: deterministic, as cached latents should be)."""
+    p = next(ae.parameters())
+    out = [ae.encode(images[i:i + batch_size].to(p.device, p.dtype)).latent_dist.mode() for i in range(0, len(images), batch_size)]
+    return torch.cat(out).float() * ae.config.scaling_factor
+
+
+@torch.no_grad()
+def decode(ae, latents: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Scaled latents → images in [-1, 1] (clamped)."""
+    p = next(ae.parameters())
+    out = [ae.decode(latents[i:i + batch_size].to(p.device, p.dtype) / ae.config.scaling_factor).sample
+           for i in range(0, len(latents), batch_size)]
+    return torch.cat(out).float().clamp(-1, 1)
+
+
+def train_autoencoder(images: torch.Tensor, out: str, steps: int = 1000, batch_size: int = 16, lr: float = 2e-3,
+                      kl_weight: float = 1e-6, seed: int = 0, channels: tuple[int, ...] = (32, 64, 64),
+                      precision: str = "bf16", progress: bool = True) -> dict:
+    """Train the built-in AE on images in [-1, 1] (N, 3, H, W) with L1 + MSE reconstruction and a small KL
+    (no GAN or LPIPS: the demo data are flat shapes). Saves a diffusers folder at `out` with the measured
+    scaling factor; returns the training summary written to `out/train_ae.json`."""
+    torch.manual_seed(seed)
+    ae = build_small_autoencoder(channels=channels)
+    opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    g = torch.Generator().manual_seed(seed)
+    start, losses = time.time(), []
+    bar = tqdm(range(steps), desc="train-ae", disable=not progress, mininterval=1)
+    for step in bar:
+        x = images[torch.randint(0, len(images), (batch_size,), generator=g)]
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+            post = ae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+            rec = ae.decode(z).sample.float()
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-25:]) / len(losses[-25:]):.4f}")
+    ae.eval().requires_grad_(False)
+    with torch.no_grad():
+        z = encode(ae, images[:2048])
+        scale = float(1.0 / z.std())
+        ae.register_to_config(scaling_factor=scale)
+        rec = decode(ae, z * scale, batch_size=256)
+        rec_mse = float(F.mse_loss(rec, images[:2048]))
+    summary = {"steps": steps, "batch_size": batch_size, "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+               "recon_mse": rec_mse, "scaling_factor": scale, "seconds": time.time() - start}
+    with atomic_dir(out) as tmp:
+        ae.save_pretrained(tmp)
+        write_json(os.path.join(tmp, "train_ae.json"), summary)
+    return summary

@@ -1,0 +1,130 @@
+"""Latent shards: what `lfm-fast prepare` writes and training reads.
+
+A folder with `meta.json` and `shard-XXXXX.safetensors` files, each holding `latents` (N, C, H, W;
+already multiplied by the AE's scaling factor) and `labels` (N,) int64. Shards are memory-mapped
+through safetensors and read item by item, so a dataset larger than memory trains fine.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import Dataset
+
+from lfm_fast.errors import InputError
+from lfm_fast.fileio import resolve_path, write_json
+
+
+class LatentShardWriter:
+    """Accumulates (latents, labels) batches and writes fixed-size shards into `folder`."""
+
+    def __init__(self, folder: str, shard_size: int = 8192):
+        self.folder, self.shard_size = folder, shard_size
+        self.buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.shards: list[dict] = []
+        self.count = 0
+
+    def add(self, latents: torch.Tensor, labels: torch.Tensor):
+        self.buffer.append((latents.detach().float().cpu(), labels.detach().long().cpu()))
+        while sum(len(b[1]) for b in self.buffer) >= self.shard_size:
+            self._flush(self.shard_size)
+
+    def _flush(self, n: int):
+        lat = torch.cat([b[0] for b in self.buffer])
+        lab = torch.cat([b[1] for b in self.buffer])
+        name = f"shard-{len(self.shards):05d}.safetensors"
+        save_file({"latents": lat[:n].contiguous(), "labels": lab[:n].contiguous()}, os.path.join(self.folder, name))
+        self.shards.append({"file": name, "num": int(min(n, len(lab)))})
+        self.count += self.shards[-1]["num"]
+        self.buffer = [(lat[n:], lab[n:])] if len(lab) > n else []
+
+    def close(self, meta: dict) -> dict:
+        if self.buffer:
+            self._flush(sum(len(b[1]) for b in self.buffer))
+        meta = dict(meta, num_samples=self.count, shards=self.shards)
+        write_json(os.path.join(self.folder, "meta.json"), meta)
+        return meta
+
+
+class LatentShardDataset(Dataset):
+    """Random access over the shards of a `prepare` folder; items are (latent, label)."""
+
+    def __init__(self, folder: str):
+        path = os.path.join(folder, "meta.json")
+        if not os.path.isfile(path):
+            raise InputError(f"latents {folder}: no meta.json (expected a folder written by `lfm-fast prepare`)")
+        with open(path) as f:
+            self.meta = json.load(f)
+        self.folder = folder
+        self.offsets, total = [], 0
+        for shard in self.meta["shards"]:
+            self.offsets.append(total)
+            total += shard["num"]
+        self.length = total
+        self._handles = {}
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta.get("num_classes", 0))
+
+    @property
+    def autoencoder(self) -> str:
+        """The AE these latents came from: a local folder (resolved) or a hub id."""
+        return resolve_path(self.meta.get("autoencoder", ""), self.folder)
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return tuple(self.meta["latent_shape"])
+
+    def __len__(self):
+        return self.length
+
+    def _slices(self, s: int):
+        if s not in self._handles:  # opened lazily: each DataLoader worker maps its own
+            f = safe_open(os.path.join(self.folder, self.meta["shards"][s]["file"]), framework="pt")
+            self._handles[s] = (f, f.get_slice("latents"), f.get_slice("labels"))
+        return self._handles[s][1:]
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < self.length:
+            raise IndexError(i)
+        s = bisect.bisect_right(self.offsets, i) - 1
+        lat, lab = self._slices(s)
+        j = i - self.offsets[s]
+        return lat[j:j + 1][0], lab[j:j + 1][0]
+
+    def get_batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        items = [self[int(i)] for i in indices]
+        return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
+
+
+def prepare_latents(ae_spec: str, data_spec: str, out: str, image_size: int | None = None, num_images: int = 6000,
+                    batch_size: int = 64, seed: int = 0, progress: bool = True) -> dict:
+    """Encode a dataset once with the AE and write latent shards (LFM re-encoded every batch; we cache)."""
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from lfm_fast.autoencoder import downsample_factor, encode, load_autoencoder
+    from lfm_fast.data import open_image_dataset
+    from lfm_fast.fileio import atomic_dir, portable_path
+
+    ae = load_autoencoder(ae_spec)
+    size = image_size or int(ae.config.sample_size)
+    ds, class_names = open_image_dataset(data_spec, size, num_images, seed)
+    ds[0]  # fail on an unreadable first image before any output exists
+    f = downsample_factor(ae)
+    meta = {"autoencoder": portable_path(ae_spec, out),
+            "scaling_factor": float(ae.config.scaling_factor), "image_size": size,
+            "latent_shape": [int(ae.config.latent_channels), size // f, size // f],
+            "num_classes": len(class_names), "class_names": class_names, "dataset": data_spec}
+    with atomic_dir(out) as tmp:
+        writer = LatentShardWriter(tmp)
+        loader = DataLoader(ds, batch_size=batch_size, shuffle=False)
+        for images, labels in tqdm(loader, desc="prepare", disable=not progress, mininterval=1):
+            writer.add(encode(ae, images, batch_size), labels)
+        return writer.close(meta)

@@ -1,0 +1,263 @@
+"""DiT velocity network (Peebles & Xie 2023, adaLN-Zero), predicting the flow-matching velocity.
+
+Pure PyTorch and meant to be read: every fused op goes through `lfm_fast.ops`, so with the
+`reference` backends this file is the numerical reference for the kernels. Differences from the
+original DiT: the output is a velocity with as many channels as the latent (no learned sigma), the
+time embedding takes t ∈ [0, 1] (scaled by 1000 before the sinusoid), optional condition channels
+are concatenated to the input (inpainting / semantic maps), and QK-norm is optional.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lfm_fast import ops
+from lfm_fast.errors import InputError
+from lfm_fast.fileio import atomic_path, write_json
+from lfm_fast.models.cond import LabelEmbedder
+
+DIT_SIZES = {  # DiT paper, Table 1
+    "S": dict(hidden_size=384, depth=12, num_heads=6),
+    "B": dict(hidden_size=768, depth=12, num_heads=12),
+    "L": dict(hidden_size=1024, depth=24, num_heads=16),
+    "XL": dict(hidden_size=1152, depth=28, num_heads=16),
+}
+PATCH_SIZES = (2, 4, 8)
+
+
+@dataclass
+class DiTConfig:
+    input_size: int = 32  # latent height = width
+    in_channels: int = 4  # latent channels (also the output channels)
+    cond_channels: int = 0  # extra input channels concatenated to x (inpainting, semantic maps)
+    patch_size: int = 2
+    hidden_size: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    num_classes: int = 0  # 0 = unconditional; otherwise label `num_classes` is the null class
+    qk_norm: bool = False
+    attn_backend: str = "auto"
+    norm_backend: str = "auto"
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.input_size // self.patch_size) ** 2
+
+
+def arch_config(name: str) -> dict:
+    """'DiT-XL/2' → {hidden_size, depth, num_heads, patch_size}."""
+    try:
+        size, patch = name.removeprefix("DiT-").split("/")
+        if size not in DIT_SIZES or int(patch) not in PATCH_SIZES:
+            raise ValueError
+    except ValueError:
+        known = ", ".join(f"DiT-{s}/{p}" for s in DIT_SIZES for p in PATCH_SIZES)
+        raise InputError(f"unknown DiT architecture {name!r}; expected one of {known}") from None
+    return dict(DIT_SIZES[size], patch_size=int(patch))
+
+
+def build_dit(name: str, **overrides) -> "DiT":
+    """build_dit("DiT-XL/2", input_size=32, in_channels=4, num_classes=1000)."""
+    return DiT(DiTConfig(**{**arch_config(name), **overrides}))
+
+
+def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding (MAE / DiT), shape (grid², dim)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    coords = torch.arange(grid, dtype=torch.float64)
+    gy, gx = torch.meshgrid(coords, coords, indexing="ij")
+
+    def embed_1d(pos):
+        angles = pos.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([embed_1d(gy), embed_1d(gx)], dim=1).float()
+
+
+class TimestepEmbedder(nn.Module):
+    """t ∈ [0, 1] → sinusoid of 1000·t (DiT's frequency range) → 2-layer MLP."""
+
+    def __init__(self, hidden_size: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = 1000 * t.float()[:, None] * freqs[None]
+        return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1).to(self.mlp[0].weight.dtype))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.backend = cfg.attn_backend
+        head_dim = cfg.hidden_size // cfg.num_heads
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.q_norm = nn.LayerNorm(head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = ops.attention(self.q_norm(q), self.k_norm(k), v, backend=self.backend)
+        return self.proj(out.transpose(1, 2).reshape(B, T, D))
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.backend = cfg.norm_backend
+        self.attn = Attention(cfg)
+        hidden = int(cfg.hidden_size * cfg.mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(cfg.hidden_size, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, cfg.hidden_size))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden_size, 6 * cfg.hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        b = self.backend
+        x = ops.gated_residual(x, gate_msa, self.attn(ops.adaln_modulate(x, shift_msa, scale_msa, b)), b)
+        x = ops.gated_residual(x, gate_mlp, self.mlp(ops.adaln_modulate(x, shift_mlp, scale_mlp, b)), b)
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.backend = cfg.norm_backend
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden_size, 2 * cfg.hidden_size))
+        self.linear = nn.Linear(cfg.hidden_size, cfg.patch_size**2 * cfg.in_channels)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(ops.adaln_modulate(x, shift, scale, self.backend))
+
+
+class DiT(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        ops.check_backend(cfg.attn_backend, ops.ATTENTION_BACKENDS, "attention")
+        ops.check_backend(cfg.norm_backend, ops.NORM_BACKENDS, "norm")
+        if cfg.input_size % cfg.patch_size or cfg.hidden_size % cfg.num_heads:
+            raise InputError(f"DiT config: input_size {cfg.input_size} must be divisible by patch_size {cfg.patch_size} "
+                             f"and hidden_size {cfg.hidden_size} by num_heads {cfg.num_heads}")
+        self.config = cfg
+        p, D = cfg.patch_size, cfg.hidden_size
+        self.x_embedder = nn.Conv2d(cfg.in_channels + cfg.cond_channels, D, kernel_size=p, stride=p)
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, D) if cfg.num_classes > 0 else None
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(D, cfg.input_size // p)[None], persistent=False)
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(cfg)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """DiT's init: Xavier linears, N(0, 0.02) embeddings, and zero adaLN-Zero gates and output."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.x_embedder.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        self.pos_embed.copy_(sincos_pos_embed_2d(self.config.hidden_size, self.config.input_size // self.config.patch_size)[None])
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, p²·C) → (B, C, H, W)."""
+        p, C = self.config.patch_size, self.config.in_channels
+        g = self.config.input_size // p
+        x = x.view(x.shape[0], g, g, p, p, C)
+        return torch.einsum("bhwpqc->bchpwq", x).reshape(x.shape[0], C, g * p, g * p)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Velocity v(x, t | y, cond): x (B, C, H, W), t (B,) in [0, 1], y (B,) int64, cond (B, C_cond, H, W)."""
+        cfg = self.config
+        if cfg.cond_channels:
+            if cond is None or cond.shape[1] != cfg.cond_channels:
+                raise ValueError(f"this DiT expects a condition with {cfg.cond_channels} channels")
+            x = torch.cat([x, cond.to(x.dtype)], dim=1)
+        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed
+        c = self.t_embedder(t)
+        if self.y_embedder is not None:
+            if y is None:  # unlabelled call on a conditional model: the null class
+                y = torch.full((x.shape[0],), cfg.num_classes, dtype=torch.long, device=x.device)
+            c = c + self.y_embedder(y)
+        for block in self.blocks:
+            h = block(h, c)
+        return self.unpatchify(self.final_layer(h, c))
+
+    def forward_with_cfg(self, x, t, y, cfg_scale: float, cond=None) -> torch.Tensor:
+        """Classifier-free guidance in one batch: v = v_u + s·(v_c − v_u), one network evaluation."""
+        if cfg_scale == 1.0 or self.y_embedder is None or y is None:
+            return self(x, t, y, cond)
+        null = torch.full_like(y, self.config.num_classes)
+        both = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), None if cond is None else torch.cat([cond, cond]))
+        v_c, v_u = both.chunk(2)
+        return v_u + cfg_scale * (v_c - v_u)
+
+    def save_pretrained(self, folder: str, meta: dict | None = None, state_dict: dict | None = None):
+        """Write `config.json` + `model.safetensors` (diffusers' habit); `meta` carries e.g. the AE path."""
+        from safetensors.torch import save_file
+
+        from lfm_fast import __version__
+
+        sd = {k: v.detach().cpu().contiguous() for k, v in (state_dict or self.state_dict()).items()}
+        config = {"_class_name": "DiT", "_lfm_fast_version": __version__, "model": asdict(self.config), "meta": meta or {}}
+        with atomic_path(os.path.join(folder, "model.safetensors")) as tmp:
+            save_file(sd, tmp)
+        write_json(os.path.join(folder, "config.json"), config)
+
+    @classmethod
+    def from_pretrained(cls, folder: str, **overrides) -> "DiT":
+        from safetensors.torch import load_file
+
+        config = read_checkpoint_config(folder)
+        known = {f.name for f in fields(DiTConfig)}
+        model = cls(DiTConfig(**{k: v for k, v in config["model"].items() if k in known}, **overrides))
+        state = load_file(os.path.join(folder, "model.safetensors"))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise InputError(f"checkpoint {folder}: weights do not match its config.json "
+                             f"(missing {len(missing)}, unexpected {len(unexpected)})")
+        return model
+
+
+def read_checkpoint_config(folder: str) -> dict:
+    """config.json of an inference checkpoint, with a one-line error when the folder is not one."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isdir(folder):
+        raise InputError(f"checkpoint {folder}: no such folder")
+    if not (os.path.isfile(path) and os.path.isfile(os.path.join(folder, "model.safetensors"))):
+        raise InputError(f"checkpoint {folder}: expected config.json and model.safetensors (a folder written by `lfm-fast train`)")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise InputError(f"checkpoint {folder}: config.json is not valid JSON ({e})") from None
+    if config.get("_class_name") != "DiT" or "model" not in config:
+        raise InputError(f"checkpoint {folder}: config.json is not an lfm-fast DiT config")
+    return config

@@ -1,0 +1,45 @@
+import os
+
+import pytest
+import torch
+
+from lfm_fast.data.latents import LatentShardWriter
+
+
+def write_random_latents(folder, n=48, shape=(4, 8, 8), num_classes=3, seed=0, shard_size=20, autoencoder=""):
+    g = torch.Generator().manual_seed(seed)
+    os.makedirs(folder, exist_ok=True)
+    writer = LatentShardWriter(str(folder), shard_size=shard_size)
+    labels = torch.arange(n) % max(1, num_classes)
+    # class-dependent means so a conditional model has something to learn
+    lat = torch.randn((n, *shape), generator=g) * 0.5 + labels.view(-1, 1, 1, 1).float() - 1
+    writer.add(lat, labels)
+    return writer.close({"latent_shape": list(shape), "num_classes": num_classes, "autoencoder": autoencoder,
+                         "scaling_factor": 1.0, "class_names": [f"c{i}" for i in range(num_classes)]})
+
+
+@pytest.fixture
+def random_latents(tmp_path):
+    folder = tmp_path / "latents"
+    write_random_latents(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """A tiny trained AE, its latents and a tiny trained DiT, made once through the real code paths."""
+    from lfm_fast.autoencoder import train_autoencoder
+    from lfm_fast.config import get_preset
+    from lfm_fast.data.latents import prepare_latents
+    from lfm_fast.data.shapes import ShapesDataset
+    from lfm_fast.train.loop import train
+
+    root = tmp_path_factory.mktemp("pipeline")
+    ds = ShapesDataset(96, 32, seed=0)
+    train_autoencoder(ds.images, str(root / "ae"), steps=4, batch_size=8, channels=(32, 32), progress=False)
+    prepare_latents(str(root / "ae"), "shapes", str(root / "latents"), 32, 96, progress=False)
+    cfg = get_preset("shapes-tiny")
+    cfg.model.hidden_size, cfg.model.depth, cfg.model.num_heads = 32, 2, 2
+    cfg.train.steps, cfg.train.batch_size, cfg.train.log_every = 6, 16, 3
+    train(cfg, str(root / "latents"), str(root / "dit"), progress=False)
+    return root

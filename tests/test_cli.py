@@ -1,0 +1,99 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lfm_fast.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.err.strip()
+
+
+def assert_input_error(code, err, *words):
+    assert code == 2
+    assert err.startswith("lfm-fast: error:") and len(err.splitlines()) == 1, err
+    for w in words:
+        assert w in err, err
+
+
+def test_error_exits_2_with_one_line_and_no_traceback(tmp_path):
+    out = tmp_path / "ae"
+    proc = subprocess.run([sys.executable, "-m", "lfm_fast", "train-ae", "--data", str(tmp_path / "nope"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"lfm-fast: error: image folder {tmp_path / 'nope'}: no such folder"]
+    assert not out.exists()
+
+
+def test_bad_data_inputs(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert_input_error(*run_cli(capsys, "train-ae", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o1")), "no images")
+    (tmp_path / "mixed").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "mixed" / "a.png")
+    (tmp_path / "mixed" / "b.csv").write_text("1,2")
+    assert_input_error(*run_cli(capsys, "train-ae", "--data", str(tmp_path / "mixed"), "--out", str(tmp_path / "o2")), "b.csv")
+    assert_input_error(*run_cli(capsys, "prepare", "--ae", str(tmp_path / "noae"), "--data", "shapes", "--out", str(tmp_path / "o3")),
+                       "autoencoder", "noae")
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
+
+
+def test_train_and_sample_input_errors(tiny_pipeline, tmp_path, capsys):
+    lat, dit = str(tiny_pipeline / "latents"), str(tiny_pipeline / "dit")
+    assert_input_error(*run_cli(capsys, "train", "--latents", lat, "--preset", "celeba", "--out", str(tmp_path / "t")), "unknown preset")
+    assert_input_error(*run_cli(capsys, "train", "--latents", lat, "--preset", "shapes-tiny", "--out", str(tmp_path / "t"), "foo=1"),
+                       "names no config field")
+    assert_input_error(*run_cli(capsys, "train", "--latents", str(tmp_path), "--preset", "shapes-tiny", "--out", str(tmp_path / "t")),
+                       "meta.json")
+    assert_input_error(*run_cli(capsys, "sample", "--ckpt", lat, "--out", str(tmp_path / "s")), "config.json and model.safetensors")
+    assert_input_error(*run_cli(capsys, "sample", "--ckpt", dit, "--labels", "0,6", "--out", str(tmp_path / "s")), "0..5")
+    assert_input_error(*run_cli(capsys, "sample", "--ckpt", dit, "--labels", "a", "--out", str(tmp_path / "s")), "integers")
+    assert not (tmp_path / "t").exists() and not (tmp_path / "s").exists()
+
+
+def test_sample_writes_pngs_grid_and_npz_reproducibly(tiny_pipeline, tmp_path, capsys):
+    dit = str(tiny_pipeline / "dit")
+    args = ["sample", "--ckpt", dit, "--num", "5", "--labels", "1,4", "--solver", "euler", "--steps", "3", "--cfg", "2", "--seed", "3"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert main(args + ["--out", str(tmp_path / "b"), "--batch-size", "2"]) == 0
+    files = sorted(os.listdir(tmp_path / "a"))
+    assert files == ["000000_class1.png", "000001_class4.png", "000002_class1.png", "000003_class4.png", "000004_class1.png",
+                     "grid.png", "samples.npz"]
+    a, b = np.load(tmp_path / "a" / "samples.npz"), np.load(tmp_path / "b" / "samples.npz")
+    assert a["arr_0"].shape == (5, 32, 32, 3) and a["arr_0"].dtype == np.uint8
+    assert a["labels"].tolist() == [1, 4, 1, 4, 1]
+    assert np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int)).max() <= 1  # same seeds, other batching
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / "000003_class4.png")), a["arr_0"][3])
+
+
+def test_sample_defaults_come_from_the_checkpoint(tiny_pipeline, tmp_path, capsys):
+    assert main(["sample", "--ckpt", str(tiny_pipeline / "dit"), "--num", "2", "--steps", "2", "--out", str(tmp_path / "s")]) == 0
+    assert "heun, NFE 4 per batch, cfg 2.0" in capsys.readouterr().out
+
+
+def test_training_run_has_metrics_and_grid(tiny_pipeline):
+    dit = tiny_pipeline / "dit"
+    metrics = [json.loads(line) for line in open(dit / "metrics.jsonl")]
+    assert [m["step"] for m in metrics] == [3, 6]
+    assert Image.open(dit / "samples.png").size[0] >= 64
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end(tmp_path):
+    from lfm_fast.demo import run_demo
+
+    report = run_demo(str(tmp_path / "demo"), quick=True, progress=False)
+    on_disk = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert on_disk == report
+    for key in ("class_accuracy", "classifier_accuracy", "latent_fd", "nfe", "seconds_total"):
+        assert key in report
+    assert report["nfe"] == 32  # 16 Heun steps, CFG batched: 2 NFE per step
+    assert report["classifier_accuracy"] >= 0.95
+    assert report["latent_fd"] > 0 and report["seconds_total"] < 180
+    assert (tmp_path / "demo" / "samples.png").exists() and "class_accuracy" in (tmp_path / "demo" / "report.md").read_text()

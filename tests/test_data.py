@@ -1,0 +1,85 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lfm_fast.data.folder import ImageFolderDataset
+from lfm_fast.data.latents import LatentShardDataset
+from lfm_fast.data.shapes import SHAPE_CLASSES, SHAPE_COLORS, make_shapes
+from lfm_fast.errors import InputError
+from tests.conftest import write_random_latents
+
+
+def test_shapes_are_deterministic_by_seed_and_cover_every_class():
+    a, la, sa = make_shapes(300, 32, seed=3)
+    b, lb, sb = make_shapes(300, 32, seed=3)
+    c, _, _ = make_shapes(300, 32, seed=4)
+    assert np.array_equal(a, b) and np.array_equal(la, lb) and np.array_equal(sa, sb)
+    assert not np.array_equal(a, c)
+    assert a.shape == (300, 32, 32, 3) and a.dtype == np.uint8
+    assert len(SHAPE_CLASSES) >= 6 and set(la.tolist()) == set(range(len(SHAPE_CLASSES)))
+
+
+def test_semantic_maps_mark_the_shape_with_its_kind():
+    images, labels, semantic = make_shapes(120, 32, seed=0)
+    for img, lab, sem in zip(images, labels, semantic):
+        assert set(np.unique(sem).tolist()) == {0, lab + 1}
+        inside = img[sem == lab + 1].astype(float) / 255
+        # the shape's pixels carry the class colour (± jitter and anti-aliasing)
+        assert np.abs(inside.mean(0) - SHAPE_COLORS[lab]).max() < 0.15
+    # shapes of different classes differ in colour
+    d = np.abs(SHAPE_COLORS[:, None] - SHAPE_COLORS[None]).max(-1)
+    assert (d + np.eye(len(d))).min() > 0.3
+
+
+def save_png(path, size=(40, 30), colour=(255, 0, 0)):
+    Image.new("RGB", size, colour).save(path)
+
+
+def test_image_folder_with_classes_and_without(tmp_path):
+    for cls in ("cat", "dog"):
+        (tmp_path / "labelled" / cls).mkdir(parents=True)
+        for i in range(2):
+            save_png(tmp_path / "labelled" / cls / f"{i}.png")
+    ds = ImageFolderDataset(str(tmp_path / "labelled"), 16)
+    assert ds.classes == ["cat", "dog"] and ds.num_classes == 2 and len(ds) == 4
+    x, y = ds[3]
+    assert x.shape == (3, 16, 16) and y.item() == 1
+    assert torch.allclose(x[0], torch.ones(16, 16)) and torch.allclose(x[1], -torch.ones(16, 16))
+    (tmp_path / "flat").mkdir()
+    save_png(tmp_path / "flat" / "a.jpg")
+    flat = ImageFolderDataset(str(tmp_path / "flat"), 8)
+    assert flat.num_classes == 0 and flat[0][1].item() == 0
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(InputError, match="no such folder"):
+        ImageFolderDataset(str(tmp_path / "missing"), 16)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no images"):
+        ImageFolderDataset(str(tmp_path / "empty"), 16)
+    (tmp_path / "mixed").mkdir()
+    save_png(tmp_path / "mixed" / "a.png")
+    (tmp_path / "mixed" / "notes.txt").write_text("hello")
+    with pytest.raises(InputError, match="notes.txt is not an image"):
+        ImageFolderDataset(str(tmp_path / "mixed"), 16)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "b.png").write_bytes(b"not a png")
+    with pytest.raises(InputError, match="cannot read"):
+        ImageFolderDataset(str(tmp_path / "broken"), 16)[0]
+
+
+def test_latent_shards_round_trip_across_shards(tmp_path):
+    meta = write_random_latents(tmp_path, n=45, shard_size=20)
+    assert [s["num"] for s in meta["shards"]] == [20, 20, 5]
+    ds = LatentShardDataset(str(tmp_path))
+    assert len(ds) == 45 and ds.latent_shape == (4, 8, 8) and ds.num_classes == 3
+    g = torch.Generator().manual_seed(0)
+    expected = torch.randn((45, 4, 8, 8), generator=g) * 0.5 + (torch.arange(45) % 3).view(-1, 1, 1, 1).float() - 1
+    for i in (0, 19, 20, 39, 44):
+        x, y = ds[i]
+        assert torch.equal(x, expected[i]) and y.item() == i % 3
+    xb, yb = ds.get_batch([44, 0, 21])
+    assert torch.equal(xb, expected[[44, 0, 21]]) and yb.tolist() == [2, 0, 0]
+    with pytest.raises(IndexError):
+        ds[45]

@@ -1,0 +1,99 @@
+import pytest
+import torch
+
+from lfm_fast import ops
+from lfm_fast.errors import InputError
+from lfm_fast.models.dit import DiT, DiTConfig, build_dit
+
+
+@pytest.mark.parametrize("name,paper", [("DiT-S/2", 33e6), ("DiT-B/2", 130e6), ("DiT-L/2", 458e6), ("DiT-XL/2", 675e6)])
+def test_parameter_counts_match_the_dit_paper(name, paper):
+    with torch.device("meta"):
+        model = build_dit(name, input_size=32, in_channels=4, num_classes=1000)
+    count = sum(p.numel() for p in model.parameters())
+    assert abs(count / paper - 1) < 0.01, count
+
+
+def test_unknown_architecture_is_an_input_error():
+    with pytest.raises(InputError, match="DiT-XL/3"):
+        build_dit("DiT-XL/3")
+
+
+def small(**kw):
+    torch.manual_seed(0)
+    cfg = dict(input_size=8, in_channels=4, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=5)
+    model = DiT(DiTConfig(**{**cfg, **kw}))
+    with torch.no_grad():  # adaLN-Zero starts at v ≡ 0; perturb so outputs depend on the inputs
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_adaln_zero_init_outputs_zero_velocity():
+    model = DiT(DiTConfig(input_size=8, hidden_size=64, depth=2, num_heads=4, num_classes=5))
+    v = model(torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([0, 1, 5]))
+    assert v.shape == (3, 4, 8, 8) and v.abs().max() == 0
+
+
+@pytest.mark.parametrize("patch,cond", [(1, 0), (2, 3), (4, 0)])
+def test_output_shape_and_condition_channels(patch, cond):
+    model = small(patch_size=patch, cond_channels=cond)
+    x = torch.randn(2, 4, 8, 8)
+    c = torch.randn(2, cond, 8, 8) if cond else None
+    v = model(x, torch.rand(2), torch.tensor([1, 2]), c)
+    assert v.shape == x.shape
+    if cond:
+        assert not torch.allclose(v, model(x, v.new_tensor([0.3, 0.3]), torch.tensor([1, 2]), c * 0))
+
+
+def test_cfg_scale_one_is_the_conditional_forward_and_scale_s_is_the_guided_combination():
+    model = small()
+    x, t, y = torch.randn(4, 4, 8, 8), torch.rand(4), torch.tensor([0, 1, 2, 4])
+    v_c = model(x, t, y)
+    v_u = model(x, t, torch.full_like(y, 5))
+    torch.testing.assert_close(model.forward_with_cfg(x, t, y, 1.0), v_c)
+    torch.testing.assert_close(model.forward_with_cfg(x, t, y, 3.0), v_u + 3.0 * (v_c - v_u), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(x, t, None), v_u)  # no label = the null class
+
+
+def test_time_and_label_change_the_output():
+    model = small()
+    x = torch.randn(2, 4, 8, 8)
+    a = model(x, torch.tensor([0.2, 0.2]), torch.tensor([1, 1]))
+    assert not torch.allclose(a, model(x, torch.tensor([0.7, 0.7]), torch.tensor([1, 1])), atol=1e-4)
+    assert not torch.allclose(a, model(x, torch.tensor([0.2, 0.2]), torch.tensor([3, 3])), atol=1e-4)
+
+
+def test_save_and_from_pretrained_round_trip(tmp_path):
+    model = small(qk_norm=True)
+    model.save_pretrained(str(tmp_path), meta={"autoencoder": "x"})
+    loaded = DiT.from_pretrained(str(tmp_path)).eval()
+    assert loaded.config == model.config
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 3])
+    torch.testing.assert_close(loaded(x, t, y), model(x, t, y), rtol=0, atol=0)
+
+
+def test_from_pretrained_rejects_a_folder_that_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(InputError, match="config.json and model.safetensors"):
+        DiT.from_pretrained(str(tmp_path))
+    with pytest.raises(InputError, match="no such folder"):
+        DiT.from_pretrained(str(tmp_path / "missing"))
+
+
+def test_reference_backends_match_sdpa_and_each_other():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 17, 32) for _ in range(3))
+    torch.testing.assert_close(ops.attention(q, k, v, "reference"), ops.attention(q, k, v, "sdpa"), rtol=1e-5, atol=1e-5)
+    a = small(attn_backend="reference")
+    b = small(attn_backend="sdpa")
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 3])
+    torch.testing.assert_close(a(x, t, y), b(x, t, y), rtol=1e-5, atol=1e-5)
+
+
+def test_adaln_modulate_matches_its_definition():
+    x, shift, scale = torch.randn(2, 5, 16), torch.randn(2, 16), torch.randn(2, 16)
+    mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+    expected = (x - mean) / torch.sqrt(var + 1e-6) * (1 + scale[:, None]) + shift[:, None]
+    torch.testing.assert_close(ops.adaln_modulate(x, shift, scale), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown norm backend"):
+        ops.adaln_modulate(x, shift, scale, backend="fast")

@@ -1,0 +1,53 @@
+import torch
+
+from lfm_fast.flow import FlowConfig, flow_matching_loss, interpolate, sample_time, target_velocity
+from lfm_fast.models.cond import drop_labels
+
+
+def test_path_endpoints_and_target_by_hand():
+    x0, eps, s = torch.tensor([[2.0]]), torch.tensor([[-1.0]]), 1e-5
+    assert interpolate(x0, eps, torch.tensor([0.0]), s).item() == 2.0 + s * -1.0
+    assert abs(interpolate(x0, eps, torch.tensor([1.0]), s).item() - (-1.0)) < 1e-7
+    # t = 0.25: 0.75·2 + (1e-5 + 0.99999·0.25)·(−1)
+    assert abs(interpolate(x0, eps, torch.tensor([0.25]), s).item() - (1.5 - (1e-5 + 0.99999 * 0.25))) < 1e-6
+    assert abs(target_velocity(x0, eps, s).item() - (0.99999 * -1.0 - 2.0)) < 1e-6
+    # the target is the time derivative of the path
+    t, h = torch.tensor([0.4]), 1e-3
+    fd = (interpolate(x0, eps, t + h, s) - interpolate(x0, eps, t - h, s)) / (2 * h)
+    assert torch.allclose(fd, target_velocity(x0, eps, s), atol=1e-4)
+
+
+class ConstantModel(torch.nn.Module):
+    config = None
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x, t, y=None, cond=None):
+        return torch.full_like(x, self.value)
+
+
+def test_loss_equals_a_hand_computation_with_the_same_draws():
+    cfg = FlowConfig()
+    x0 = torch.randn(5, 2, 3, 3)
+    loss = flow_matching_loss(ConstantModel(0.5), x0, None, cfg, torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    eps = torch.randn(x0.shape, generator=g)
+    expected = ((0.5 - ((1 - 1e-5) * eps - x0)) ** 2).mean()
+    torch.testing.assert_close(loss, expected)
+
+
+def test_time_sampling_ranges():
+    g = torch.Generator().manual_seed(0)
+    u = sample_time(20000, FlowConfig(), g)
+    assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01
+    ln = sample_time(20000, FlowConfig(time_sampling="logit_normal"), g)
+    assert 0 < ln.min() and ln.max() < 1 and abs(ln.median() - 0.5) < 0.01 and ln.std() < u.std()
+
+
+def test_label_dropout_rate_and_null_class():
+    y = torch.zeros(20000, dtype=torch.long)
+    d = drop_labels(y, 0.1, 10, torch.Generator().manual_seed(0))
+    assert set(d.unique().tolist()) == {0, 10} and abs((d == 10).float().mean() - 0.1) < 0.01
+    assert drop_labels(y, 0.0, 10) is y

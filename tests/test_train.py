@@ -1,0 +1,66 @@
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lfm_fast.config import get_preset
+from lfm_fast.errors import InputError
+from lfm_fast.models.dit import DiT
+from lfm_fast.train.loop import train
+
+
+def tiny_config(steps=20, precision="fp32"):
+    cfg = get_preset("shapes-tiny")
+    cfg.model.hidden_size, cfg.model.depth, cfg.model.num_heads = 32, 2, 2
+    cfg.train.steps, cfg.train.batch_size, cfg.train.log_every, cfg.train.ckpt_every = steps, 8, 5, 10
+    cfg.train.precision, cfg.train.warmup_steps = precision, 3
+    return cfg
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_is_bit_identical_to_an_uninterrupted_run(random_latents, tmp_path, precision):
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    train(tiny_config(precision=precision), random_latents, straight, progress=False)
+    train(tiny_config(precision=precision), random_latents, resumed, stop_at=10, progress=False)
+    train(tiny_config(precision=precision), random_latents, resumed, resume=True, progress=False)
+    a, b = load_file(os.path.join(straight, "model.safetensors")), load_file(os.path.join(resumed, "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa = torch.load(os.path.join(straight, "checkpoint.pt"), weights_only=True)
+    sb = torch.load(os.path.join(resumed, "checkpoint.pt"), weights_only=True)
+    assert sa["step"] == sb["step"] == 20
+    assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
+    steps = [json.loads(line)["step"] for line in open(os.path.join(resumed, "metrics.jsonl"))]
+    assert steps == [5, 10, 15, 20]
+    la = [json.loads(line)["loss"] for line in open(os.path.join(straight, "metrics.jsonl"))]
+    lb = [json.loads(line)["loss"] for line in open(os.path.join(resumed, "metrics.jsonl"))]
+    assert la == lb
+
+
+def test_training_learns_and_writes_an_inference_checkpoint(random_latents, tmp_path):
+    out = str(tmp_path / "run")
+    cfg = tiny_config(steps=120)
+    cfg.train.lr, cfg.train.log_every = 3e-3, 20
+    train(cfg, random_latents, out, progress=False)
+    metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert {"step", "loss", "img_per_s", "lr"} <= metrics[0].keys()
+    assert metrics[-1]["loss"] < 0.8 * metrics[0]["loss"]
+    model = DiT.from_pretrained(out)
+    ema = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["ema"]
+    assert all(torch.equal(model.state_dict()[k], ema[k]) for k in ema if k in model.state_dict())
+    assert model.config.input_size == 8 and model.config.num_classes == 3  # taken from the latents
+    meta = json.load(open(os.path.join(out, "config.json")))["meta"]
+    assert meta["experiment"]["train"]["steps"] == 120
+
+
+def test_train_refuses_to_overwrite_or_resume_nothing(random_latents, tmp_path):
+    with pytest.raises(InputError, match="no checkpoint.pt"):
+        train(tiny_config(), random_latents, str(tmp_path / "new"), resume=True, progress=False)
+    train(tiny_config(steps=2), random_latents, str(tmp_path / "run"), progress=False)
+    with pytest.raises(InputError, match="--resume"):
+        train(tiny_config(steps=2), random_latents, str(tmp_path / "run"), progress=False)
+    cfg = tiny_config()
+    cfg.model.num_classes = 7
+    with pytest.raises(InputError, match="model.num_classes=7"):
+        train(cfg, random_latents, str(tmp_path / "other"), progress=False)
