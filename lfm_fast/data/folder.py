@@ -29,7 +29,7 @@ def center_crop_resize(img: Image.Image, size: int) -> np.ndarray:
     s = min(img.size)
     left, top = (img.width - s) // 2, (img.height - s) // 2
     img = img.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
-    return np.asarray(img, dtype=np.uint8)
+    return np.array(img, dtype=np.uint8)
 
 
 class ImageFolderDataset(Dataset):
