@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from lfm_fast import default_device
 from lfm_fast.errors import InputError
 from lfm_fast.fileio import atomic_dir, write_json
 
@@ -30,7 +31,7 @@ def build_small_autoencoder(latent_channels: int = 4, channels: tuple[int, ...] 
                          layers_per_block=1, norm_num_groups=min(32, min(channels)), scaling_factor=1.0)
 
 
-def load_autoencoder(spec: str, device="cpu", dtype=torch.float32):
+def load_autoencoder(spec: str, device=None, dtype=torch.float32):
     """A diffusers AutoencoderKL from a local folder (config.json + weights) or a hub id (online only)."""
     from diffusers import AutoencoderKL
 
@@ -45,7 +46,7 @@ def load_autoencoder(spec: str, device="cpu", dtype=torch.float32):
             raise InputError(f"autoencoder {spec}: not found locally and could not be fetched from the hub ({e.__class__.__name__})") from None
     else:
         raise InputError(f"autoencoder {spec}: no such folder (expected a diffusers AutoencoderKL folder or a hub id like {'stabilityai/sd-vae-ft-mse'})")
-    return ae.to(device).eval().requires_grad_(False)
+    return ae.to(device or default_device()).eval().requires_grad_(False)
 
 
 def downsample_factor(ae) -> int:
@@ -57,7 +58,7 @@ def encode(ae, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """Images in [-1, 1] → scaled latents (the posterior mean: deterministic, as cached latents should be)."""
     p = next(ae.parameters())
     out = [ae.encode(images[i:i + batch_size].to(p.device, p.dtype)).latent_dist.mode() for i in range(0, len(images), batch_size)]
-    return torch.cat(out).float() * ae.config.scaling_factor
+    return torch.cat(out).float().cpu() * ae.config.scaling_factor
 
 
 @torch.no_grad()
@@ -66,27 +67,28 @@ def decode(ae, latents: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     p = next(ae.parameters())
     out = [ae.decode(latents[i:i + batch_size].to(p.device, p.dtype) / ae.config.scaling_factor).sample
            for i in range(0, len(latents), batch_size)]
-    return torch.cat(out).float().clamp(-1, 1)
+    return torch.cat(out).float().cpu().clamp(-1, 1)
 
 
 def train_autoencoder(images: torch.Tensor, out: str, steps: int = 1000, batch_size: int = 16, lr: float = 2e-3,
                       kl_weight: float = 1e-6, seed: int = 0, channels: tuple[int, ...] = (32, 64, 64),
-                      precision: str = "bf16", progress: bool = True) -> dict:
+                      precision: str = "bf16", progress: bool = True, device: str | None = None) -> dict:
     """Train the built-in AE on images in [-1, 1] (N, 3, H, W) with L1 + MSE reconstruction and a small KL
     (no GAN or LPIPS: the demo data are flat shapes). Saves a diffusers folder at `out` with the measured
     scaling factor; returns the training summary written to `out/train_ae.json`."""
+    device = torch.device(device or default_device())
     torch.manual_seed(seed)
-    ae = build_small_autoencoder(channels=channels)
+    ae = build_small_autoencoder(channels=channels).to(device)
     opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     g = torch.Generator().manual_seed(seed)
     start, losses = time.time(), []
     bar = tqdm(range(steps), desc="train-ae", disable=not progress, mininterval=1)
     for step in bar:
-        x = images[torch.randint(0, len(images), (batch_size,), generator=g)]
-        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+        x = images[torch.randint(0, len(images), (batch_size,), generator=g)].to(device)
+        with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
             post = ae.encode(x).latent_dist
-            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(device)
             rec = ae.decode(z).sample.float()
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + kl_weight * post.kl().mean()
         opt.zero_grad(set_to_none=True)
@@ -103,7 +105,8 @@ def train_autoencoder(images: torch.Tensor, out: str, steps: int = 1000, batch_s
         scale = float(1.0 / z.std())
         ae.register_to_config(scaling_factor=scale)
         rec = decode(ae, z * scale, batch_size=256)
-        rec_mse = float(F.mse_loss(rec, images[:2048]))
+        rec_mse = float(F.mse_loss(rec.cpu(), images[:2048]))
+    ae.cpu()
     summary = {"steps": steps, "batch_size": batch_size, "final_loss": sum(losses[-50:]) / len(losses[-50:]),
                "recon_mse": rec_mse, "scaling_factor": scale, "seconds": time.time() - start}
     with atomic_dir(out) as tmp:

@@ -142,6 +142,8 @@ def parse_labels(text: str | None, num: int, num_classes: int):
 def _cmd_sample(args):
     import dataclasses
 
+    from lfm_fast import default_device
+
     from lfm_fast.autoencoder import load_autoencoder
     from lfm_fast.fileio import atomic_dir, resolve_path
     from lfm_fast.generate import generate_latents, latents_to_images, write_sample_folder
@@ -151,7 +153,7 @@ def _cmd_sample(args):
     if args.num < 1:
         raise InputError(f"--num {args.num}: expected a positive count")
     config = read_checkpoint_config(args.ckpt)
-    model = DiT.from_pretrained(args.ckpt).eval()
+    model = DiT.from_pretrained(args.ckpt).eval().to(default_device())
     labels = parse_labels(args.labels, args.num, model.config.num_classes)
     preset = config.get("meta", {}).get("experiment", {}).get("sample", {})
     scfg = SampleConfig(**{**dataclasses.asdict(SampleConfig()), **preset})

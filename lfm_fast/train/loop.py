@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lfm_fast import default_device
 from lfm_fast.config import ExperimentConfig, to_dict
 from lfm_fast.data.latents import LatentShardDataset
 from lfm_fast.errors import InputError
@@ -96,7 +97,7 @@ def train(cfg: ExperimentConfig, latents: str, out: str, resume: bool = False, s
         raise InputError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
     os.makedirs(out, exist_ok=True)
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device or default_device())
     torch.manual_seed(tc.seed)
     model = DiT(cfg.model).to(device)
     ema = create_ema(model)
