@@ -18,7 +18,7 @@ demo: install
 	.venv/bin/lfm-fast demo --out runs/demo
 
 test: install
-	$(PY) -m pytest -q tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
 bench: install
 	$(PY) -m pytest -q bench --benchmark-only

@@ -247,12 +247,13 @@ def flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
     if _use_triton(q):
         return attention_forward_triton(q, k, v)
     o, lse = attention_reference(q, k, v)
-    return o, lse
+    return o.contiguous(), lse.contiguous()
 
 
+# Fake outputs are contiguous, like every real one (empty_like would copy a permuted input's strides).
 @flash_attention_op.register_fake
 def _(q, k, v):
-    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("lfm_fast::flash_attention_bwd", mutates_args=())
@@ -260,12 +261,12 @@ def flash_attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
                            lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if _use_triton(q):
         return attention_backward_triton(do, q, k, v, o, lse)
-    return attention_backward_reference(do, q, k, v, o, lse)
+    return tuple(g.contiguous() for g in attention_backward_reference(do, q, k, v, o, lse))
 
 
 @flash_attention_bwd_op.register_fake
 def _(do, q, k, v, o, lse):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):

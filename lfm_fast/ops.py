@@ -1,13 +1,17 @@
 """The one dispatch point for the fused ops the DiT uses.
 
-Models call `attention`, `adaln_modulate` and `gated_residual` from here and nowhere else, so the
-plain-PyTorch `reference` backend below is the numerical definition every faster backend is tested
-against. Backends:
+Models call `attention`, `adaln_modulate`, `gated_residual` and `gated_residual_modulate` from here
+and nowhere else, so the plain-PyTorch `reference` backend is the numerical definition every faster
+backend is tested against. Backends:
 
-- attention: ``auto`` (SDPA; Triton on CUDA once the kernels land), ``sdpa``, ``xformers``
-  (installed + CUDA only), ``reference``.
-- norms (adaLN modulate, gated residual): ``auto``, ``compile`` and ``reference``; on CPU all three
-  run the same PyTorch expression (``compile`` lets `torch.compile` fuse it inside the model).
+- attention: ``auto`` (Triton on CUDA, else SDPA), ``triton``, ``sdpa``, ``xformers`` (installed + CUDA
+  only), ``reference``.
+- norms (adaLN modulate, gated residual, and the two fused): ``auto`` (Triton on CUDA, else PyTorch),
+  ``triton``, ``compile`` (the PyTorch expression, for `torch.compile` to fuse) and ``reference``.
+
+The Triton ops (lfm_fast.kernels) are custom ops with fake implementations and autograd, so
+`torch.compile(fullgraph=True)` sees one node per op; on CPU they run the reference (or the Triton
+interpreter under TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-ATTENTION_BACKENDS = ("auto", "sdpa", "xformers", "reference")
-NORM_BACKENDS = ("auto", "compile", "reference")
+ATTENTION_BACKENDS = ("auto", "triton", "sdpa", "xformers", "reference")
+NORM_BACKENDS = ("auto", "triton", "compile", "reference")
 
 LAYERNORM_EPS = 1e-6  # DiT's adaLN uses LayerNorm(eps=1e-6, elementwise_affine=False)
 
@@ -27,6 +31,22 @@ def check_backend(name: str, choices: tuple[str, ...], what: str) -> str:
     if name not in choices:
         raise ValueError(f"unknown {what} backend {name!r}; expected one of {', '.join(choices)}")
     return name
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _use_triton(backend: str, t: torch.Tensor) -> bool:
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("backend 'triton' needs the triton package (pip install triton)")
+        return True
+    return backend == "auto" and t.is_cuda and triton_available()
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -50,19 +70,25 @@ def _attention_xformers(q, k, v):
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Non-causal multi-head attention on (B, H, T, D) tensors."""
+    check_backend(backend, ATTENTION_BACKENDS, "attention")
+    if backend in ("auto", "triton") and _use_triton(backend, q):
+        from lfm_fast.kernels.attention import flash_attention
+
+        return flash_attention(q, k, v)
     if backend in ("auto", "sdpa"):
         return F.scaled_dot_product_attention(q, k, v)
-    if backend == "reference":
-        return attention_reference(q, k, v)
     if backend == "xformers":
         return _attention_xformers(q, k, v)
-    check_backend(backend, ATTENTION_BACKENDS, "attention")
-    raise AssertionError("unreachable")
+    return attention_reference(q, k, v)
 
 
 def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """LayerNorm(x) · (1 + scale) + shift, with x (B, T, D) and per-sample shift/scale (B, D) (DiT eq. adaLN)."""
+    """LayerNorm(x) · (1 + scale) + shift, with x (B, T, D) and per-sample shift/scale (B, D) (DiT's adaLN)."""
     check_backend(backend, NORM_BACKENDS, "norm")
+    if _use_triton(backend, x):
+        from lfm_fast.kernels.adaln import adaln_modulate as fused
+
+        return fused(x, shift, scale)
     h = F.layer_norm(x, x.shape[-1:], eps=LAYERNORM_EPS)
     return torch.addcmul(shift.unsqueeze(1), h, 1 + scale.unsqueeze(1))
 
@@ -70,4 +96,19 @@ def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, ba
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """x + gate · y with x, y (B, T, D) and a per-sample gate (B, D) (adaLN-Zero's residual)."""
     check_backend(backend, NORM_BACKENDS, "norm")
+    if _use_triton(backend, x):
+        from lfm_fast.kernels.adaln import gated_residual as fused
+
+        return fused(x, gate, y)
     return torch.addcmul(x, gate.unsqueeze(1), y)
+
+
+def gated_residual_modulate(x, gate, y, shift, scale, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + gate·y, adaln_modulate(x + gate·y, shift, scale)): one pass over memory with Triton."""
+    check_backend(backend, NORM_BACKENDS, "norm")
+    if _use_triton(backend, x):
+        from lfm_fast.kernels.adaln import gated_residual_modulate as fused
+
+        return fused(x, gate, y, shift, scale)
+    out = gated_residual(x, gate, y, backend)
+    return out, adaln_modulate(out, shift, scale, backend)

@@ -127,9 +127,10 @@ class DiTBlock(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         b = self.backend
-        x = ops.gated_residual(x, gate_msa, self.attn(ops.adaln_modulate(x, shift_msa, scale_msa, b)), b)
-        x = ops.gated_residual(x, gate_mlp, self.mlp(ops.adaln_modulate(x, shift_mlp, scale_mlp, b)), b)
-        return x
+        attn_out = self.attn(ops.adaln_modulate(x, shift_msa, scale_msa, b))
+        # x + gate·attn and the MLP's modulate of that sum, fused into one pass over memory
+        x, h = ops.gated_residual_modulate(x, gate_msa, attn_out, shift_mlp, scale_mlp, b)
+        return ops.gated_residual(x, gate_mlp, self.mlp(h), b)
 
 
 class FinalLayer(nn.Module):

@@ -1,0 +1,349 @@
+"""Fused adaLN ops in Triton, forward and backward, deterministic.
+
+- modulate:        y = LayerNorm(x; no affine, eps) · (1 + scale[b]) + shift[b]
+- gated residual:  out = x + gate[b] · y
+- both at once:    out = x + gate[b] · y,  h = LayerNorm(out) · (1 + scale[b]) + shift[b]
+  (the attention residual followed by the MLP's modulate inside a DiT block: `out` is read once)
+
+x, y: (B, T, D); shift, scale, gate: (B, D). The per-sample reductions of the backward (dscale,
+dshift, dgate over T) are two-stage: each program writes a partial sum for its tile of tokens and
+the partials are summed afterwards, never with float atomics, so results are bitwise reproducible.
+Each op is a custom op whose CUDA path runs Triton and whose CPU path runs the reference, or the
+Triton kernels under TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+EPS = 1e-6
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def modulate_reference(x, shift, scale, eps: float = EPS):
+    h = F.layer_norm(x.float(), x.shape[-1:], eps=eps)
+    return (h * (1 + scale.float()[:, None]) + shift.float()[:, None]).to(x.dtype)
+
+
+def gated_residual_reference(x, gate, y):
+    return (x.float() + gate.float()[:, None] * y.float()).to(x.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _modulate_fwd_kernel(X, SHIFT, SCALE, Y, MEAN, RSTD, R, T, D, eps,
+                             BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_D)
+        mask_r = rows < R
+        mask = mask_r[:, None] & (cols < D)[None, :]
+        x = tl.load(X + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, 1) / D
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / D + eps)
+        b = rows // T
+        sc = tl.load(SCALE + b[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        sh = tl.load(SHIFT + b[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        y = xc * rstd[:, None] * (1.0 + sc) + sh
+        tl.store(Y + rows[:, None] * D + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(MEAN + rows, mean, mask=mask_r)
+        tl.store(RSTD + rows, rstd, mask=mask_r)
+
+    @triton.jit
+    def _modulate_bwd_kernel(DY, X, SCALE, MEAN, RSTD, DX, DSCALE_PART, DSHIFT_PART, T, D,
+                             BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Program (b, c) handles tokens [c·BLOCK_R, (c+1)·BLOCK_R) of sample b."""
+        b = tl.program_id(0)
+        c = tl.program_id(1)
+        t = c * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_D)
+        mask_t = t < T
+        mask_d = cols < D
+        mask = mask_t[:, None] & mask_d[None, :]
+        rows = b * T + t
+        x = tl.load(X + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + rows, mask=mask_t, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=mask_t, other=0.0)
+        sc = tl.load(SCALE + b * D + cols, mask=mask_d, other=0.0).to(tl.float32)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        g = dy * (1.0 + sc[None, :])
+        c1 = tl.sum(xhat * g, 1) / D
+        c2 = tl.sum(g, 1) / D
+        dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        tl.store(DX + rows[:, None] * D + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        n_chunks = tl.num_programs(1)
+        tl.store(DSCALE_PART + (b * n_chunks + c) * D + cols, tl.sum(dy * xhat, 0), mask=mask_d)
+        tl.store(DSHIFT_PART + (b * n_chunks + c) * D + cols, tl.sum(dy, 0), mask=mask_d)
+
+    @triton.jit
+    def _gated_fwd_kernel(X, GATE, Yin, OUT, SHIFT, SCALE, H, MEAN, RSTD, R, T, D, eps,
+                          BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, MODULATE: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_D)
+        mask_r = rows < R
+        mask = mask_r[:, None] & (cols < D)[None, :]
+        b = rows // T
+        x = tl.load(X + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(Yin + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        gate = tl.load(GATE + b[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        out = x + gate * y
+        tl.store(OUT + rows[:, None] * D + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+        if MODULATE:
+            out = out.to(OUT.dtype.element_ty).to(tl.float32)  # normalise what was stored, like the unfused pair
+            mean = tl.sum(out, 1) / D
+            oc = tl.where(mask, out - mean[:, None], 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(oc * oc, 1) / D + eps)
+            sc = tl.load(SCALE + b[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            sh = tl.load(SHIFT + b[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            h = oc * rstd[:, None] * (1.0 + sc) + sh
+            tl.store(H + rows[:, None] * D + cols[None, :], h.to(H.dtype.element_ty), mask=mask)
+            tl.store(MEAN + rows, mean, mask=mask_r)
+            tl.store(RSTD + rows, rstd, mask=mask_r)
+
+    @triton.jit
+    def _gated_bwd_kernel(DOUT, GATE, Yin, DY, DGATE_PART, T, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        """dy = dout · gate[b]; partial dgate[b] = Σ_t dout · y over this program's tokens (dx = dout)."""
+        b = tl.program_id(0)
+        c = tl.program_id(1)
+        t = c * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_D)
+        mask_d = cols < D
+        mask = (t < T)[:, None] & mask_d[None, :]
+        rows = b * T + t
+        dout = tl.load(DOUT + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(Yin + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        gate = tl.load(GATE + b * D + cols, mask=mask_d, other=0.0).to(tl.float32)
+        tl.store(DY + rows[:, None] * D + cols[None, :], (dout * gate[None, :]).to(DY.dtype.element_ty), mask=mask)
+        tl.store(DGATE_PART + (b * tl.num_programs(1) + c) * D + cols, tl.sum(dout * y, 0), mask=mask_d)
+
+
+def _rows_block(D: int) -> tuple[int, int]:
+    block_d = triton.next_power_of_2(D)
+    return max(1, min(16, 4096 // block_d)), block_d
+
+
+def _check(x, *per_sample):
+    if x.dim() != 3 or any(p.shape != (x.shape[0], x.shape[2]) for p in per_sample):
+        raise ValueError(f"adaLN ops expect x (B, T, D) and per-sample (B, D) tensors, got {tuple(x.shape)} and "
+                         f"{[tuple(p.shape) for p in per_sample]}")
+
+
+def modulate_forward_triton(x, shift, scale, eps: float = EPS):
+    _check(x, shift, scale)
+    x, shift, scale = x.contiguous(), shift.contiguous(), scale.contiguous()
+    B, T, D = x.shape
+    y = torch.empty_like(x)
+    mean = torch.empty(B * T, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    br, bd = _rows_block(D)
+    _modulate_fwd_kernel[(triton.cdiv(B * T, br),)](x, shift, scale, y, mean, rstd, B * T, T, D, eps, BLOCK_R=br, BLOCK_D=bd)
+    return y, mean, rstd
+
+
+def modulate_backward_triton(dy, x, scale, mean, rstd):
+    dy, x, scale = dy.contiguous(), x.contiguous(), scale.contiguous()
+    B, T, D = x.shape
+    br, bd = _rows_block(D)
+    chunks = triton.cdiv(T, br)
+    dx = torch.empty_like(x)
+    dscale = torch.empty((B, chunks, D), device=x.device, dtype=torch.float32)
+    dshift = torch.empty_like(dscale)
+    _modulate_bwd_kernel[(B, chunks)](dy, x, scale, mean, rstd, dx, dscale, dshift, T, D, BLOCK_R=br, BLOCK_D=bd)
+    return dx, dshift.sum(1).to(scale.dtype), dscale.sum(1).to(scale.dtype)
+
+
+def gated_forward_triton(x, gate, y, shift=None, scale=None, eps: float = EPS):
+    modulate = shift is not None
+    _check(x, gate, *((shift, scale) if modulate else ()))
+    if y.shape != x.shape:
+        raise ValueError(f"gated residual: x {tuple(x.shape)} and y {tuple(y.shape)} differ")
+    x, gate, y = x.contiguous(), gate.contiguous(), y.contiguous()
+    B, T, D = x.shape
+    out = torch.empty_like(x)
+    h = torch.empty_like(x) if modulate else out
+    mean = torch.empty(B * T if modulate else 1, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    shift = shift.contiguous() if modulate else gate
+    scale = scale.contiguous() if modulate else gate
+    br, bd = _rows_block(D)
+    _gated_fwd_kernel[(triton.cdiv(B * T, br),)](x, gate, y, out, shift, scale, h, mean, rstd, B * T, T, D, eps,
+                                                 BLOCK_R=br, BLOCK_D=bd, MODULATE=modulate)
+    return out, h, mean, rstd
+
+
+def gated_backward_triton(dout, gate, y):
+    dout, gate, y = dout.contiguous(), gate.contiguous(), y.contiguous()
+    B, T, D = y.shape
+    br, bd = _rows_block(D)
+    chunks = triton.cdiv(T, br)
+    dy = torch.empty_like(y)
+    dgate = torch.empty((B, chunks, D), device=y.device, dtype=torch.float32)
+    _gated_bwd_kernel[(B, chunks)](dout, gate, y, dy, dgate, T, D, BLOCK_R=br, BLOCK_D=bd)
+    return dy, dgate.sum(1).to(gate.dtype)
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return triton is not None and (t.is_cuda or interpreting())
+
+
+def _stats_reference(x, eps=EPS):
+    xf = x.float().reshape(-1, x.shape[-1])
+    var, mean = torch.var_mean(xf, dim=-1, unbiased=False)
+    return mean, torch.rsqrt(var + eps)
+
+
+def _modulate_backward_reference(dy, x, scale, mean, rstd):
+    B, T, D = x.shape
+    xhat = (x.float().reshape(-1, D) - mean[:, None]) * rstd[:, None]
+    xhat = xhat.view(B, T, D)
+    dyf = dy.float()
+    g = dyf * (1 + scale.float()[:, None])
+    dx = (g - xhat * (xhat * g).mean(-1, keepdim=True) - g.mean(-1, keepdim=True)) * rstd.view(B, T, 1)
+    return dx.to(x.dtype), dyf.sum(1).to(scale.dtype), (dyf * xhat).sum(1).to(scale.dtype)
+
+
+# modulate -----------------------------------------------------------------------------------------
+
+@torch.library.custom_op("lfm_fast::adaln_modulate", mutates_args=())
+def adaln_modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _use_triton(x):
+        return modulate_forward_triton(x, shift, scale)
+    mean, rstd = _stats_reference(x)
+    return modulate_reference(x, shift, scale).contiguous(), mean, rstd
+
+
+# Fake outputs are contiguous, like every real one (empty_like would copy a strided input's layout).
+@adaln_modulate_op.register_fake
+def _(x, shift, scale):
+    n = x.shape[0] * x.shape[1]
+    return x.new_empty(x.shape), x.new_empty(n, dtype=torch.float32), x.new_empty(n, dtype=torch.float32)
+
+
+@torch.library.custom_op("lfm_fast::adaln_modulate_bwd", mutates_args=())
+def adaln_modulate_bwd_op(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor,
+                          rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _use_triton(x):
+        return modulate_backward_triton(dy, x, scale, mean, rstd)
+    return tuple(g.contiguous() for g in _modulate_backward_reference(dy, x, scale, mean, rstd))
+
+
+@adaln_modulate_bwd_op.register_fake
+def _(dy, x, scale, mean, rstd):
+    return x.new_empty(x.shape), scale.new_empty(scale.shape), scale.new_empty(scale.shape)
+
+
+def _modulate_setup(ctx, inputs, output):
+    x, shift, scale = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, scale, mean, rstd)
+
+
+def _modulate_backward(ctx, dy, dmean, drstd):
+    x, scale, mean, rstd = ctx.saved_tensors
+    dx, dshift, dscale = adaln_modulate_bwd_op(dy, x, scale, mean, rstd)
+    return dx, dshift, dscale
+
+
+adaln_modulate_op.register_autograd(_modulate_backward, setup_context=_modulate_setup)
+
+
+def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return adaln_modulate_op(x, shift, scale)[0]
+
+
+# gated residual (optionally followed by the next modulate) ------------------------------------------
+
+@torch.library.custom_op("lfm_fast::gated_residual", mutates_args=())
+def gated_residual_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if _use_triton(x):
+        return gated_forward_triton(x, gate, y)[0]
+    return gated_residual_reference(x, gate, y).contiguous()
+
+
+@gated_residual_op.register_fake
+def _(x, gate, y):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("lfm_fast::gated_residual_bwd", mutates_args=())
+def gated_residual_bwd_op(dout: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if _use_triton(y):
+        return gated_backward_triton(dout, gate, y)
+    dy = (dout.float() * gate.float()[:, None]).to(y.dtype)
+    return dy.contiguous(), (dout.float() * y.float()).sum(1).to(gate.dtype)
+
+
+@gated_residual_bwd_op.register_fake
+def _(dout, gate, y):
+    return y.new_empty(y.shape), gate.new_empty(gate.shape)
+
+
+def _gated_setup(ctx, inputs, output):
+    x, gate, y = inputs
+    ctx.save_for_backward(gate, y)
+
+
+def _gated_backward(ctx, dout):
+    gate, y = ctx.saved_tensors
+    dy, dgate = gated_residual_bwd_op(dout, gate, y)
+    return dout, dgate, dy
+
+
+gated_residual_op.register_autograd(_gated_backward, setup_context=_gated_setup)
+
+
+@torch.library.custom_op("lfm_fast::gated_residual_modulate", mutates_args=())
+def gated_residual_modulate_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor,
+                               scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _use_triton(x):
+        return gated_forward_triton(x, gate, y, shift, scale)
+    out = gated_residual_reference(x, gate, y).contiguous()
+    mean, rstd = _stats_reference(out)
+    return out, modulate_reference(out, shift, scale).contiguous(), mean, rstd
+
+
+@gated_residual_modulate_op.register_fake
+def _(x, gate, y, shift, scale):
+    n = x.shape[0] * x.shape[1]
+    return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(n, dtype=torch.float32), x.new_empty(n, dtype=torch.float32)
+
+
+def _gm_setup(ctx, inputs, output):
+    x, gate, y, shift, scale = inputs
+    out, _, mean, rstd = output
+    ctx.save_for_backward(gate, y, scale, out, mean, rstd)
+
+
+def _gm_backward(ctx, dout, dh, dmean, drstd):
+    gate, y, scale, out, mean, rstd = ctx.saved_tensors
+    dout_ln, dshift, dscale = adaln_modulate_bwd_op(dh, out, scale, mean, rstd)
+    dtotal = dout + dout_ln
+    dy, dgate = gated_residual_bwd_op(dtotal, gate, y)
+    return dtotal, dgate, dy, dshift, dscale
+
+
+gated_residual_modulate_op.register_autograd(_gm_backward, setup_context=_gm_setup)
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return gated_residual_op(x, gate, y)
+
+
+def gated_residual_modulate(x, gate, y, shift, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + gate·y, LayerNorm(x + gate·y)·(1 + scale) + shift) in one pass over memory."""
+    out, h, _, _ = gated_residual_modulate_op(x, gate, y, shift, scale)
+    return out, h
