@@ -59,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
                    "config.json + model.safetensors (EMA weights)")
     t.add_argument("--steps", type=int, default=None, help="override train.steps")
     t.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    _add_backend_flags(t)
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-4 model.qk_norm=true")
 
     s = sub.add_parser("sample", help="generate images from a trained checkpoint")
@@ -76,7 +77,21 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--ae", default=None, help="autoencoder to decode with (default: the one recorded in the checkpoint)")
     s.add_argument("--out", required=True)
+    _add_backend_flags(s)
     return p
+
+
+def _add_backend_flags(p):
+    from lfm_fast.ops import ATTENTION_BACKENDS, NORM_BACKENDS
+
+    p.add_argument("--attn-backend", choices=ATTENTION_BACKENDS, default=None,
+                   help="attention kernels (default: the config's, 'auto' = Triton on CUDA, SDPA on CPU)")
+    p.add_argument("--kernels", choices=NORM_BACKENDS, default=None,
+                   help="adaLN modulate / gated residual kernels (default: the config's, 'auto' = Triton on CUDA)")
+
+
+def _backend_overrides(args) -> dict:
+    return {k: v for k, v in (("attn_backend", args.attn_backend), ("norm_backend", args.kernels)) if v is not None}
 
 
 def _cmd_demo(args):
@@ -114,6 +129,8 @@ def _cmd_train(args):
     cfg = apply_overrides(get_preset(args.preset), args.overrides)
     if args.steps is not None:
         cfg.train.steps = args.steps
+    for name, value in _backend_overrides(args).items():
+        setattr(cfg.model, name, value)
     if not os.path.isdir(args.latents):
         raise InputError(f"--latents {args.latents}: no such folder")
     result = train(cfg, args.latents, args.out, resume=args.resume)
@@ -153,7 +170,7 @@ def _cmd_sample(args):
     if args.num < 1:
         raise InputError(f"--num {args.num}: expected a positive count")
     config = read_checkpoint_config(args.ckpt)
-    model = DiT.from_pretrained(args.ckpt).eval().to(default_device())
+    model = DiT.from_pretrained(args.ckpt, **_backend_overrides(args)).eval().to(default_device())
     labels = parse_labels(args.labels, args.num, model.config.num_classes)
     preset = config.get("meta", {}).get("experiment", {}).get("sample", {})
     scfg = SampleConfig(**{**dataclasses.asdict(SampleConfig()), **preset})

@@ -70,6 +70,10 @@ def test_sample_writes_pngs_grid_and_npz_reproducibly(tiny_pipeline, tmp_path, c
     assert a["labels"].tolist() == [1, 4, 1, 4, 1]
     assert np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int)).max() <= 1  # same seeds, other batching
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / "000003_class4.png")), a["arr_0"][3])
+    # the plain-PyTorch reference kernels draw the same images
+    assert main(args + ["--out", str(tmp_path / "c"), "--attn-backend", "reference", "--kernels", "reference"]) == 0
+    c = np.load(tmp_path / "c" / "samples.npz")
+    assert np.abs(a["arr_0"].astype(int) - c["arr_0"].astype(int)).max() <= 1
 
 
 def test_sample_defaults_come_from_the_checkpoint(tiny_pipeline, tmp_path, capsys):

@@ -1,9 +1,12 @@
 import os
 
-# The Triton kernels run on CPU through Triton's interpreter; this must be set before triton.jit runs.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
+# Without a GPU the Triton kernels run on CPU through Triton's interpreter; this must be set before
+# triton.jit runs. With a GPU they run for real (and the `gpu` tests check bf16 there).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 triton = pytest.importorskip("triton")
 
