@@ -238,7 +238,7 @@ class DiT(nn.Module):
 
         config = read_checkpoint_config(folder)
         known = {f.name for f in fields(DiTConfig)}
-        model = cls(DiTConfig(**{k: v for k, v in config["model"].items() if k in known}, **overrides))
+        model = cls(DiTConfig(**{**{k: v for k, v in config["model"].items() if k in known}, **overrides}))
         state = load_file(os.path.join(folder, "model.safetensors"))
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
