@@ -247,6 +247,20 @@ class DiT(nn.Module):
         return model
 
 
+def set_backends(model: DiT, attn: str | None = None, norm: str | None = None) -> DiT:
+    """Switch the fused-op backends of a built model in place (config and modules alike)."""
+    if attn is not None:
+        model.config.attn_backend = ops.check_backend(attn, ops.ATTENTION_BACKENDS, "attention")
+    if norm is not None:
+        model.config.norm_backend = ops.check_backend(norm, ops.NORM_BACKENDS, "norm")
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.backend = model.config.attn_backend
+        elif isinstance(m, (DiTBlock, FinalLayer)):
+            m.backend = model.config.norm_backend
+    return model
+
+
 def read_checkpoint_config(folder: str) -> dict:
     """config.json of an inference checkpoint, with a one-line error when the folder is not one."""
     path = os.path.join(folder, "config.json")
