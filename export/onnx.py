@@ -1,65 +1,20 @@
-"""The whole fixed-step latent ODE sampler as one ONNX graph.
+"""ONNX export of the unrolled fixed-step sampler (lfm_fast.export.sampler), or of the velocity net alone.
 
-`UnrolledSampler` unrolls N steps of Euler / midpoint / Heun on the chosen time grid (the same step
-code as `lfm_fast.sampling`), batches CFG inside every evaluation, and optionally ends with the AE
-decoder, so the graph maps (noise, labels[, condition]) → latents, or → uint8 NHWC images.
-The same module, `torch.compile`d, is the `compile` backend: every backend runs the same math.
+The graph maps (noise, labels[, condition]) → latents, or → uint8 NHWC images with the decoder; the
+batch is dynamic; the graph passes onnx.checker's full check and carries the sampler's metadata.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import os
 
 import torch
 from torch import nn
 
-from lfm_fast import __version__
 from lfm_fast.errors import InputError
+from lfm_fast.export.sampler import UnrolledSampler, sampler_metadata
 from lfm_fast.fileio import atomic_path
-from lfm_fast.sampling import _step, time_grid
-
-EXPORT_SOLVERS = ("euler", "midpoint", "heun")
-NFE_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2}
-
-
-class UnrolledSampler(nn.Module):
-    def __init__(self, model, solver: str = "heun", steps: int = 8, cfg: float = 1.0, grid: str = "uniform",
-                 shift: float = 1.0, decoder=None, scaling_factor: float = 1.0):
-        super().__init__()
-        if solver not in EXPORT_SOLVERS:
-            raise InputError(f"--solver {solver}: the exported sampler unrolls fixed steps; expected one of {', '.join(EXPORT_SOLVERS)}")
-        self.model, self.solver, self.steps, self.cfg = model, solver, steps, float(cfg)
-        self.decoder, self.scaling_factor = decoder, scaling_factor
-        self.register_buffer("times", time_grid(steps, grid, shift), persistent=False)
-        self.nfe = NFE_PER_STEP[solver] * steps
-
-    def velocity(self, x, tb, labels, condition):
-        if self.model.config.num_classes and self.cfg != 1.0:
-            return self.model.forward_with_cfg(x, tb, labels, self.cfg, condition)
-        return self.model(x, tb, labels if self.model.config.num_classes else None, condition)
-
-    def forward(self, noise: torch.Tensor, labels: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
-        x = noise
-        times = self.times.to(noise.dtype)
-        for i in range(self.steps):
-            x = _step(self.solver, lambda x_, t_: self.velocity(x_, t_.expand(x_.shape[0]), labels, condition),
-                      x, times[i], times[i + 1])
-        if self.decoder is None:
-            return x
-        images = self.decoder.decode(x / self.scaling_factor).sample
-        return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
-
-
-def sampler_metadata(sampler: UnrolledSampler, grid: str, shift: float, dtype: str) -> dict:
-    c = sampler.model.config
-    return {"lfm_fast_version": __version__, "solver": sampler.solver, "steps": str(sampler.steps), "cfg": str(sampler.cfg),
-            "grid": grid, "shift": str(shift), "nfe": str(sampler.nfe),
-            "latent_shape": json.dumps([c.in_channels, c.input_size, c.input_size]), "num_classes": str(c.num_classes),
-            "cond_channels": str(c.cond_channels), "scaling_factor": str(sampler.scaling_factor),
-            "with_decoder": str(sampler.decoder is not None).lower(), "dtype": dtype}
-
 
 def export_onnx(model, out: str, solver: str = "heun", steps: int = 8, cfg: float = 1.0, grid: str = "uniform",
                 shift: float = 1.0, ae=None, fp16: bool = False, opset: int = 18, net_only: bool = False) -> dict:
@@ -77,7 +32,7 @@ def export_onnx(model, out: str, solver: str = "heun", steps: int = 8, cfg: floa
     scaling = float(ae.config.scaling_factor) if ae is not None else 1.0
     sampler = UnrolledSampler(model, solver, steps, cfg, grid, shift, decoder, scaling)
     dtype = torch.float16 if fp16 else torch.float32
-    sampler = sampler.to(dtype)
+    sampler = sampler.to(dtype).eval()
     c = model.config
     noise = torch.randn(2, c.in_channels, c.input_size, c.input_size, dtype=dtype)
     labels = torch.zeros(2, dtype=torch.long)
@@ -92,14 +47,18 @@ def export_onnx(model, out: str, solver: str = "heun", steps: int = 8, cfg: floa
         output = "velocity"
     else:
         module, output = sampler, "images" if decoder is not None else "latents"
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    dynamic = {n: {0: batch} for n in names}
+    # torch.export first: handing the exporter an ExportedProgram keeps the batch dimension symbolic.
+    # Dim.DYNAMIC, not a fixed range: diffusers' decoder branches at batch 64 on a memory-layout detail
+    # that does not change the math, and the ONNX graph is the same on both sides of it.
+    exported = torch.export.export(module, tuple(args), dynamic_shapes=tuple({0: torch.export.Dim.DYNAMIC} for _ in args))
     with atomic_path(out) as tmp:
-        program = torch.onnx.export(module, tuple(args), dynamo=True, input_names=names, output_names=[output],
-                                    dynamic_shapes=dynamic, opset_version=opset, optimize=True, verbose=False)
+        program = torch.onnx.export(exported, tuple(args), dynamo=True, input_names=names, output_names=[output],
+                                    opset_version=opset, optimize=True, verbose=False)
         program.save(tmp)
         proto = onnx.load(tmp)
-        meta = sampler_metadata(sampler, grid, shift, "float16" if fp16 else "float32")
+        for value in list(proto.graph.input) + list(proto.graph.output):
+            value.type.tensor_type.shape.dim[0].dim_param = "batch"
+        meta = sampler_metadata(sampler, "float16" if fp16 else "float32")
         meta["graph"] = "velocity" if net_only else "sampler"
         for k, v in meta.items():
             proto.metadata_props.add(key=k, value=v)

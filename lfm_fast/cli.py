@@ -1,4 +1,4 @@
-"""`lfm-fast` command line: demo | train-ae | prepare | train | sample.
+"""`lfm-fast` command line: demo | train-ae | prepare | train | sample | export.
 
 A bad input ends with one line `lfm-fast: error: …` on stderr, exit code 2, and no partial output.
 """
@@ -17,6 +17,8 @@ EXAMPLES = """examples:
   lfm-fast prepare --ae runs/ae --data shapes --out runs/latents
   lfm-fast train --latents runs/latents --preset shapes-tiny --out runs/dit --steps 2000 train.lr=5e-4
   lfm-fast sample --ckpt runs/dit --num 64 --labels 0,3 --solver heun --steps 16 --cfg 2 --seed 0 --out runs/samples
+  lfm-fast export --ckpt runs/dit --format onnx --solver heun --steps 8 --cfg 2 --with-decoder --out runs/sampler.onnx
+  lfm-fast sample --ckpt runs/dit --backend onnxruntime --engine runs/sampler.onnx --num 64 --out runs/samples-ort
 """
 
 
@@ -77,7 +79,27 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--ae", default=None, help="autoencoder to decode with (default: the one recorded in the checkpoint)")
     s.add_argument("--out", required=True)
+    s.add_argument("--backend", choices=("eager", "compile", "onnxruntime", "tensorrt"), default="eager",
+                   help="eager: any solver; compile: the unrolled fixed-step sampler under torch.compile; "
+                        "onnxruntime / tensorrt: a graph from `lfm-fast export` (--engine)")
+    s.add_argument("--engine", default=None, help="the .onnx file (onnxruntime) or engine file (tensorrt)")
     _add_backend_flags(s)
+
+    e = sub.add_parser("export", help="export the fixed-step sampler (N steps, CFG inside) as ONNX or a TensorRT engine")
+    e.add_argument("--ckpt", required=True)
+    e.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx")
+    e.add_argument("--solver", choices=SOLVERS, default=None, help="euler, midpoint or heun (unrolled); default: the checkpoint's")
+    e.add_argument("--steps", type=int, default=None)
+    e.add_argument("--cfg", type=float, default=None)
+    e.add_argument("--grid", choices=GRIDS, default=None)
+    e.add_argument("--shift", type=float, default=None)
+    e.add_argument("--with-decoder", action="store_true", help="end the graph with the AE decoder: outputs uint8 NHWC images")
+    e.add_argument("--ae", default=None, help="autoencoder for --with-decoder (default: the checkpoint's)")
+    e.add_argument("--fp16", action="store_true", help="fp16 weights and activations (TensorRT: fp16 kernels)")
+    e.add_argument("--bf16", action="store_true", help="TensorRT only: allow bf16 kernels")
+    e.add_argument("--net-only", action="store_true", help="export the velocity network alone (inputs x, t, labels)")
+    e.add_argument("--batch-range", default="1:64", help="TensorRT optimization profile, MIN:MAX or MIN:OPT:MAX")
+    e.add_argument("--out", required=True, help="the .onnx file, or the TensorRT engine file")
     return p
 
 
@@ -156,39 +178,140 @@ def parse_labels(text: str | None, num: int, num_classes: int):
     return torch.tensor(values)[torch.arange(num) % len(values)]
 
 
-def _cmd_sample(args):
+def _sample_config(config: dict, args):
     import dataclasses
 
-    from lfm_fast import default_device
-
-    from lfm_fast.autoencoder import load_autoencoder
-    from lfm_fast.fileio import atomic_dir, resolve_path
-    from lfm_fast.generate import generate_latents, latents_to_images, write_sample_folder
-    from lfm_fast.models.dit import DiT, read_checkpoint_config
     from lfm_fast.sampling import SampleConfig
+
+    preset = config.get("meta", {}).get("experiment", {}).get("sample", {})
+    scfg = SampleConfig(**{**dataclasses.asdict(SampleConfig()), **preset})
+    for name in ("solver", "steps", "cfg", "grid", "shift", "atol", "rtol"):
+        if getattr(args, name, None) is not None:
+            setattr(scfg, name, getattr(args, name))
+    return scfg
+
+
+def _autoencoder_spec(config: dict, args) -> str:
+    from lfm_fast.fileio import resolve_path
+
+    spec = args.ae or resolve_path(config.get("meta", {}).get("autoencoder", ""), args.ckpt)
+    if not spec:
+        raise InputError(f"checkpoint {args.ckpt} records no autoencoder; pass --ae")
+    return spec
+
+
+def _graph_runner(args, scfg, model):
+    """(run_batch, NFE, outputs_are_images) for the onnxruntime / tensorrt backends."""
+    import json
+
+    import torch
+
+    if not args.engine:
+        raise InputError(f"--backend {args.backend} needs --engine FILE (made by `lfm-fast export`)")
+    if args.backend == "onnxruntime":
+        from lfm_fast.export.ort import OrtSampler
+
+        runner = OrtSampler(args.engine)
+        meta = runner.meta
+    else:
+        from lfm_fast.export.tensorrt import TensorRTSampler
+
+        side = args.engine + ".json"
+        if not os.path.isfile(side):
+            raise InputError(f"--engine {args.engine}: no {side} beside it (written by `lfm-fast export --format tensorrt`)")
+        with open(side) as f:
+            meta = json.load(f)
+        runner = TensorRTSampler(args.engine)
+    for name, kind in (("solver", str), ("steps", int), ("cfg", float)):
+        asked = getattr(args, name)
+        if asked is not None and asked != kind(meta[name]):
+            raise InputError(f"--{name} {asked}: the graph {args.engine} was exported with {name}={meta[name]}")
+        setattr(scfg, name, kind(meta[name]))
+    c = model.config
+    if json.loads(meta["latent_shape"]) != [c.in_channels, c.input_size, c.input_size]:
+        raise InputError(f"--engine {args.engine}: its latent shape {meta['latent_shape']} does not match checkpoint {args.ckpt}")
+
+    def run(noise, y):
+        y = torch.zeros(noise.shape[0], dtype=torch.long) if y is None else y
+        if args.backend == "onnxruntime":
+            return torch.from_numpy(runner(noise.cpu().numpy(), y.cpu().numpy()))
+        return runner(noise, y).cpu()
+
+    return run, int(meta["nfe"]), meta["with_decoder"] == "true"
+
+
+def _cmd_sample(args):
+    import torch
+
+    from lfm_fast import default_device
+    from lfm_fast.autoencoder import load_autoencoder
+    from lfm_fast.data.shapes import to_uint8
+    from lfm_fast.fileio import atomic_dir
+    from lfm_fast.generate import generate, generate_latents, latents_to_images, write_sample_folder
+    from lfm_fast.models.dit import DiT, read_checkpoint_config
 
     if args.num < 1:
         raise InputError(f"--num {args.num}: expected a positive count")
     config = read_checkpoint_config(args.ckpt)
     model = DiT.from_pretrained(args.ckpt, **_backend_overrides(args)).eval().to(default_device())
     labels = parse_labels(args.labels, args.num, model.config.num_classes)
-    preset = config.get("meta", {}).get("experiment", {}).get("sample", {})
-    scfg = SampleConfig(**{**dataclasses.asdict(SampleConfig()), **preset})
-    for name in ("solver", "steps", "cfg", "grid", "shift", "atol", "rtol"):
-        if getattr(args, name) is not None:
-            setattr(scfg, name, getattr(args, name))
-    ae_spec = args.ae or resolve_path(config.get("meta", {}).get("autoencoder", ""), args.ckpt)
-    if not ae_spec:
-        raise InputError(f"checkpoint {args.ckpt} records no autoencoder; pass --ae")
-    ae = load_autoencoder(ae_spec)
-    latents, nfe = generate_latents(model, labels, [args.seed + i for i in range(args.num)], scfg, args.batch_size)
-    images = latents_to_images(ae, latents)
+    scfg = _sample_config(config, args)
+    seeds = [args.seed + i for i in range(args.num)]
+    c = model.config
+    shape = (c.in_channels, c.input_size, c.input_size)
+    images = None
+    if args.backend == "eager":
+        latents, nfe = generate_latents(model, labels, seeds, scfg, args.batch_size)
+    elif args.backend == "compile":
+        from lfm_fast.export.sampler import compile_sampler
+
+        sampler, nfe = compile_sampler(model, scfg)
+        run = (lambda n, y: sampler(n, torch.zeros(n.shape[0], dtype=torch.long, device=n.device) if y is None else y))
+        latents = generate(run, labels, seeds, shape, args.batch_size, default_device())
+    else:
+        run, nfe, gives_images = _graph_runner(args, scfg, model)
+        out = generate(run, labels, seeds, shape, args.batch_size)
+        images, latents = (out.numpy(), None) if gives_images else (None, out)
+    if images is None:
+        images = latents_to_images(load_autoencoder(_autoencoder_spec(config, args)), latents.float())
     with atomic_dir(args.out) as tmp:
         write_sample_folder(tmp, images, None if labels is None else labels.numpy())
-    print(f"wrote {args.num} images to {args.out} ({scfg.solver}, NFE {nfe} per batch, cfg {scfg.cfg})")
+    print(f"wrote {args.num} images to {args.out} ({args.backend}, {scfg.solver}, NFE {nfe} per batch, cfg {scfg.cfg})")
 
 
-COMMANDS = {"demo": _cmd_demo, "train-ae": _cmd_train_ae, "prepare": _cmd_prepare, "train": _cmd_train, "sample": _cmd_sample}
+def _cmd_export(args):
+    import json
+
+    from lfm_fast.autoencoder import load_autoencoder
+    from lfm_fast.export.onnx import export_onnx
+    from lfm_fast.export.sampler import EXPORT_SOLVERS
+    from lfm_fast.fileio import write_json
+    from lfm_fast.models.dit import DiT, read_checkpoint_config
+
+    config = read_checkpoint_config(args.ckpt)
+    model = DiT.from_pretrained(args.ckpt).eval()
+    scfg = _sample_config(config, args)
+    if scfg.solver not in EXPORT_SOLVERS:
+        raise InputError(f"the checkpoint samples with {scfg.solver}; pass a fixed-step --solver ({', '.join(EXPORT_SOLVERS)})")
+    ae = load_autoencoder(_autoencoder_spec(config, args), device="cpu") if args.with_decoder else None
+    if args.format == "onnx":
+        meta = export_onnx(model, args.out, scfg.solver, scfg.steps, scfg.cfg, scfg.grid, scfg.shift, ae, args.fp16,
+                           net_only=args.net_only)
+    else:
+        from lfm_fast.export.tensorrt import build_engine, parse_batch_range
+
+        batch_range = parse_batch_range(args.batch_range)
+        onnx_path = args.out + ".onnx"
+        meta = export_onnx(model, onnx_path, scfg.solver, scfg.steps, scfg.cfg, scfg.grid, scfg.shift, ae, args.fp16,
+                           net_only=args.net_only)
+        build_engine(onnx_path, args.out, fp16=args.fp16, bf16=args.bf16, batch_range=batch_range,
+                     timing_cache=args.out + ".timing")
+        write_json(args.out + ".json", meta)
+    print(f"wrote {args.out} ({args.format}): {json.dumps(meta)}")
+
+
+COMMANDS = {"demo": _cmd_demo, "train-ae": _cmd_train_ae, "prepare": _cmd_prepare, "train": _cmd_train, "sample": _cmd_sample,
+            "export": _cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,21 +16,34 @@ from lfm_fast.sampling import SampleConfig, per_image_noise, sample
 
 
 @torch.no_grad()
+def generate(run_batch, labels: torch.Tensor | None, seeds: list[int], shape: tuple[int, ...], batch_size: int = 64,
+             device="cpu", dtype=torch.float32, progress: bool = True) -> torch.Tensor:
+    """Outputs of `run_batch(noise, labels)` for each (label, seed), batch by batch; image i depends on
+    seeds[i] and labels[i] only, whatever the batch size or the backend that runs the batch."""
+    out = []
+    for i in tqdm(range(0, len(seeds), batch_size), desc="sample", disable=not progress, mininterval=1):
+        noise = per_image_noise(seeds[i:i + batch_size], shape, device=device, dtype=dtype)
+        y = None if labels is None else labels[i:i + batch_size].to(device)
+        out.append(torch.as_tensor(run_batch(noise, y)).cpu())
+    return torch.cat(out)
+
+
 def generate_latents(model, labels: torch.Tensor | None, seeds: list[int], cfg: SampleConfig, batch_size: int = 64,
                      progress: bool = True) -> tuple[torch.Tensor, int]:
-    """Latents for each (label, seed); image i depends on seeds[i] and labels[i] only. Returns (latents, NFE per batch)."""
+    """Eager sampling with any solver. Returns (latents, NFE per batch)."""
     mc = model.config
-    shape = (mc.in_channels, mc.input_size, mc.input_size)
     p = next(model.parameters())
-    out, nfe = [], 0
-    for i in tqdm(range(0, len(seeds), batch_size), desc="sample", disable=not progress, mininterval=1):
-        noise = per_image_noise(seeds[i:i + batch_size], shape, device=p.device, dtype=p.dtype)
-        y = None if labels is None else labels[i:i + batch_size].to(p.device)
+    nfe = 0
+
+    def run(noise, y):
+        nonlocal nfe
         res = sample(model, noise, y, solver=cfg.solver, steps=cfg.steps, cfg=cfg.cfg, grid=cfg.grid, shift=cfg.shift,
                      atol=cfg.atol, rtol=cfg.rtol)
-        out.append(res.latents.float().cpu())
         nfe = max(nfe, res.nfe)
-    return torch.cat(out), nfe
+        return res.latents.float()
+
+    latents = generate(run, labels, seeds, (mc.in_channels, mc.input_size, mc.input_size), batch_size, p.device, p.dtype, progress)
+    return latents, nfe
 
 
 def latents_to_images(ae, latents: torch.Tensor, batch_size: int = 64) -> np.ndarray:

@@ -46,7 +46,7 @@ def time_grid(steps: int, grid: str = "uniform", shift: float = 1.0, device=None
     return u.to(dtype)
 
 
-def _step(solver: str, f: Callable, x: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor) -> torch.Tensor:
+def solver_step(solver: str, f: Callable, x: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor) -> torch.Tensor:
     h = t1 - t0
     if solver == "euler":
         return x + h * f(x, t0)
@@ -99,7 +99,7 @@ def integrate(field: CountingField, x: torch.Tensor, cfg: SampleConfig) -> Sampl
         raise ValueError(f"steps must be ≥ 1, got {cfg.steps}")
     ts = time_grid(cfg.steps, cfg.grid, cfg.shift, device=x.device, dtype=x.dtype)
     for i in range(cfg.steps):
-        x = _step(cfg.solver, lambda x_, t_: field(t_, x_), x, ts[i], ts[i + 1])
+        x = solver_step(cfg.solver, lambda x_, t_: field(t_, x_), x, ts[i], ts[i + 1])
     return SampleResult(x, field.nfe)
 
 

@@ -217,7 +217,7 @@ class DiT(nn.Module):
             return self(x, t, y, cond)
         null = torch.full_like(y, self.config.num_classes)
         both = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), None if cond is None else torch.cat([cond, cond]))
-        v_c, v_u = both.chunk(2)
+        v_c, v_u = both[: x.shape[0]], both[x.shape[0]:]  # slices, not chunk(2): keeps the batch symbolic for export
         return v_u + cfg_scale * (v_c - v_u)
 
     def save_pretrained(self, folder: str, meta: dict | None = None, state_dict: dict | None = None):
