@@ -14,3 +14,4 @@ timeout 150 python3 -m pytest -q -m gpu tests/kernels -p no:cacheprovider 2>&1 |
 timeout 200 python3 -m pytest -q bench/test_kernels.py --benchmark-only -p no:cacheprovider \
   --benchmark-json="$OUT/kernels.json" --benchmark-columns=mean,stddev 2>&1 | tail -70 | tee "$OUT/kernels.log"
 timeout 150 python3 bench/gpu_train_step.py --out "$OUT/train_step.json" 2>&1 | tee "$OUT/train_step.log"
+timeout 150 python3 bench/gpu_sampling.py --out "$OUT/sampling.json" 2>&1 | tee "$OUT/sampling.log"

@@ -1,4 +1,4 @@
-"""Engine throughput on CPU: training step (fp32 vs bf16 autocast) and per-NFE sampling latency.
+"""Training step throughput on CPU: the demo model, fp32 vs bf16 autocast.
 
 Run with `make bench`; compare rows within one run (these machines are noisy), never across runs.
 """
@@ -9,11 +9,6 @@ import torch
 from lfm_fast.config import get_preset
 from lfm_fast.flow import flow_matching_loss
 from lfm_fast.models.dit import DiT
-from lfm_fast.sampling import per_image_noise, sample
-
-
-def demo_model():
-    return DiT(get_preset("shapes-tiny").model)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -35,13 +30,3 @@ def test_train_step_shapes_tiny(benchmark, precision):
     step()
     benchmark.pedantic(step, rounds=10, iterations=1)
     benchmark.extra_info.update(batch=bs, img_per_s=bs / benchmark.stats.stats.mean)
-
-
-@pytest.mark.parametrize("batch", [1, 32])
-def test_sample_heun8_cfg_latency(benchmark, batch):
-    model = demo_model().eval()
-    noise = per_image_noise(list(range(batch)), (4, 8, 8))
-    y = torch.arange(batch) % 6
-    result = benchmark.pedantic(lambda: sample(model, noise, y, solver="heun", steps=8, cfg=1.5), rounds=5, iterations=1)
-    benchmark.extra_info.update(nfe=result.nfe, ms_per_nfe=1e3 * benchmark.stats.stats.mean / result.nfe,
-                                img_per_s=batch / benchmark.stats.stats.mean)

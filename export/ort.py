@@ -28,7 +28,7 @@ class OrtSampler:
         so.inter_op_num_threads = inter_op_threads
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if providers is None:
-            preferred = ("CUDAExecutionProvider", "CPUExecutionProvider")
+            preferred = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
             providers = [p for p in preferred if p in ort.get_available_providers()]
         try:
             self.session = ort.InferenceSession(path, so, providers=providers)

@@ -1,0 +1,109 @@
+"""Sampling latency per backend: 8-step Heun with CFG (16 NFE), batch 1 and 32.
+
+- demo model (shapes-tiny preset, 4×8×8 latents): eager, compile and onnxruntime run the whole
+  unrolled sampler (one graph / one compiled module for all 16 evaluations);
+- DiT-S/2 at 4×32×32: eager and onnxruntime; the ONNX graph of 16 unrolled DiT-S/2 evaluations
+  takes minutes to export on 2 cores, so this row exports the velocity network alone and loops the
+  same Heun steps in Python (marked `graph=velocity` in extra_info).
+
+extra_info holds ms per image, images/s and ms per NFE. Weights are random: latency does not
+depend on them.
+"""
+
+import pytest
+import torch
+
+from lfm_fast.config import get_preset
+from lfm_fast.export.sampler import compile_sampler
+from lfm_fast.models.dit import DiT, build_dit
+from lfm_fast.sampling import SampleConfig, per_image_noise, sample
+
+STEPS, CFG = 8, 1.5
+NFE = 2 * STEPS
+_cache = {}
+
+
+def model_for(name):
+    if name not in _cache:
+        torch.manual_seed(0)
+        if name == "demo":
+            m = DiT(get_preset("shapes-tiny").model)
+        else:
+            m = build_dit("DiT-S/2", input_size=32, in_channels=4, num_classes=1000)
+        with torch.no_grad():  # adaLN-Zero init makes v ≡ 0; give the net real work to do
+            for p in m.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        _cache[name] = m.eval()
+    return _cache[name]
+
+
+def onnx_runner(name, tmp_dir):
+    key = ("onnx", name)
+    if key not in _cache:
+        from lfm_fast.export.onnx import export_onnx
+
+        model = model_for(name)
+        path = str(tmp_dir / f"{name}.onnx")
+        if name == "demo":
+            export_onnx(model, path, "heun", STEPS, CFG)
+            from lfm_fast.export.ort import OrtSampler
+
+            runner = OrtSampler(path)
+            _cache[key] = lambda noise, y: runner(noise.numpy(), y.numpy())
+        else:
+            export_onnx(model, path, "euler", 1, CFG, net_only=True)
+            _cache[key] = _velocity_loop(path)
+    return _cache[key]
+
+
+def _velocity_loop(path):
+    import numpy as np
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    ts = torch.linspace(1, 0, STEPS + 1).numpy()
+
+    def run(noise, y):
+        x, labels = noise.numpy(), y.numpy()
+
+        def v(x_, t):
+            return sess.run(None, {"x": x_, "t": np.full(len(x_), t, np.float32), "labels": labels})[0]
+
+        for i in range(STEPS):
+            h = ts[i + 1] - ts[i]
+            k1 = v(x, ts[i])
+            k2 = v(x + h * k1, ts[i + 1])
+            x = x + 0.5 * h * (k1 + k2)
+        return x
+
+    return run
+
+
+@pytest.mark.parametrize("batch", [1, 32])
+@pytest.mark.parametrize("backend", ["eager", "compile", "onnxruntime"])
+@pytest.mark.parametrize("name", ["demo", "DiT-S/2"])
+def test_sampling_latency(benchmark, tmp_path_factory, name, backend, batch):
+    if name != "demo" and batch > 1 and not torch.cuda.is_available():
+        pytest.skip("DiT-S/2 at batch 32 is 17 TFLOP per call: minutes each on 2 CPU cores")
+    model = model_for(name)
+    c = model.config
+    noise = per_image_noise(list(range(batch)), (c.in_channels, c.input_size, c.input_size))
+    y = torch.arange(batch) % c.num_classes
+    graph = "sampler"
+    if backend == "eager":
+        def run(n, lab):
+            return sample(model, n, lab, solver="heun", steps=STEPS, cfg=CFG).latents
+    elif backend == "compile":
+        if name != "demo":
+            pytest.skip("inductor needs minutes for 16 unrolled DiT-S/2 evaluations on 2 cores")
+        compiled, _ = compile_sampler(model, SampleConfig(solver="heun", steps=STEPS, cfg=CFG))
+        run = compiled
+    else:
+        run = onnx_runner(name, tmp_path_factory.mktemp("onnx"))
+        graph = "sampler" if name == "demo" else "velocity"
+    with torch.no_grad():
+        run(noise, y)  # warm-up (compiles, allocates)
+        benchmark.pedantic(lambda: run(noise, y), rounds=5 if batch == 1 else 3, iterations=1)
+    s = benchmark.stats.stats.mean
+    benchmark.extra_info.update(model=name, backend=backend, batch=batch, nfe=NFE, graph=graph,
+                                ms_per_image=1e3 * s / batch, img_per_s=batch / s, ms_per_nfe=1e3 * s / NFE)
