@@ -52,6 +52,14 @@ def attention_backward_reference(do, q, k, v, o, lse):
 if triton is not None:
 
     @triton.jit
+    def _load_rows(ptr, base, rows, stride_t, cols, mask, UPCAST: tl.constexpr):
+        """A (rows, head dim) tile, zero outside `mask`; bf16 upcast to fp32 under the interpreter."""
+        tile = tl.load(ptr + base + rows[:, None] * stride_t + cols[None, :], mask=mask, other=0.0)
+        if UPCAST:
+            tile = tile.to(tl.float32)
+        return tile
+
+    @triton.jit
     def _attn_fwd_kernel(Q, K, V, O, LSE, T, D, sm_scale_log2,
                          stride_b, stride_h, stride_t, lse_stride_bh,
                          H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -64,9 +72,7 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         mask_m = offs_m < T
         mask_d = offs_d < D
-        q = tl.load(Q + base + offs_m[:, None] * stride_t + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
+        q = _load_rows(Q, base, offs_m, stride_t, offs_d, mask_m[:, None] & mask_d[None, :], UPCAST)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -74,11 +80,8 @@ if triton is not None:
             n = start_n + offs_n
             mask_n = n < T
             kv_mask = mask_n[:, None] & mask_d[None, :]
-            k = tl.load(K + base + n[:, None] * stride_t + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V + base + n[:, None] * stride_t + offs_d[None, :], mask=kv_mask, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            k = _load_rows(K, base, n, stride_t, offs_d, kv_mask, UPCAST)
+            v = _load_rows(V, base, n, stride_t, offs_d, kv_mask, UPCAST)
             s = tl.dot(q, tl.trans(k)) * sm_scale_log2
             s = tl.where(mask_n[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -120,22 +123,16 @@ if triton is not None:
         mask_n = offs_n < T
         mask_d = offs_d < D
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K + base + offs_n[:, None] * stride_t + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + base + offs_n[:, None] * stride_t + offs_d[None, :], mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k = _load_rows(K, base, offs_n, stride_t, offs_d, kv_mask, UPCAST)
+        v = _load_rows(V, base, offs_n, stride_t, offs_d, kv_mask, UPCAST)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         for start_m in range(0, T, BLOCK_M):
             m = start_m + offs_m
             mask_m = m < T
             q_mask = mask_m[:, None] & mask_d[None, :]
-            q = tl.load(Q + base + m[:, None] * stride_t + offs_d[None, :], mask=q_mask, other=0.0)
-            do = tl.load(DO + base + m[:, None] * stride_t + offs_d[None, :], mask=q_mask, other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
+            q = _load_rows(Q, base, m, stride_t, offs_d, q_mask, UPCAST)
+            do = _load_rows(DO, base, m, stride_t, offs_d, q_mask, UPCAST)
             lse = tl.load(LSE + bh * T + m, mask=mask_m, other=0.0)
             delta = tl.load(DELTA + bh * T + m, mask=mask_m, other=0.0)
             # Pᵀ for this tile: (BLOCK_N, BLOCK_M); padded queries and keys contribute nothing
@@ -163,11 +160,8 @@ if triton is not None:
         mask_m = offs_m < T
         mask_d = offs_d < D
         q_mask = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(Q + base + offs_m[:, None] * stride_t + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(DO + base + offs_m[:, None] * stride_t + offs_d[None, :], mask=q_mask, other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
+        q = _load_rows(Q, base, offs_m, stride_t, offs_d, q_mask, UPCAST)
+        do = _load_rows(DO, base, offs_m, stride_t, offs_d, q_mask, UPCAST)
         lse = tl.load(LSE + bh * T + offs_m, mask=mask_m, other=0.0)
         delta = tl.load(DELTA + bh * T + offs_m, mask=mask_m, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -175,11 +169,8 @@ if triton is not None:
             n = start_n + offs_n
             mask_n = n < T
             kv_mask = mask_n[:, None] & mask_d[None, :]
-            k = tl.load(K + base + n[:, None] * stride_t + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V + base + n[:, None] * stride_t + offs_d[None, :], mask=kv_mask, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            k = _load_rows(K, base, n, stride_t, offs_d, kv_mask, UPCAST)
+            v = _load_rows(V, base, n, stride_t, offs_d, kv_mask, UPCAST)
             p = tl.exp(tl.dot(q, tl.trans(k)) * sm_scale - lse[:, None])
             p = tl.where(mask_n[None, :], p, 0.0)
             dp = tl.dot(do, tl.trans(v))

@@ -6,6 +6,15 @@ import torch
 from lfm_fast.data.latents import LatentShardWriter
 
 
+def perturbed(model, scale=0.05, seed=0):
+    """Leave adaLN-Zero's zero init (v ≡ 0) so outputs depend on every input; returns the model in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
 def write_random_latents(folder, n=48, shape=(4, 8, 8), num_classes=3, seed=0, shard_size=20, autoencoder=""):
     g = torch.Generator().manual_seed(seed)
     os.makedirs(folder, exist_ok=True)

@@ -4,6 +4,7 @@ import torch
 from lfm_fast import ops
 from lfm_fast.errors import InputError
 from lfm_fast.models.dit import DiT, DiTConfig, build_dit
+from tests.conftest import perturbed
 
 
 @pytest.mark.parametrize("name,paper", [("DiT-S/2", 33e6), ("DiT-B/2", 130e6), ("DiT-L/2", 458e6), ("DiT-XL/2", 675e6)])
@@ -22,11 +23,7 @@ def test_unknown_architecture_is_an_input_error():
 def small(**kw):
     torch.manual_seed(0)
     cfg = dict(input_size=8, in_channels=4, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=5)
-    model = DiT(DiTConfig(**{**cfg, **kw}))
-    with torch.no_grad():  # adaLN-Zero starts at v ≡ 0; perturb so outputs depend on the inputs
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
+    return perturbed(DiT(DiTConfig(**{**cfg, **kw})))
 
 
 def test_adaln_zero_init_outputs_zero_velocity():

@@ -11,6 +11,7 @@ from lfm_fast.export.ort import OrtSampler
 from lfm_fast.export.sampler import UnrolledSampler, compile_sampler
 from lfm_fast.models.dit import DiT, DiTConfig
 from lfm_fast.sampling import SampleConfig, per_image_noise, sample
+from tests.conftest import perturbed
 
 pytest.importorskip("onnxruntime")
 
@@ -18,11 +19,7 @@ pytest.importorskip("onnxruntime")
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    m = DiT(DiTConfig(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=6)).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return m
+    return perturbed(DiT(DiTConfig(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=6)))
 
 
 def inputs(b, size=8):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lfm_fast.sampling import CountingField, SampleConfig, integrate, per_image_noise, sample, time_grid
+from tests.conftest import perturbed
 
 
 class KnownField(torch.nn.Module):
@@ -67,10 +68,7 @@ def test_same_seed_same_samples_and_batch_independence():
     from lfm_fast.models.dit import DiT, DiTConfig
 
     torch.manual_seed(0)
-    model = DiT(DiTConfig(input_size=8, hidden_size=32, depth=1, num_heads=2, num_classes=3)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = perturbed(DiT(DiTConfig(input_size=8, hidden_size=32, depth=1, num_heads=2, num_classes=3)))
     noise = per_image_noise([5, 6, 7], (4, 8, 8))
     y = torch.tensor([0, 1, 2])
     a = sample(model, noise, y, solver="heun", steps=4, cfg=2.0)

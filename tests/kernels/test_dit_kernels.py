@@ -1,14 +1,7 @@
 import torch
 
 from lfm_fast.models.dit import DiT, DiTConfig, build_dit
-
-
-def perturbed(model):
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # leave adaLN-Zero's zero init, so every path carries signal
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=g))
-    return model
+from tests.conftest import perturbed
 
 
 def forward_backward(model, x, t, y, call=None):
@@ -21,7 +14,7 @@ def forward_backward(model, x, t, y, call=None):
 def test_dit_s2_triton_backend_matches_reference_forward_and_backward():
     # DiT-S/2 at a 16×16 latent (64 tokens, head dim 64), two images: the interpreter keeps this small
     torch.manual_seed(0)
-    ref = perturbed(build_dit("DiT-S/2", input_size=16, num_classes=10, attn_backend="reference", norm_backend="reference"))
+    ref = perturbed(build_dit("DiT-S/2", input_size=16, num_classes=10, attn_backend="reference", norm_backend="reference"), 0.02)
     tri = build_dit("DiT-S/2", input_size=16, num_classes=10, attn_backend="triton", norm_backend="triton")
     tri.load_state_dict(ref.state_dict())
     x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([0.3, 0.8]), torch.tensor([1, 10])
@@ -36,7 +29,7 @@ def test_dit_s2_triton_backend_matches_reference_forward_and_backward():
 def test_compile_fullgraph_has_no_graph_breaks_with_the_fused_ops():
     torch._dynamo.reset()
     cfg = DiTConfig(input_size=8, hidden_size=64, depth=2, num_heads=4, num_classes=5, attn_backend="triton", norm_backend="triton")
-    model = perturbed(DiT(cfg))
+    model = perturbed(DiT(cfg), 0.02)
     x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 5])
     explanation = torch._dynamo.explain(model)(x, t, y)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
