@@ -15,7 +15,7 @@ from lfm_fast.errors import InputError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
-def _list_images(folder: str) -> list[str]:
+def list_images(folder: str) -> list[str]:
     files = sorted(f for f in os.listdir(folder) if not f.startswith("."))
     paths = [os.path.join(folder, f) for f in files if os.path.isfile(os.path.join(folder, f))]
     for p in paths:
@@ -42,10 +42,10 @@ class ImageFolderDataset(Dataset):
         subdirs = sorted(d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
         if subdirs:
             self.classes = subdirs
-            self.samples = [(p, k) for k, d in enumerate(subdirs) for p in _list_images(os.path.join(root, d))]
+            self.samples = [(p, k) for k, d in enumerate(subdirs) for p in list_images(os.path.join(root, d))]
         else:
             self.classes = []
-            self.samples = [(p, 0) for p in _list_images(root)]
+            self.samples = [(p, 0) for p in list_images(root)]
         if not self.samples:
             raise InputError(f"image folder {root}: no images found")
 
