@@ -1,4 +1,4 @@
-"""`lfm-fast` command line: demo | train-ae | prepare | train | sample | export.
+"""`lfm-fast` command line: demo | train-ae | prepare | train | sample | export | eval.
 
 A bad input ends with one line `lfm-fast: error: …` on stderr, exit code 2, and no partial output.
 """
@@ -100,6 +100,16 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--net-only", action="store_true", help="export the velocity network alone (inputs x, t, labels)")
     e.add_argument("--batch-range", default="1:64", help="TensorRT optimization profile, MIN:MAX or MIN:OPT:MAX")
     e.add_argument("--out", required=True, help="the .onnx file, or the TensorRT engine file")
+
+    v = sub.add_parser("eval", help="FID, precision/recall and latent FD of samples against a reference")
+    v.add_argument("--samples", required=True, help="samples.npz (arr_0: N×H×W×3 uint8) or a folder of images")
+    v.add_argument("--ref", required=True, help="reference: stats .npz (mu, sigma), images .npz (arr_0) or a folder")
+    v.add_argument("--metrics", default="fid", help="comma-separated: fid, pr, latent_fd")
+    v.add_argument("--inception", default=None, help="pt_inception-2015-12-05-6726825d.pth (or $LFM_FAST_INCEPTION)")
+    v.add_argument("--ae", default=None, help="autoencoder folder, for latent_fd")
+    v.add_argument("--batch-size", type=int, default=50)
+    v.add_argument("--save-stats", default=None, help="also write the samples' Inception mu/sigma to this .npz")
+    v.add_argument("--out", default=None, help="write the metrics JSON here (it is printed either way)")
     return p
 
 
@@ -310,8 +320,21 @@ def _cmd_export(args):
     print(f"wrote {args.out} ({args.format}): {json.dumps(meta)}")
 
 
+def _cmd_eval(args):
+    import json
+
+    from lfm_fast.eval.run import evaluate
+    from lfm_fast.fileio import write_json
+
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    result = evaluate(args.samples, args.ref, metrics, args.inception, args.ae, args.batch_size, args.save_stats)
+    if args.out:
+        write_json(args.out, result)
+    print(json.dumps(result))
+
+
 COMMANDS = {"demo": _cmd_demo, "train-ae": _cmd_train_ae, "prepare": _cmd_prepare, "train": _cmd_train, "sample": _cmd_sample,
-            "export": _cmd_export}
+            "export": _cmd_export, "eval": _cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:
