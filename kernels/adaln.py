@@ -14,10 +14,10 @@ Triton kernels under TRITON_INTERPRET=1.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
+
+from lfm_fast.kernels import interpreting
 
 try:
     import triton
@@ -26,10 +26,6 @@ except ImportError:
     triton = None
 
 EPS = 1e-6
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def modulate_reference(x, shift, scale, eps: float = EPS):

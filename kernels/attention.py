@@ -12,9 +12,10 @@ Triton kernels under TRITON_INTERPRET=1 (how the tests check the kernels without
 from __future__ import annotations
 
 import math
-import os
 
 import torch
+
+from lfm_fast.kernels import interpreting
 
 try:
     import triton
@@ -23,10 +24,6 @@ except ImportError:  # CPU-only installs without triton still get the reference 
     triton = None
 
 LOG2E = 1.4426950408889634
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
