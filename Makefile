@@ -20,8 +20,10 @@ demo: install
 test: install
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
+# CPU suite (≈ 6 minutes), its JSON under bench/results/, then bench/REPORT.md from it
 bench: install
-	$(PY) -m pytest -q bench --benchmark-only
+	@run=bench/results/$$(date +%Y%m%d-%H%M)-$$(hostname).json; \
+	$(PY) -m pytest -q bench --benchmark-only --benchmark-json=$$run && $(PY) bench/report.py $$run
 
 clean:
 	rm -rf .venv runs .pytest_cache .benchmarks *.egg-info
