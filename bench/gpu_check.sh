@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check, one script (< 8 minutes on an H200): bf16 correctness of the Triton kernels, kernel
-# throughput beside SDPA / torch.compile, and the DiT-XL/2 training step. JSON and logs go to $OUT
+# The GPU check, one script (< 10 minutes on an H200): bf16 correctness of the Triton kernels, kernel
+# throughput beside SDPA / torch.compile, the DiT-XL/2 training step, and DiT-XL/2 under FSDP2. JSON and logs go to $OUT
 # (default bench/results/gpu). Run from the repository root on a machine with CUDA:
 #   OUT=bench/results/gpu bash bench/gpu_check.sh
 set -uo pipefail
@@ -15,3 +15,6 @@ timeout 200 python3 -m pytest -q bench/test_kernels.py --benchmark-only -p no:ca
   --benchmark-json="$OUT/kernels.json" --benchmark-columns=mean,stddev 2>&1 | tail -70 | tee "$OUT/kernels.log"
 timeout 150 python3 bench/gpu_train_step.py --out "$OUT/train_step.json" 2>&1 | tee "$OUT/train_step.log"
 timeout 150 python3 bench/gpu_sampling.py --out "$OUT/sampling.json" 2>&1 | tee "$OUT/sampling.log"
+# FSDP2 through the real launcher on one GPU: DiT-XL/2, 4×32×32 latents (256 px), bf16, img/s and MFU vs 989 TFLOP/s
+timeout 240 python3 bench/fsdp_scaling.py --arch DiT-XL/2 --batch 64 --nproc 1 --configs eager,compile --steps 10 \
+  --warmup 4 --out "$OUT/fsdp_xl2.json" 2>&1 | tee "$OUT/fsdp_xl2.log"

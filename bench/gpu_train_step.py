@@ -9,16 +9,7 @@ import torch
 
 from lfm_fast.flow import FlowConfig, flow_matching_loss
 from lfm_fast.models.dit import build_dit
-
-
-def dit_train_flops_per_image(model) -> float:
-    """Training FLOPs per image ≈ 3 × forward; forward = 2 × multiply-adds of the token-wise linears plus
-    attention's two T×T matmuls (per-sample adaLN linears are negligible and left out)."""
-    cfg = model.config
-    T, D = cfg.num_tokens, cfg.hidden_size
-    per_block = 2 * T * (3 * D * D + D * D + 2 * 4 * D * D) + 2 * 2 * T * T * D
-    patch = 2 * T * (cfg.in_channels * cfg.patch_size**2) * D * 2
-    return 3.0 * (cfg.depth * per_block + patch)
+from lfm_fast.train.throughput import train_flops_per_image
 
 
 def measure(attn, norm, compile_model, batch, steps=10, warmup=3):
@@ -39,7 +30,7 @@ def measure(attn, norm, compile_model, batch, steps=10, warmup=3):
         opt.step()
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
-    flops = dit_train_flops_per_image(model) * batch / seconds
+    flops = train_flops_per_image(model.config) * batch / seconds
     return {"attn_backend": attn, "norm_backend": norm, "compile": compile_model, "batch": batch,
             "img_per_s": batch / seconds, "step_ms": 1e3 * seconds, "tflops": flops / 1e12,
             "mfu_vs_989_tflops": flops / 989e12, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}

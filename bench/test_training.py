@@ -1,44 +1,53 @@
-"""Training step of DiT-S/2 on 4×32×32 latents (batch 16, bf16 autocast, AdamW): ours (eager and
-torch.compile) beside diffusers' DiTTransformer2DModel of the same size, and the bf16 GEMM peak of
-this machine measured at the model's own shapes (for MFU). FLOPs = 2 × multiply-adds, training ≈ 3 ×
-forward, attention included; stated in `dit_train_flops`."""
+"""Training throughput, every comparison side by side in one run.
 
-import time
+1. The DiT-S/2 step (4×32×32 latents, batch 16, bf16 autocast, AdamW): ours (eager and torch.compile)
+   beside diffusers' DiTTransformer2DModel of the same size, and the bf16 GEMM peak of this machine
+   measured at the model's own shapes (for MFU).
+2. End to end against the stock LFM recipe at 64×64 images: the paper's code encodes every batch with
+   the VAE on the fly in fp32 eager (here: diffusers AutoencoderKL with SD-VAE's architecture, f=8, at
+   half width, and diffusers' DiT-S/2); ours trains on cached latents through the trainer's own FSDP2
+   path (bf16 compute, per-block torch.compile, fused AdamW).
+
+FLOPs: `lfm_fast.train.throughput.train_flops_per_image` (training = 3 × forward, 2 per multiply-add,
+attention included); the VAE's encode is not counted as model FLOPs.
+"""
 
 import pytest
 import torch
 
+from lfm_fast.config import TrainConfig
 from lfm_fast.flow import FlowConfig, flow_matching_loss
-from lfm_fast.models.dit import build_dit
+from lfm_fast.models.dit import DiTConfig, arch_config, build_dit
+from lfm_fast.train.throughput import train_flops_per_image
 
 BATCH = 16
+RECIPE_BATCH = 32
+SD_VAE_HALF_WIDTH = (64, 128, 256, 256)  # SD-VAE: (128, 256, 512, 512), 2 resnets per level, f = 8
 
 
-def dit_train_flops(hidden=384, depth=12, tokens=256, patch_channels=16) -> float:
-    per_block = 2 * tokens * 12 * hidden * hidden + 4 * tokens * tokens * hidden
-    embed = 2 * 2 * tokens * patch_channels * hidden
-    return 3.0 * BATCH * (depth * per_block + embed)
+class DiffusersDiT(torch.nn.Module):
+    """diffusers' DiT-S/2 with our call signature (velocity output, t ∈ [0, 1] scaled like ours)."""
 
-
-class DiffusersPeer(torch.nn.Module):
-    """diffusers' DiT with our call signature (velocity output, t ∈ [0, 1] scaled like ours)."""
-
-    def __init__(self):
+    def __init__(self, sample_size: int):
         super().__init__()
         from diffusers import DiTTransformer2DModel
 
         self.net = DiTTransformer2DModel(num_attention_heads=6, attention_head_dim=64, in_channels=4, out_channels=4,
-                                         num_layers=12, sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
+                                         num_layers=12, sample_size=sample_size, patch_size=2, num_embeds_ada_norm=1000)
         self.config = type("C", (), {"num_classes": 1000})()
 
     def forward(self, x, t, y=None, cond=None):
         return self.net(x, timestep=t * 1000, class_labels=y).sample
 
 
+def s2_config(latent_size: int) -> DiTConfig:
+    return DiTConfig(**arch_config("DiT-S/2"), input_size=latent_size, in_channels=4, num_classes=1000)
+
+
 def make(kind):
     torch.manual_seed(0)
     if kind == "diffusers":
-        return DiffusersPeer()
+        return DiffusersDiT(32)
     model = build_dit("DiT-S/2", input_size=32, in_channels=4, num_classes=1000)
     return torch.compile(model) if kind == "ours_compile" else model
 
@@ -61,7 +70,7 @@ def test_train_step_dit_s2(benchmark, kind):
     step()
     benchmark.pedantic(step, rounds=3, iterations=1)
     s = benchmark.stats.stats.mean
-    benchmark.extra_info.update(kind=kind, img_per_s=BATCH / s, tflops=dit_train_flops() / s / 1e12)
+    benchmark.extra_info.update(kind=kind, img_per_s=BATCH / s, tflops=train_flops_per_image(s2_config(32)) * BATCH / s / 1e12)
 
 
 def test_bf16_gemm_peak(benchmark):
@@ -78,3 +87,60 @@ def test_bf16_gemm_peak(benchmark):
     run()
     benchmark.pedantic(run, rounds=10, iterations=3)
     benchmark.extra_info.update(kind="gemm_peak", tflops=flops / benchmark.stats.stats.mean / 1e12)
+
+
+def stock_recipe_step():
+    """LFM's own loop: every batch of images goes through the VAE encoder (fp32, eager), then the DiT."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=SD_VAE_HALF_WIDTH,
+                        layers_per_block=2, latent_channels=4, sample_size=64).eval()
+    model = DiffusersDiT(8)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    images, y = torch.rand(RECIPE_BATCH, 3, 64, 64) * 2 - 1, torch.randint(0, 1000, (RECIPE_BATCH,))
+    g = torch.Generator().manual_seed(0)
+
+    def step():
+        with torch.no_grad():
+            x0 = vae.encode(images).latent_dist.sample(generator=g) * 0.18215
+        loss = flow_matching_loss(model, x0, y, FlowConfig(), g, 0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def our_recipe_step():
+    """Ours: latents cached once by `lfm-fast prepare`; the DiT built, sharded and compiled as the trainer does."""
+    from lfm_fast.dist import init_distributed
+    from lfm_fast.train.loop import make_optimizer
+    from lfm_fast.train.parallelize import build_parallel_dit
+
+    d = init_distributed("cpu")
+    model = build_parallel_dit(s2_config(8), d.mesh, d.device, "bf16", compile_blocks=True, seed=0)
+    opt = make_optimizer(model, TrainConfig(lr=1e-4))
+    cached = torch.randn(4 * RECIPE_BATCH, 4, 8, 8)
+    y = torch.randint(0, 1000, (RECIPE_BATCH,))
+    g = torch.Generator().manual_seed(0)
+
+    def step():
+        x0 = cached[torch.randint(0, len(cached), (RECIPE_BATCH,), generator=g)]
+        loss = flow_matching_loss(model, x0, y, FlowConfig(), g, 0.1)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+@pytest.mark.parametrize("kind", ["stock_lfm", "ours"])
+def test_recipe_end_to_end_64px(benchmark, kind):
+    step = stock_recipe_step() if kind == "stock_lfm" else our_recipe_step()
+    for _ in range(3):  # warm-up (ours: compiles the block here)
+        step()
+    benchmark.pedantic(step, rounds=5, iterations=1)
+    benchmark.extra_info.update(kind=f"recipe_{kind}", img_per_s=RECIPE_BATCH / benchmark.stats.stats.mean)

@@ -57,10 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a DiT velocity network on latent shards")
     t.add_argument("--latents", required=True, help="folder written by `lfm-fast prepare`")
     t.add_argument("--preset", required=True, help=f"one of: {', '.join(PRESETS)}")
-    t.add_argument("--out", required=True, help="run folder: checkpoint.pt, metrics.jsonl, grids, and the final "
-                   "config.json + model.safetensors (EMA weights)")
+    t.add_argument("--out", required=True, help="run folder: checkpoints/ (sharded, DCP), metrics.jsonl, grids, and the "
+                   "final config.json + model.safetensors (EMA weights)")
     t.add_argument("--steps", type=int, default=None, help="override train.steps")
-    t.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out (any world size)")
+    t.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="end (with a checkpoint) at this step, as a job with a time limit would; --resume goes on")
+    _add_nproc_flag(t)
     _add_backend_flags(t)
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-4 model.qk_norm=true")
 
@@ -79,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--ae", default=None, help="autoencoder to decode with (default: the one recorded in the checkpoint)")
     s.add_argument("--out", required=True)
+    _add_nproc_flag(s)
     s.add_argument("--backend", choices=("eager", "compile", "onnxruntime", "tensorrt"), default="eager",
                    help="eager: any solver; compile: the unrolled fixed-step sampler under torch.compile; "
                         "onnxruntime / tensorrt: a graph from `lfm-fast export` (--engine)")
@@ -111,6 +115,12 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--save-stats", default=None, help="also write the samples' Inception mu/sigma to this .npz")
     v.add_argument("--out", default=None, help="write the metrics JSON here (it is printed either way)")
     return p
+
+
+def _add_nproc_flag(p):
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="run on N local processes (starts torchrun for you; the same as "
+                   "`torchrun --nproc_per_node=N -m lfm_fast …`). Multi-node: call torchrun yourself (README)")
 
 
 def _add_backend_flags(p):
@@ -165,8 +175,11 @@ def _cmd_train(args):
         setattr(cfg.model, name, value)
     if not os.path.isdir(args.latents):
         raise InputError(f"--latents {args.latents}: no such folder")
-    result = train(cfg, args.latents, args.out, resume=args.resume)
-    print(f"wrote {args.out}: step {result['step']}, loss {result['last'].get('loss', float('nan')):.4f}")
+    result = train(cfg, args.latents, args.out, resume=args.resume, stop_at=args.stop_at)
+    from lfm_fast.dist import Dist
+
+    if Dist.current_rank() == 0:
+        print(f"wrote {args.out}: step {result['step']}, loss {result['last'].get('loss', float('nan')):.4f}")
 
 
 def parse_labels(text: str | None, num: int, num_classes: int):
@@ -253,40 +266,42 @@ def _graph_runner(args, scfg, model):
 def _cmd_sample(args):
     import torch
 
-    from lfm_fast import default_device
     from lfm_fast.autoencoder import load_autoencoder
-    from lfm_fast.data.shapes import to_uint8
-    from lfm_fast.fileio import atomic_dir
-    from lfm_fast.generate import generate, generate_latents, latents_to_images, write_sample_folder
+    from lfm_fast.dist import init_distributed
+    from lfm_fast.generate import generate, generate_latents, latents_to_images, rank_indices, save_samples
     from lfm_fast.models.dit import DiT, read_checkpoint_config
 
     if args.num < 1:
         raise InputError(f"--num {args.num}: expected a positive count")
     config = read_checkpoint_config(args.ckpt)
-    model = DiT.from_pretrained(args.ckpt, **_backend_overrides(args)).eval().to(default_device())
-    labels = parse_labels(args.labels, args.num, model.config.num_classes)
+    d = init_distributed()
+    model = DiT.from_pretrained(args.ckpt, **_backend_overrides(args)).eval().to(d.device)
+    all_labels = parse_labels(args.labels, args.num, model.config.num_classes)
     scfg = _sample_config(config, args)
-    seeds = [args.seed + i for i in range(args.num)]
+    mine = rank_indices(args.num, args.batch_size, d.rank, d.world_size)  # this rank's whole batches
+    seeds = [args.seed + i for i in mine]
+    labels = None if all_labels is None else all_labels[mine]
     c = model.config
     shape = (c.in_channels, c.input_size, c.input_size)
-    images = None
+    images, progress = None, d.is_main
     if args.backend == "eager":
-        latents, nfe = generate_latents(model, labels, seeds, scfg, args.batch_size)
+        latents, nfe = generate_latents(model, labels, seeds, scfg, args.batch_size, progress=progress)
     elif args.backend == "compile":
         from lfm_fast.export.sampler import compile_sampler
 
         sampler, nfe = compile_sampler(model, scfg)
         run = (lambda n, y: sampler(n, torch.zeros(n.shape[0], dtype=torch.long, device=n.device) if y is None else y))
-        latents = generate(run, labels, seeds, shape, args.batch_size, default_device())
+        latents = generate(run, labels, seeds, shape, args.batch_size, d.device, progress=progress)
     else:
         run, nfe, gives_images = _graph_runner(args, scfg, model)
-        out = generate(run, labels, seeds, shape, args.batch_size)
+        out = generate(run, labels, seeds, shape, args.batch_size, progress=progress)
         images, latents = (out.numpy(), None) if gives_images else (None, out)
     if images is None:
-        images = latents_to_images(load_autoencoder(_autoencoder_spec(config, args)), latents.float())
-    with atomic_dir(args.out) as tmp:
-        write_sample_folder(tmp, images, None if labels is None else labels.numpy())
-    print(f"wrote {args.num} images to {args.out} ({args.backend}, {scfg.solver}, NFE {nfe} per batch, cfg {scfg.cfg})")
+        images = latents_to_images(load_autoencoder(_autoencoder_spec(config, args), device=d.device), latents.float())
+    save_samples(d, args.out, images, mine, None if all_labels is None else all_labels.numpy())
+    if d.is_main:
+        print(f"wrote {args.num} images to {args.out} ({args.backend}, {scfg.solver}, NFE {nfe} per batch, cfg {scfg.cfg}, "
+              f"{d.world_size} rank{'s' if d.world_size > 1 else ''})")
 
 
 def _cmd_export(args):
@@ -337,16 +352,45 @@ COMMANDS = {"demo": _cmd_demo, "train-ae": _cmd_train_ae, "prepare": _cmd_prepar
             "export": _cmd_export, "eval": _cmd_eval}
 
 
+def _relaunch(argv: list[str], nproc: int) -> int:
+    """`--nproc N` outside torchrun: run the same command under torchrun on N local processes."""
+    import subprocess
+
+    from lfm_fast.dist import torchrun_command
+
+    rest, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    return subprocess.call(torchrun_command(nproc, rest))
+
+
 def main(argv: list[str] | None = None) -> int:
+    from lfm_fast.dist import launched_by_torchrun, shutdown
+
+    argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
+    nproc = getattr(args, "nproc", None)
+    if nproc is not None and nproc < 1:
+        print(f"lfm-fast: error: --nproc {nproc}: expected a positive count", file=sys.stderr)
+        return 2
+    if nproc and not launched_by_torchrun():
+        return _relaunch(argv, nproc)
     try:
         COMMANDS[args.command](args)
     except InputError as e:
-        print(f"lfm-fast: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank meets the same bad input; one line is enough
+            print(f"lfm-fast: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lfm-fast: interrupted", file=sys.stderr)
         return 130
+    finally:
+        shutdown()
     return 0
 
 

@@ -31,7 +31,8 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     steps: int = 1000
-    batch_size: int = 64  # global batch
+    batch_size: int = 64  # global batch = per-rank micro-batch × world size × grad_accum
+    grad_accum: int = 1
     lr: float = 1e-4
     lr_schedule: str = "constant"  # or "cosine"
     warmup_steps: int = 0
@@ -39,7 +40,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
     label_dropout: float = 0.1  # CFG training; ignored for unconditional models
-    precision: str = "bf16"  # "bf16" autocast or "fp32"
+    precision: str = "bf16"  # "bf16": FSDP2 mixed precision (bf16 compute, fp32 weights and gradient reduction) or "fp32"
+    activation_checkpointing: str = "none"  # "none", "full" or "selective:N" (every N-th block)
+    compile: bool = False  # torch.compile each DiT block
     seed: int = 0
     log_every: int = 10
     sample_every: int = 0  # 0 = only at the end

@@ -39,13 +39,20 @@ def sample_time(n: int, cfg: FlowConfig, generator: torch.Generator | None = Non
 
 
 def flow_matching_loss(model, x0: torch.Tensor, y: torch.Tensor | None, cfg: FlowConfig, generator: torch.Generator,
-                       label_dropout: float = 0.0, cond: torch.Tensor | None = None) -> torch.Tensor:
+                       label_dropout: float = 0.0, cond: torch.Tensor | None = None,
+                       part: tuple[int, int] | None = None) -> torch.Tensor:
     """E_{t, ε} ‖v(x_t, t) − u‖², averaged over elements. All randomness comes from `generator` (CPU),
-    so a step is reproducible from its seed alone, which is what makes resumed runs exact."""
+    so a step is reproducible from its seed alone, which is what makes resumed runs exact.
+
+    part=(offset, total): x0 holds samples offset … offset+n of a batch of `total` whose noise, times and
+    label drops are drawn whole and sliced, so a global batch split over ranks and micro-batches gives
+    every sample the same draws as one process would."""
     n = x0.shape[0]
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-    t = sample_time(n, cfg, generator).to(x0.device)
-    if y is not None and getattr(model, "config", None) is not None and model.config.num_classes:
-        y = drop_labels(y, label_dropout, model.config.num_classes, generator)
+    lo, total = part if part is not None else (0, n)
+    rows = slice(lo, lo + n)
+    noise = torch.randn((total, *x0.shape[1:]), generator=generator)[rows].to(x0.device, x0.dtype)
+    t = sample_time(total, cfg, generator)[rows].to(x0.device)
+    if y is not None and label_dropout > 0 and getattr(model, "config", None) is not None and model.config.num_classes:
+        y = drop_labels(y, label_dropout, model.config.num_classes, torch.rand(total, generator=generator)[rows])
     v = model(interpolate(x0, noise, t, cfg.sigma_min), t, y, cond)
     return (v.float() - target_velocity(x0, noise, cfg.sigma_min).float()).pow(2).mean()

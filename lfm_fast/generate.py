@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from lfm_fast.autoencoder import decode
 from lfm_fast.data.shapes import to_uint8
-from lfm_fast.fileio import atomic_path, image_grid, save_png
+from lfm_fast.fileio import atomic_dir, image_grid, save_png
 from lfm_fast.sampling import SampleConfig, per_image_noise, sample
 
 
@@ -51,13 +51,40 @@ def latents_to_images(ae, latents: torch.Tensor, batch_size: int = 64) -> np.nda
     return to_uint8(decode(ae, latents, batch_size))
 
 
-def write_sample_folder(folder: str, images: np.ndarray, labels: np.ndarray | None) -> None:
-    """`{index:06d}_class{label}.png` per image, `grid.png`, and `samples.npz` (arr_0, labels)."""
-    labs = np.full(len(images), -1, np.int64) if labels is None else np.asarray(labels, np.int64)
-    for i, (img, lab) in enumerate(zip(images, labs)):
-        name = f"{i:06d}_class{lab}.png" if lab >= 0 else f"{i:06d}.png"
-        save_png(os.path.join(folder, name), img)
-    save_png(os.path.join(folder, "grid.png"), image_grid(images[:256]), upscale=max(1, 128 // images.shape[1]))
-    with atomic_path(os.path.join(folder, "samples.npz")) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, arr_0=images, labels=labs)
+def rank_indices(num: int, batch_size: int, rank: int, world_size: int) -> list[int]:
+    """The images rank r makes: whole batches [b·bs, (b+1)·bs) with b ≡ r (mod world size). Batches are the same
+    at any world size, so every image comes out of the same batch, bit for bit, however many ranks run."""
+    starts = range(rank * batch_size, num, world_size * batch_size)
+    return [i for s in starts for i in range(s, min(s + batch_size, num))]
+
+
+def save_samples(d, out: str, images: np.ndarray, indices: list[int], labels: np.ndarray | None) -> None:
+    """Collective: each rank's `images` (image numbers `indices`) into one folder `out`, which rank 0 commits
+    atomically: `{index:06d}_class{label}.png` per image, `grid.png`, and `samples.npz` (arr_0, labels) in the
+    ADM evaluator's layout. Needs a file system all ranks share (one node, or a shared mount)."""
+    labs = None if labels is None else np.asarray(labels, np.int64)
+
+    def write_part(tmp):
+        for i, img in zip(indices, images):
+            save_png(os.path.join(tmp, f"{i:06d}.png" if labs is None else f"{i:06d}_class{labs[i]}.png"), img)
+        np.savez(os.path.join(tmp, f".part-{d.rank}.npz"), images=images, indices=np.asarray(indices, np.int64))
+        d.barrier()
+
+    if not d.is_main:
+        write_part(d.broadcast_object(None))
+        d.barrier()
+        return
+    with atomic_dir(out) as tmp:
+        d.broadcast_object(tmp)
+        write_part(tmp)
+        parts = []
+        for r in range(d.world_size):
+            with np.load(os.path.join(tmp, f".part-{r}.npz")) as f:
+                parts.append((f["indices"], f["images"]))
+            os.remove(os.path.join(tmp, f".part-{r}.npz"))
+        order = np.concatenate([p[0] for p in parts])
+        every = np.concatenate([p[1] for p in parts])[np.argsort(order)]
+        save_png(os.path.join(tmp, "grid.png"), image_grid(every[:256]), upscale=max(1, 128 // every.shape[1]))
+        with open(os.path.join(tmp, "samples.npz"), "wb") as f:
+            np.savez(f, arr_0=every, labels=np.full(len(every), -1, np.int64) if labs is None else labs)
+    d.barrier()

@@ -48,6 +48,21 @@ def test_time_sampling_ranges():
 
 def test_label_dropout_rate_and_null_class():
     y = torch.zeros(20000, dtype=torch.long)
-    d = drop_labels(y, 0.1, 10, torch.Generator().manual_seed(0))
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(0))
+    d = drop_labels(y, 0.1, 10, u)
     assert set(d.unique().tolist()) == {0, 10} and abs((d == 10).float().mean() - 0.1) < 0.01
-    assert drop_labels(y, 0.0, 10) is y
+    assert torch.equal(d == 10, u < 0.1)
+    assert drop_labels(y, 0.0, 10, u) is y
+
+
+def test_loss_split_over_parts_equals_whole_batch():
+    """A global batch split into parts (ranks × micro-batches) sees the same draws: mean of part losses = whole loss."""
+    cfg = FlowConfig(time_sampling="logit_normal")
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(2, 2, 1)
+    model = lambda x, t, y, cond: net(x) * t.view(-1, 1, 1, 1)  # noqa: E731
+    x0 = torch.randn(8, 2, 4, 4)
+    whole = flow_matching_loss(model, x0, None, cfg, torch.Generator().manual_seed(3))
+    parts = [flow_matching_loss(model, x0[lo:lo + 2], None, cfg, torch.Generator().manual_seed(3), part=(lo, 8))
+             for lo in range(0, 8, 2)]
+    torch.testing.assert_close(torch.stack(parts).mean(), whole, rtol=1e-6, atol=0)

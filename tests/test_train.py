@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from lfm_fast.config import get_preset
 from lfm_fast.errors import InputError
 from lfm_fast.models.dit import DiT
+from lfm_fast.train.checkpoint import latest_checkpoint, read_checkpoint_tensors
 from lfm_fast.train.loop import train
 
 
@@ -27,10 +28,10 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(random_latents, tmp_pat
     train(tiny_config(precision=precision), random_latents, resumed, resume=True, progress=False)
     a, b = load_file(os.path.join(straight, "model.safetensors")), load_file(os.path.join(resumed, "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    sa = torch.load(os.path.join(straight, "checkpoint.pt"), weights_only=True)
-    sb = torch.load(os.path.join(resumed, "checkpoint.pt"), weights_only=True)
-    assert sa["step"] == sb["step"] == 20
-    assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
+    ta, tb = (json.load(open(os.path.join(latest_checkpoint(r), "trainer.json"))) for r in (straight, resumed))
+    assert ta["step"] == tb["step"] == 20 and ta["data_position"] == tb["data_position"] == 20 * 8
+    ma, mb = read_checkpoint_tensors(latest_checkpoint(straight)), read_checkpoint_tensors(latest_checkpoint(resumed))
+    assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
     steps = [json.loads(line)["step"] for line in open(os.path.join(resumed, "metrics.jsonl"))]
     assert steps == [5, 10, 15, 20]
     la = [json.loads(line)["loss"] for line in open(os.path.join(straight, "metrics.jsonl"))]
@@ -47,15 +48,17 @@ def test_training_learns_and_writes_an_inference_checkpoint(random_latents, tmp_
     assert {"step", "loss", "img_per_s", "lr"} <= metrics[0].keys()
     assert metrics[-1]["loss"] < 0.8 * metrics[0]["loss"]
     model = DiT.from_pretrained(out)
-    ema = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["ema"]
-    assert all(torch.equal(model.state_dict()[k], ema[k]) for k in ema if k in model.state_dict())
+    state = read_checkpoint_tensors(latest_checkpoint(out))
+    ema = {k.removeprefix("ema."): v for k, v in state.items() if k.startswith("ema.")}
+    assert ema.keys() == dict(model.named_parameters()).keys()
+    assert all(torch.equal(model.state_dict()[k], ema[k]) for k in ema)
     assert model.config.input_size == 8 and model.config.num_classes == 3  # taken from the latents
     meta = json.load(open(os.path.join(out, "config.json")))["meta"]
     assert meta["experiment"]["train"]["steps"] == 120
 
 
 def test_train_refuses_to_overwrite_or_resume_nothing(random_latents, tmp_path):
-    with pytest.raises(InputError, match="no checkpoint.pt"):
+    with pytest.raises(InputError, match="no complete checkpoint"):
         train(tiny_config(), random_latents, str(tmp_path / "new"), resume=True, progress=False)
     train(tiny_config(steps=2), random_latents, str(tmp_path / "run"), progress=False)
     with pytest.raises(InputError, match="--resume"):

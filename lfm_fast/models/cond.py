@@ -18,9 +18,8 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(y)
 
 
-def drop_labels(y: torch.Tensor, p: float, null_class: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Replace each label by the null class with probability p (CFG training, Ho & Salimans 2022)."""
+def drop_labels(y: torch.Tensor, p: float, null_class: int, u: torch.Tensor) -> torch.Tensor:
+    """Replace label i by the null class where u[i] < p, u uniform on [0, 1) (CFG training, Ho & Salimans 2022)."""
     if p <= 0:
         return y
-    drop = torch.rand(y.shape, generator=generator, device="cpu").to(y.device) < p
-    return torch.where(drop, torch.full_like(y, null_class), y)
+    return torch.where(u.to(y.device) < p, torch.full_like(y, null_class), y)

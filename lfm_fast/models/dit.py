@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import zlib
 from dataclasses import asdict, dataclass, fields
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -161,31 +163,23 @@ class DiT(nn.Module):
         self.register_buffer("pos_embed", sincos_pos_embed_2d(D, cfg.input_size // p)[None], persistent=False)
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg)
-        self.initialize_weights()
+        if not self.pos_embed.is_meta:
+            self.initialize_weights()
 
-    def initialize_weights(self):
-        """DiT's init: Xavier linears, N(0, 0.02) embeddings, and zero adaLN-Zero gates and output."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        w = self.x_embedder.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.bias)
-        if self.y_embedder is not None:
-            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
-        self.pos_embed.copy_(sincos_pos_embed_2d(self.config.hidden_size, self.config.input_size // self.config.patch_size)[None])
+    def initialize_weights(self, seed: int | None = None):
+        """DiT's init: Xavier-uniform linears and patch embedding, N(0, 0.02) label and time embeddings,
+        zero biases, and zero adaLN-Zero modulations and output layer (each block starts as the identity).
+
+        Each parameter draws from its own generator, seeded by (seed, its name), and is computed full-size
+        and then written into whatever shard this process holds: the weights are the same built eagerly or
+        on the meta device and sharded afterwards, on any number of ranks. `seed=None` takes one from
+        torch's global generator."""
+        if seed is None:
+            seed = int(torch.randint(2**62, (1,)).item())
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                assign_full(p, _init_value(clean_fqn(name), tuple(p.shape), seed))
+            self.pos_embed.copy_(sincos_pos_embed_2d(self.config.hidden_size, self.config.input_size // self.config.patch_size)[None])
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, p²·C) → (B, C, H, W)."""
@@ -201,7 +195,9 @@ class DiT(nn.Module):
             if cond is None or cond.shape[1] != cfg.cond_channels:
                 raise ValueError(f"this DiT expects a condition with {cfg.cond_channels} channels")
             x = torch.cat([x, cond.to(x.dtype)], dim=1)
-        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed
+        x = x.to(self.x_embedder.weight.dtype)  # the net runs in its weights' dtype (e.g. bf16 under FSDP2)
+        h = self.x_embedder(x).flatten(2).transpose(1, 2)
+        h = h + self.pos_embed.to(h.dtype)
         c = self.t_embedder(t)
         if self.y_embedder is not None:
             if y is None:  # unlabelled call on a conditional model: the null class
@@ -238,13 +234,54 @@ class DiT(nn.Module):
 
         config = read_checkpoint_config(folder)
         known = {f.name for f in fields(DiTConfig)}
-        model = cls(DiTConfig(**{**{k: v for k, v in config["model"].items() if k in known}, **overrides}))
-        state = load_file(os.path.join(folder, "model.safetensors"))
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        cfg = DiTConfig(**{**{k: v for k, v in config["model"].items() if k in known}, **overrides})
+        try:
+            return cls.from_state_dict(cfg, load_file(os.path.join(folder, "model.safetensors")))
+        except ValueError as e:
+            raise InputError(f"checkpoint {folder}: weights do not match its config.json ({e})") from None
+
+    @classmethod
+    def from_state_dict(cls, cfg: DiTConfig, state: dict[str, torch.Tensor]) -> "DiT":
+        """A DiT holding `state` (built on the meta device: no time spent on an init that is overwritten)."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         if missing or unexpected:
-            raise InputError(f"checkpoint {folder}: weights do not match its config.json "
-                             f"(missing {len(missing)}, unexpected {len(unexpected)})")
+            raise ValueError(f"missing {len(missing)}, unexpected {len(unexpected)} tensors")
+        device = next(iter(state.values())).device
+        model.pos_embed = sincos_pos_embed_2d(cfg.hidden_size, cfg.input_size // cfg.patch_size)[None].to(device)
         return model
+
+
+def clean_fqn(name: str) -> str:
+    """A parameter's name in the plain model, without the prefixes that activation checkpointing and
+    torch.compile wrappers insert."""
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+
+
+def _init_value(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """The initial value of parameter `name` (DiT's rules), drawn from a generator seeded by (seed, name)."""
+    if name.endswith("bias") or "adaLN_modulation" in name or name.startswith("final_layer.linear"):
+        return torch.zeros(shape)
+    if name.endswith(("q_norm.weight", "k_norm.weight")):
+        return torch.ones(shape)
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, zlib.crc32(name.encode())]).generate_state(1)[0]))
+    if "embedding_table" in name or name.startswith("t_embedder.mlp"):
+        return torch.randn(shape, generator=g) * 0.02
+    fan_out, fan_in = shape[0], math.prod(shape[1:])
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    return torch.rand(shape, generator=g) * (2 * bound) - bound
+
+
+def assign_full(p: torch.Tensor, full: torch.Tensor) -> None:
+    """p ← full, where p may be a shard (a DTensor, e.g. under FSDP2): each rank writes its own slice."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(p, DTensor):
+        full = distribute_tensor(full.to(p.dtype), p.device_mesh, p.placements, src_data_rank=None).to_local()
+        p.to_local().copy_(full)
+    else:
+        p.copy_(full)
 
 
 def set_backends(model: DiT, attn: str | None = None, norm: str | None = None) -> DiT:

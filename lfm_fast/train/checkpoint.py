@@ -1,35 +1,110 @@
-"""Training state on disk: one file, written to a temporary path and renamed, so a crash during a save
-leaves the previous checkpoint intact. (Sharded DCP checkpoints come with the FSDP launcher.)"""
+"""Sharded training checkpoints with torch.distributed.checkpoint (DCP).
+
+Layout of a run folder:
+    checkpoints/step_00001000/   DCP shards + .metadata (model, EMA, optimizer), trainer.json, rng.pt
+    checkpoints/latest           the name of the newest complete checkpoint
+
+A save writes into `step_N.tmp/` and is committed by renaming it and then rewriting `latest` (each an
+atomic rename), so a crash at any point of a save leaves the previous checkpoint intact and `latest`
+naming it. DCP stores each tensor with its global shape, so a checkpoint saved by N ranks loads on M.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import signal
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from lfm_fast.errors import InputError
-from lfm_fast.fileio import atomic_path
+from lfm_fast.fileio import atomic_path, write_json
 
-CHECKPOINT_NAME = "checkpoint.pt"
-
-
-def save_training_state(folder: str, step: int, model, ema, optimizer, scheduler, config: dict) -> str:
-    path = os.path.join(folder, CHECKPOINT_NAME)
-    state = {"step": step, "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "config": config}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-    return path
+CHECKPOINT_DIR = "checkpoints"
+KEEP = 2
 
 
-def load_training_state(folder: str, model, ema, optimizer, scheduler) -> int:
-    """Restore everything in place; returns the step to continue from."""
-    path = os.path.join(folder, CHECKPOINT_NAME)
-    if not os.path.isfile(path):
-        raise InputError(f"--resume: no {CHECKPOINT_NAME} in {folder}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
-    ema.load_state_dict(state["ema"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    return int(state["step"])
+def latest_checkpoint(run: str) -> str | None:
+    """Path of the newest committed checkpoint of a run folder, or None."""
+    pointer = os.path.join(run, CHECKPOINT_DIR, "latest")
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as f:
+        path = os.path.join(run, CHECKPOINT_DIR, f.read().strip())
+    return path if os.path.isfile(os.path.join(path, "trainer.json")) else None
+
+
+def fault_point(point: str, step: int) -> None:
+    """Crash injection for the tests: LFM_FAST_FAULT=<point>:<step> SIGKILLs this process there."""
+    if os.environ.get("LFM_FAST_FAULT") == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def save_checkpoint(run: str, step: int, model, optimizer, ema: dict, trainer: dict) -> str:
+    """Collective: every rank calls it. `trainer` (step, data position, scheduler, config) is JSON."""
+    root = os.path.join(run, CHECKPOINT_DIR)
+    name = f"step_{step:08d}"
+    final, tmp = os.path.join(root, name), os.path.join(root, name + ".tmp")
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd, "ema": ema}, checkpoint_id=tmp)
+    rng = [None] * dist.get_world_size()
+    dist.all_gather_object(rng, torch.get_rng_state())
+    fault_point("save", step)
+    if dist.get_rank() == 0:
+        torch.save({"world_size": dist.get_world_size(), "torch": rng}, os.path.join(tmp, "rng.pt"))
+        write_json(os.path.join(tmp, "trainer.json"), trainer)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        with atomic_path(os.path.join(root, "latest")) as p:
+            with open(p, "w") as f:
+                f.write(name)
+        for old in sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))[:-KEEP]:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path: str, model, optimizer, ema: dict) -> dict:
+    """Collective: restore model, optimizer and EMA shards in place (any world size); returns trainer.json."""
+    if not os.path.isfile(os.path.join(path, "trainer.json")):
+        raise InputError(f"--resume: {path} is not a complete checkpoint")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd, "ema": ema}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng = torch.load(os.path.join(path, "rng.pt"), weights_only=True)
+    if rng["world_size"] == dist.get_world_size():  # per-rank streams only map onto the same ranks
+        torch.set_rng_state(rng["torch"][dist.get_rank()])
+    with open(os.path.join(path, "trainer.json")) as f:
+        return json.load(f)
+
+
+def read_checkpoint_tensors(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, full-size, by flat name ('model.blocks.0…', 'ema.…', 'optim.state.…'),
+    without a process group (for inspection, tests and conversion)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(path, os.path.join(tmp, "state.pt"))
+        state = torch.load(os.path.join(tmp, "state.pt"), weights_only=False)
+    flat = {}
+
+    def walk(prefix, obj):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}{k}.", v)
+        elif isinstance(obj, torch.Tensor):
+            flat[prefix[:-1]] = obj
+
+    walk("", state)
+    return flat

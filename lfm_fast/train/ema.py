@@ -1,16 +1,16 @@
-"""Exponential moving average of the weights, with the decay warmed up by the step count."""
+"""Exponential moving average of the weights, kept as tensors shaped (and sharded) like the parameters,
+with the decay warmed up by the step count."""
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
+from lfm_fast.models.dit import clean_fqn
 
-def create_ema(model: torch.nn.Module) -> torch.nn.Module:
-    ema = copy.deepcopy(model).eval()
-    ema.requires_grad_(False)
-    return ema
+
+def create_ema(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """{parameter name: copy}; under FSDP2 each copy is a DTensor holding this rank's shard."""
+    return {clean_fqn(n): p.detach().clone() for n, p in model.named_parameters()}
 
 
 def ema_decay_at(step: int, decay: float) -> float:
@@ -18,8 +18,19 @@ def ema_decay_at(step: int, decay: float) -> float:
     return min(decay, (1 + step) / (10 + step))
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 @torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    ema_params = list(ema.parameters())
-    params = list(model.parameters())
-    torch._foreach_lerp_(ema_params, [p.detach().to(e.dtype) for p, e in zip(params, ema_params)], 1.0 - decay)
+def update_ema(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
+    ema_t, params = [], []
+    for n, p in model.named_parameters():
+        ema_t.append(_local(ema[clean_fqn(n)]))
+        params.append(_local(p.detach()))
+    torch._foreach_lerp_(ema_t, params, 1.0 - decay)
+
+
+def full_state(ema: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Collective: the whole EMA weights on every rank (shards gathered), on the CPU."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).cpu() for k, v in ema.items()}

@@ -1,8 +1,11 @@
-"""Single-process training of the DiT velocity net on cached latents.
+"""Training of the DiT velocity net on cached latents, on one process or many (torchrun + FSDP2), by one
+code path: a single process is a world of one.
 
-Everything random in step s (batch indices, noise, times, label dropout) comes from generators
-seeded by (seed, s) or (seed, epoch), so the data position is implied by the step and a resumed run
-is bit-identical to an uninterrupted one on the same backend.
+The global batch of step s is samples [position, position + batch) of a seeded permutation per epoch;
+rank r takes the r-th contiguous part and splits it into micro-batches. Noise, times and label drops
+are drawn for the whole global batch from a generator seeded by (seed, s) and sliced, so what a sample
+sees does not depend on the world size or the accumulation steps, and a resumed run (the data position
+is in the checkpoint) repeats nothing and skips nothing.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import time
 import warnings
 
@@ -17,16 +21,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lfm_fast import default_device
 from lfm_fast.config import ExperimentConfig, to_dict
+from lfm_fast.dist import init_distributed
 from lfm_fast.data.latents import LatentShardDataset
 from lfm_fast.errors import InputError
 from lfm_fast.fileio import image_grid, portable_path, save_png
 from lfm_fast.flow import flow_matching_loss
 from lfm_fast.models.dit import DiT
 from lfm_fast.sampling import FIXED_SOLVERS, SampleConfig
-from lfm_fast.train.checkpoint import CHECKPOINT_NAME, load_training_state, save_training_state
-from lfm_fast.train.ema import create_ema, ema_decay_at, update_ema
+from lfm_fast.train.checkpoint import fault_point, latest_checkpoint, load_checkpoint, save_checkpoint
+from lfm_fast.train.ema import create_ema, ema_decay_at, full_state, update_ema
+from lfm_fast.train.parallelize import build_parallel_dit, parse_ac
+from lfm_fast.train.throughput import peak_flops, train_flops_per_image
 
 
 def lr_lambda(cfg) -> callable:
@@ -81,9 +87,34 @@ def preview_config(cfg: SampleConfig) -> SampleConfig:
     return SampleConfig(solver="heun", steps=16, cfg=cfg.cfg)
 
 
+def micro_batch_size(tc, world_size: int) -> int:
+    per = world_size * tc.grad_accum
+    if tc.grad_accum < 1 or tc.batch_size % per:
+        raise InputError(f"train.batch_size={tc.batch_size} must be divisible by world size {world_size} × "
+                         f"train.grad_accum={tc.grad_accum}")
+    return tc.batch_size // per
+
+
+def make_optimizer(model: torch.nn.Module, tc) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not biases, norms or embeddings)."""
+    decay, other = [], []
+    for n, p in model.named_parameters():
+        (decay if p.dim() >= 2 and "embedding" not in n else other).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": other, "weight_decay": 0.0}],
+                             lr=tc.lr, betas=(0.9, 0.999), fused=True)
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocator peak, or the resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def train(cfg: ExperimentConfig, latents: str, out: str, resume: bool = False, stop_at: int | None = None,
           progress: bool = True, device: str | None = None) -> dict:
-    """Train; returns a summary. `stop_at` ends the run early at that step (as a preempted job would)."""
+    """Train; returns a summary. `stop_at` ends the run early at that step (as a preempted job would).
+    Under torchrun every rank calls this; only rank 0 writes logs, grids and the inference checkpoint."""
     from lfm_fast.generate import generate_latents, latents_to_images
 
     tc = cfg.train
@@ -91,78 +122,111 @@ def train(cfg: ExperimentConfig, latents: str, out: str, resume: bool = False, s
     configure_model_for_data(cfg, ds)
     if tc.precision not in ("bf16", "fp32"):
         raise InputError(f"train.precision {tc.precision!r}: expected 'bf16' or 'fp32'")
-    if resume and not os.path.exists(os.path.join(out, CHECKPOINT_NAME)):
-        raise InputError(f"--resume: no {CHECKPOINT_NAME} in {out}")
-    if not resume and os.path.exists(os.path.join(out, CHECKPOINT_NAME)):
+    parse_ac(tc.activation_checkpointing)
+    ckpt = latest_checkpoint(out)
+    if resume and ckpt is None:
+        raise InputError(f"--resume: no complete checkpoint in {out}/checkpoints")
+    if not resume and ckpt is not None:
         raise InputError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
-    os.makedirs(out, exist_ok=True)
+    d = init_distributed(device)
+    micro = micro_batch_size(tc, d.world_size)
+    if d.is_main:
+        os.makedirs(out, exist_ok=True)
 
-    device = torch.device(device or default_device())
-    torch.manual_seed(tc.seed)
-    model = DiT(cfg.model).to(device)
+    model = build_parallel_dit(cfg.model, d.mesh, d.device, tc.precision, tc.activation_checkpointing, tc.compile, tc.seed)
     ema = create_ema(model)
-    decay_params = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
-    other_params = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay_params, "weight_decay": tc.weight_decay},
-                                   {"params": other_params, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.999))
+    optimizer = make_optimizer(model, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
-    step = load_training_state(out, model, ema, optimizer, scheduler) if resume else 0
+    step, position = 0, 0
+    if resume:
+        trainer = load_checkpoint(ckpt, model, optimizer, ema)
+        step, position = trainer["step"], trainer["data_position"]
+        scheduler.load_state_dict(trainer["scheduler"])
 
     meta = {"experiment": to_dict(cfg), "latents": portable_path(latents, out), "autoencoder": portable_path(ds.autoencoder, out),
             "scaling_factor": ds.meta.get("scaling_factor"), "class_names": ds.meta.get("class_names", [])}
     metrics_path = os.path.join(out, "metrics.jsonl")
-    _truncate_metrics(metrics_path, step)
+    if d.is_main:
+        _truncate_metrics(metrics_path, step)
 
-    ae = _load_preview_autoencoder(ds.autoencoder)
+    ae = _load_preview_autoencoder(ds.autoencoder) if d.is_main else None
     num_preview = max(8, min(64, 8 * max(1, cfg.model.num_classes)))
     preview_labels = torch.arange(num_preview) % cfg.model.num_classes if cfg.model.num_classes else None
 
-    def write_preview(name: str):
-        if ae is None:
-            return
-        lat, _ = generate_latents(ema, preview_labels, list(range(num_preview)), preview_config(cfg.sample), progress=False)
-        images = latents_to_images(ae, lat)
-        save_png(os.path.join(out, name), image_grid(images, nrow=8), upscale=max(1, 64 // images.shape[1]))
+    def ema_model() -> DiT:  # collective: gathers the EMA shards
+        return DiT.from_state_dict(cfg.model, full_state(ema))
 
+    def write_preview(name: str, net: DiT | None = None):
+        net = net or ema_model()
+        if ae is not None and d.is_main:
+            lat, _ = generate_latents(net.to(d.device), preview_labels, list(range(num_preview)), preview_config(cfg.sample), progress=False)
+            images = latents_to_images(ae, lat)
+            save_png(os.path.join(out, name), image_grid(images, nrow=8), upscale=max(1, 64 // images.shape[1]))
+        d.barrier()
+
+    def checkpoint():
+        trainer = {"step": step, "data_position": position, "world_size": d.world_size, "micro_batch": micro,
+                   "scheduler": scheduler.state_dict(), "config": to_dict(cfg)}
+        save_checkpoint(out, step, model, optimizer, ema, trainer)
+
+    flops_per_image = train_flops_per_image(cfg.model)
+    peak, peak_source = peak_flops(d.device, cfg.model, micro, torch.bfloat16 if tc.precision == "bf16" else torch.float32)
+    peak = d.all_mean(peak) * d.world_size  # every rank measured its own share of the machine, concurrently
     sampler = EpochSampler(len(ds), tc.seed)
     end = min(tc.steps, stop_at) if stop_at is not None else tc.steps
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=tc.precision == "bf16")
+    lo_rank = d.rank * micro * tc.grad_accum
     model.train()
-    bar = tqdm(total=tc.steps, initial=step, desc="train", disable=not progress, mininterval=1)
+    bar = tqdm(total=tc.steps, initial=step, desc="train", disable=not (progress and d.is_main), mininterval=1)
     losses, t_log, last = [], time.time(), {}
-    with open(metrics_path, "a") as metrics:
-        while step < end:
-            x0, y = ds.get_batch(sampler.indices(step * tc.batch_size, tc.batch_size))
-            x0, y = x0.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast:
-                loss = flow_matching_loss(model, x0, y if cfg.model.num_classes else None, cfg.flow,
-                                          step_generator(tc.seed, 0, step), tc.label_dropout)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-            optimizer.step()
-            scheduler.step()
-            update_ema(ema, model, ema_decay_at(step, tc.ema_decay))
-            step += 1
-            losses.append(loss.item())
-            bar.update(1)
-            if step % tc.log_every == 0 or step == end:
-                dt = time.time() - t_log
-                last = {"step": step, "loss": sum(losses) / len(losses), "img_per_s": len(losses) * tc.batch_size / dt,
-                        "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
+    metrics = open(metrics_path, "a") if d.is_main else None
+    while step < end:
+        indices = sampler.indices(position, tc.batch_size)
+        loss_sum = 0.0
+        for k in range(tc.grad_accum):
+            lo = lo_rank + k * micro
+            x0, y = ds.get_batch(indices[lo:lo + micro])
+            x0, y = x0.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+            model.set_requires_gradient_sync(k == tc.grad_accum - 1)
+            loss = flow_matching_loss(model, x0, y if cfg.model.num_classes else None, cfg.flow,
+                                      step_generator(tc.seed, 0, step), tc.label_dropout, part=(lo, tc.batch_size))
+            (loss / tc.grad_accum).backward()
+            loss_sum += loss.item() / tc.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        update_ema(ema, model, ema_decay_at(step, tc.ema_decay))
+        step += 1
+        position += tc.batch_size
+        losses.append(d.all_mean(loss_sum))
+        bar.update(1)
+        fault_point("step", step)
+        if step % tc.log_every == 0 or step == end:
+            dt = time.time() - t_log
+            img_s = len(losses) * tc.batch_size / dt
+            last = {"step": step, "loss": sum(losses) / len(losses), "img_per_s": img_s,
+                    "tokens_per_s": img_s * cfg.model.num_tokens, "tflops": img_s * flops_per_image / 1e12,
+                    "mfu": img_s * flops_per_image / peak, "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
+                    "mem_gib": memory_gib(d.device), "world_size": d.world_size}
+            if metrics:
                 metrics.write(json.dumps(last) + "\n")
                 metrics.flush()
-                bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['img_per_s']:.0f}")
-                losses, t_log = [], time.time()
-            if tc.ckpt_every and step % tc.ckpt_every == 0 and step < end:
-                save_training_state(out, step, model, ema, optimizer, scheduler, to_dict(cfg))
-            if tc.sample_every and step % tc.sample_every == 0 and step < end:
-                write_preview(f"samples_{step:06d}.png")
+            bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{img_s:.0f}", mfu=f"{100 * last['mfu']:.0f}%")
+            losses, t_log = [], time.time()
+        if tc.ckpt_every and step % tc.ckpt_every == 0 and step < end:
+            checkpoint()
+        if tc.sample_every and step % tc.sample_every == 0 and step < end:
+            write_preview(f"samples_{step:06d}.png")
     bar.close()
-    save_training_state(out, step, model, ema, optimizer, scheduler, to_dict(cfg))
-    ema.save_pretrained(out, meta=meta)
-    write_preview("samples.png")
-    return {"step": step, "last": last}
+    if metrics:
+        metrics.close()
+    checkpoint()
+    net = ema_model()
+    if d.is_main:
+        net.save_pretrained(out, meta=meta)
+    write_preview("samples.png", net)
+    return {"step": step, "data_position": position, "last": last, "peak_flops": peak, "peak_source": peak_source}
 
 
 def _truncate_metrics(path: str, step: int) -> None:

@@ -1,0 +1,78 @@
+"""One process group for every command: under torchrun it joins the job (gloo on CPU, nccl on CUDA);
+without torchrun it is a group of one, so training and sampling take the same code path at any size."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    mesh: DeviceMesh
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def all_mean(self, value: float) -> float:
+        """Mean of a Python float over ranks (the loss of the global batch, from per-rank means)."""
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t) / self.world_size
+
+    @staticmethod
+    def current_rank() -> int:
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    def broadcast_object(self, obj):
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def init_distributed(device: str | None = None) -> Dist:
+    """Join (or create) the default process group and a 1-D device mesh over all ranks."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if launched_by_torchrun():
+            dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
+        else:  # a group of one, no network: the same collectives, trivially
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    mesh = init_device_mesh(dev.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, dev, mesh)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
+    """`lfm-fast … --nproc N` → the torchrun line that runs `python -m lfm_fast …` on N local processes.
+    The `--` keeps torchrun's own parser off our options (it would take `--num` for its `--numa-binding`)."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "lfm_fast", "--", *argv]

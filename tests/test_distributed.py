@@ -1,0 +1,161 @@
+"""FSDP2 training and distributed sampling with real process groups: torchrun, 1 or 2 CPU processes, gloo.
+
+Every run here is `python -m torch.distributed.run … -m lfm_fast train|sample` in a subprocess, one thread per
+process (so 1-rank and 2-rank runs do their arithmetic alike)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lfm_fast.train.checkpoint import latest_checkpoint, read_checkpoint_tensors
+from tests.conftest import write_random_latents
+
+STEPS = 12
+TINY = ["--preset", "shapes-tiny", "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.num_classes=3",
+        "train.batch_size=8", "train.log_every=1", "train.ckpt_every=4", "train.warmup_steps=3", "train.lr=3e-3"]
+BF16_RTOL = 2e-2  # bf16 compute: 1 vs 2 ranks differ by reduction order in bf16 GEMMs (8 significant bits)
+
+
+def torchrun(nproc: int, *args: str, fault: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
+    env.pop("LFM_FAST_FAULT", None)
+    if fault:
+        env["LFM_FAST_FAULT"] = fault
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "lfm_fast", "--", *args]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({res.returncode}):\n{res.stderr[-3000:]}")
+    return res
+
+
+def train_run(latents, out, nproc, *extra, **kw):
+    return torchrun(nproc, "train", "--latents", latents, "--out", str(out), "--steps", str(STEPS), *TINY, *extra, **kw)
+
+
+def losses(run) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in map(json.loads, open(os.path.join(run, "metrics.jsonl")))}
+
+
+def trainer_state(run) -> dict:
+    return json.load(open(os.path.join(latest_checkpoint(str(run)), "trainer.json")))
+
+
+def weights_close(a, b, rtol=0.0, atol=0.0):
+    wa, wb = load_file(os.path.join(a, "model.safetensors")), load_file(os.path.join(b, "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=rtol, atol=atol, msg=k)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Uninterrupted reference runs, made once: (precision, ranks, grad_accum) → run folder."""
+    root = tmp_path_factory.mktemp("dist")
+    latents = str(root / "latents")
+    write_random_latents(latents, n=64, num_classes=3)
+    out = {"latents": latents}
+    for precision, nproc, accum in [("fp32", 1, 1), ("fp32", 2, 1), ("fp32", 2, 2), ("bf16", 1, 1), ("bf16", 2, 1)]:
+        folder = root / f"{precision}-{nproc}x{accum}"
+        train_run(latents, folder, nproc, f"train.precision={precision}", f"train.grad_accum={accum}")
+        out[precision, nproc, accum] = str(folder)
+    return out
+
+
+def test_one_and_two_ranks_agree_on_the_same_global_batch(runs):
+    one, two, two_accum = (losses(runs["fp32", *k]) for k in [(1, 1), (2, 1), (2, 2)])
+    assert list(one) == list(two) == list(range(1, STEPS + 1))
+    # fp32: equal up to summation order (a mean of 8 vs a mean of two means of 4, and the gradient reduction)
+    np.testing.assert_allclose(list(two.values()), list(one.values()), rtol=1e-5)
+    np.testing.assert_allclose(list(two_accum.values()), list(one.values()), rtol=1e-5)
+    assert one[1] == pytest.approx(two[1], rel=1e-6)  # step 1 also shows the sharded init equals the 1-rank one
+    weights_close(runs["fp32", 1, 1], runs["fp32", 2, 1], rtol=1e-4, atol=1e-5)
+    b1, b2 = losses(runs["bf16", 1, 1]), losses(runs["bf16", 2, 1])
+    np.testing.assert_allclose(list(b2.values()), list(b1.values()), rtol=BF16_RTOL)
+    assert trainer_state(runs["fp32", 2, 2])["data_position"] == STEPS * 8
+
+
+def test_kill9_mid_training_then_resume_continues_exactly(runs, tmp_path):
+    out = tmp_path / "run"
+    res = train_run(runs["latents"], out, 2, "train.precision=fp32", fault="step:7", check=False)
+    assert res.returncode != 0  # SIGKILL of both ranks after step 7; the last checkpoint is step 4
+    state = trainer_state(out)
+    assert (state["step"], state["data_position"]) == (4, 4 * 8)
+    train_run(runs["latents"], out, 2, "train.precision=fp32", "--resume")
+    assert trainer_state(out)["step"] == STEPS
+    assert losses(out) == losses(runs["fp32", 2, 1])  # same ranks, same threads: bit for bit
+    weights_close(out, runs["fp32", 2, 1])
+
+
+def test_kill_during_a_checkpoint_save_leaves_the_previous_one(runs, tmp_path):
+    out = tmp_path / "run"
+    res = train_run(runs["latents"], out, 2, "train.precision=fp32", fault="save:8", check=False)
+    assert res.returncode != 0
+    assert os.path.isdir(out / "checkpoints" / "step_00000008.tmp")  # the shards were written, never committed
+    assert trainer_state(out)["step"] == 4
+    train_run(runs["latents"], out, 2, "train.precision=fp32", "--resume")
+    assert losses(out) == losses(runs["fp32", 2, 1])
+    assert not os.path.exists(out / "checkpoints" / "step_00000008.tmp")
+
+
+@pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
+def test_resharding_between_world_sizes(runs, tmp_path, first, second):
+    out = tmp_path / "run"
+    train_run(runs["latents"], out, first, "train.precision=fp32", "--stop-at", "6")
+    assert trainer_state(out)["world_size"] == first
+    train_run(runs["latents"], out, second, "train.precision=fp32", "--resume")
+    state = trainer_state(out)
+    assert (state["step"], state["data_position"], state["world_size"]) == (STEPS, STEPS * 8, second)
+    ref = losses(runs["fp32", second, 1])
+    got = losses(out)
+    assert list(got) == list(ref)
+    np.testing.assert_allclose(list(got.values()), list(ref.values()), rtol=1e-5)
+    weights_close(out, runs["fp32", second, 1], rtol=1e-4, atol=1e-5)
+    ema = read_checkpoint_tensors(latest_checkpoint(str(out)))
+    assert all(ema[f"model.{k}"].shape == v.shape for k, v in load_file(os.path.join(out, "model.safetensors")).items())
+
+
+def test_sampling_does_not_depend_on_the_world_size(tiny_pipeline, tmp_path):
+    args = ["sample", "--ckpt", str(tiny_pipeline / "dit"), "--num", "11", "--batch-size", "4", "--solver", "heun",
+            "--steps", "2", "--cfg", "2"]
+    torchrun(1, *args, "--out", str(tmp_path / "one"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "lfm_fast", *args, "--nproc", "2", "--out", str(tmp_path / "two")],
+                   env=env, check=True, capture_output=True)
+    names = sorted(os.listdir(tmp_path / "one"))
+    assert names == sorted(os.listdir(tmp_path / "two")) and len([n for n in names if "_class" in n]) == 11
+    for n in names:
+        if n.endswith(".png"):
+            assert (tmp_path / "one" / n).read_bytes() == (tmp_path / "two" / n).read_bytes(), n
+    a, b = np.load(tmp_path / "one" / "samples.npz"), np.load(tmp_path / "two" / "samples.npz")
+    assert a["arr_0"].shape == (11, 32, 32, 3) and np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
+
+
+def test_meta_device_init_equals_eager_init():
+    """Meta device → AC → FSDP2 → DiT's init shard by shard gives the eager weights, adaLN-Zero included."""
+    from lfm_fast.dist import init_distributed
+    from lfm_fast.models.dit import DiT, DiTConfig
+    from lfm_fast.train.ema import create_ema, full_state
+    from lfm_fast.train.parallelize import build_parallel_dit
+
+    d = init_distributed("cpu")
+    cfg = DiTConfig(input_size=8, hidden_size=32, depth=3, num_heads=2, num_classes=3, qk_norm=True)
+    eager = DiT(cfg)
+    eager.initialize_weights(seed=7)
+    sharded = build_parallel_dit(cfg, d.mesh, d.device, "bf16", ac="selective:2", seed=7)
+    full, ref = full_state(create_ema(sharded)), dict(eager.named_parameters())
+    assert full.keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(full[k], ref[k].detach()), k
+    zero = [k for k in ref if "adaLN_modulation" in k or k.startswith("final_layer.linear")]
+    assert len(zero) == 2 * (cfg.depth + 2) and all(not full[k].any() for k in zero)
+    w = full["blocks.1.mlp.0.weight"]  # Xavier-uniform: bound √(6 / (fan_in + fan_out))
+    assert w.abs().max() <= (6 / (32 + 128)) ** 0.5 and w.std() > 0.5 * (6 / 160 / 3) ** 0.5
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 1])
+    assert not sharded(x, t, y).any()  # adaLN-Zero: the velocity is exactly 0 at init
+    assert not torch.equal(DiT(cfg).blocks[0].attn.qkv.weight, DiT(cfg).blocks[0].attn.qkv.weight)  # seed=None draws one
