@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml setup.py requirements/torch.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements/torch.txt
 	$(PY) -m pip install -q -c requirements/torch.txt -e ".[dev,export]"
+	# pytorch-fid, for the FID parity test only: without its torchvision dependency, since no torchvision
+	# wheel in reach loads with torch 2.13+cpu and a broken torchvision would break diffusers' imports
+	$(PY) -m pip install -q --no-deps pytorch-fid==0.3.0
 	touch $(STAMP)
 
 demo: install
@@ -20,10 +23,13 @@ demo: install
 test: install
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
-# CPU suite (≈ 6 minutes), its JSON under bench/results/, then bench/REPORT.md from it
+# CPU suite (≈ 12 minutes): pytest-benchmark JSON and the FSDP scaling JSON under bench/results/,
+# then bench/REPORT.md (tables, ratios, PNG plots) from them
 bench: install
-	@run=bench/results/$$(date +%Y%m%d-%H%M)-$$(hostname).json; \
-	$(PY) -m pytest -q bench --benchmark-only --benchmark-json=$$run && $(PY) bench/report.py $$run
+	@run=bench/results/$$(date +%Y%m%d-%H%M)-$$(hostname); \
+	$(PY) -m pytest -q bench --benchmark-only --benchmark-json=$$run.json && \
+	$(PY) bench/fsdp_scaling.py --out $$run-fsdp.json && \
+	$(PY) bench/report.py $$run.json --fsdp $$run-fsdp.json
 
 clean:
 	rm -rf .venv runs .pytest_cache .benchmarks *.egg-info

@@ -30,6 +30,7 @@ def write_latents(folder: str, n: int, size: int) -> None:
     from lfm_fast.data.latents import LatentShardWriter
 
     g = torch.Generator().manual_seed(0)
+    os.makedirs(folder, exist_ok=True)
     writer = LatentShardWriter(folder, shard_size=n)
     writer.add(torch.randn((n, 4, size, size), generator=g), torch.arange(n) % 1000)
     writer.close({"latent_shape": [4, size, size], "num_classes": 1000, "autoencoder": "", "scaling_factor": 1.0})

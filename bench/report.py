@@ -1,8 +1,9 @@
 """Turn benchmark JSON into bench/REPORT.md (tables with ratios) and PNG plots.
 
-Reads a pytest-benchmark JSON (the run of `make bench`) and, when present beside it in
-bench/results/cpu/, the NFE sweep of `bench/nfe_sweep.py`.
-Usage: python bench/report.py RUN.json [MORE.json ...] [--out bench/REPORT.md]
+Reads a pytest-benchmark JSON (the run of `make bench`), the FSDP scaling JSON of
+`bench/fsdp_scaling.py` (--fsdp) and, when present in bench/results/cpu/, the NFE sweep of
+`bench/nfe_sweep.py`. Writes training.png, latency.png and nfe_error.png beside the report.
+Usage: python bench/report.py RUN.json [MORE.json ...] [--fsdp FSDP.json] [--out bench/REPORT.md]
 """
 
 import argparse
@@ -34,12 +35,17 @@ def kernel_table(run: dict, kernel: str, baseline: str) -> str:
     return "\n".join(lines)
 
 
-def sampling_table(run: dict) -> str:
+def _sampling_rows(run: dict) -> dict:
     rows = {}
     for b in run["benchmarks"]:
         e = b.get("extra_info", {})
         if "ms_per_nfe" in e and "backend" in e:
             rows[(e["model"], e["batch"], e["backend"])] = e
+    return rows
+
+
+def sampling_table(run: dict) -> str:
+    rows = _sampling_rows(run)
     lines = ["| model | batch | backend | ms / image | images/s | ms / NFE | vs eager |", "|---|---|---|---|---|---|---|"]
     for (model, batch, backend), e in sorted(rows.items()):
         eager = rows.get((model, batch, "eager"))
@@ -48,8 +54,57 @@ def sampling_table(run: dict) -> str:
     return "\n".join(lines)
 
 
+def _plt():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        return plt
+    except ImportError:
+        return None
+
+
+def bar_plot(path: str, groups: dict[str, dict[str, float]], ylabel: str, title: str, higher_is_better: bool) -> str:
+    """Grouped bars; each bar is labelled with its ratio to the first bar of its group (>1 = better)."""
+    plt = _plt()
+    if plt is None or not groups:
+        return ""
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups) + 1, 3.4), squeeze=False)
+    for ax, (group, bars) in zip(axes[0], groups.items()):
+        names, values = list(bars), list(bars.values())
+        ax.bar(range(len(values)), values, color=["#999999"] + ["#3b75af"] * (len(values) - 1))
+        for i, v in enumerate(values):
+            ratio = v / values[0] if higher_is_better else values[0] / v
+            ax.text(i, v, f"{ratio:.2f}×", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(values)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(group, fontsize=9)
+        ax.set_ylabel(ylabel, fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"\n\n![{title}]({os.path.basename(path)})"
+
+
+def _kinds(run: dict) -> dict:
+    return {b["extra_info"]["kind"]: b["extra_info"] for b in run["benchmarks"] if "kind" in b.get("extra_info", {})}
+
+
+def recipe_table(run: dict) -> str:
+    rows = _kinds(run)
+    stock, ours = rows.get("recipe_stock_lfm"), rows.get("recipe_ours")
+    if not (stock and ours):
+        return "(no recipe rows in this run)"
+    return ("| recipe | images/s |\n|---|---|\n"
+            f"| stock LFM: VAE encode every batch (fp32 eager) + diffusers DiT-S/2, fp32 eager | {stock['img_per_s']:.2f} |\n"
+            f"| lfm-fast: cached latents + DiT-S/2 through FSDP2, bf16, per-block compile | {ours['img_per_s']:.2f} |\n\n"
+            f"Ratio lfm-fast / stock: **{ours['img_per_s'] / stock['img_per_s']:.2f}×**")
+
+
 def training_table(run: dict) -> str:
-    rows = {b["extra_info"]["kind"]: b["extra_info"] for b in run["benchmarks"] if "kind" in b.get("extra_info", {})}
+    rows = {k: v for k, v in _kinds(run).items() if not k.startswith("recipe_")}
     if not rows:
         return "(no training rows in this run)"
     peak = rows.get("gemm_peak", {}).get("tflops")
@@ -75,12 +130,13 @@ def nfe_section(path: str, out_dir: str) -> str:
         lines.append(f"| {r['solver']} | {setting} | {r['nfe']} | {r['rel_rms_error']:.2e} | {r['class_accuracy']:.3f} | {r['latent_fd']:.2f} |")
         if not r.get("reference"):
             curves[r["solver"] + (" shifted" + str(r["shift"]) if "grid" in r else "")].append((r["nfe"], r["rel_rms_error"]))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    lines += ["", "NFE needed for a relative RMS error of 1e-2 and 1e-3 (fewest NFE among the measured settings):", "",
+              "| solver | NFE at ≤ 1e-2 | NFE at ≤ 1e-3 |", "|---|---|---|"]
+    for name, pts in sorted(curves.items()):
+        need = [min((n for n, err in pts if err <= tol), default=None) for tol in (1e-2, 1e-3)]
+        lines.append(f"| {name} | " + " | ".join(str(n) if n else "not reached" for n in need) + " |")
+    plt = _plt()
+    if plt is not None:
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, pts in sorted(curves.items()):
             pts.sort()
@@ -90,9 +146,25 @@ def nfe_section(path: str, out_dir: str) -> str:
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, "nfe_error.png"), dpi=120)
+        plt.close(fig)
         lines.append("\n![NFE vs error](nfe_error.png)")
-    except ImportError:
-        lines.append("\n(matplotlib is not installed: no plot)")
+    return "\n".join(lines)
+
+
+def fsdp_section(path: str | None) -> str:
+    if not path or not os.path.isfile(path):
+        return "(run `python bench/fsdp_scaling.py` for this section)"
+    data = json.load(open(path))
+    m = data["machine"]
+    lines = [f"{m['host']}, {m['cpu_count']} CPUs, torch {m['torch']}{', ' + m['cuda'] if m.get('cuda') else ''}; "
+             f"{data['rows'][0]['arch']}, global batch {data['rows'][0]['global_batch']}, {data['rows'][0]['precision']}; "
+             "median of the steps after the warm-up, from the run's metrics.jsonl.", "",
+             "| config | processes | images/s | vs 1 process | TFLOP/s | MFU | peak memory rank 0 (GiB) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        sp = f"{r['speedup_vs_1proc']:.2f}×" if r.get("speedup_vs_1proc") else "1.00×"
+        lines.append(f"| {r['config']} | {r['nproc']} | {r['img_per_s']:.2f} | {sp} | {r['tflops']:.3f} | {r['mfu']:.0%} | "
+                     f"{r['mem_gib_rank0']:.2f} |")
     return "\n".join(lines)
 
 
@@ -100,16 +172,29 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("runs", nargs="+", help="pytest-benchmark JSON files (merged)")
     p.add_argument("--out", default="bench/REPORT.md")
+    p.add_argument("--fsdp", default=None, help="JSON of bench/fsdp_scaling.py")
     a = p.parse_args()
     runs = [json.load(open(path)) for path in a.runs]
     run = dict(runs[0], benchmarks=[b for r in runs for b in r["benchmarks"]])
     info = run.get("machine_info", {})
     out_dir = os.path.dirname(os.path.abspath(a.out))
+    extra = run.get("machine_info", {}).get("lfm_fast", {})
+    kinds = _kinds(run)
+    train_groups = {}
+    if {"ours", "diffusers"} <= kinds.keys():
+        train_groups["DiT-S/2 step, bf16"] = {k: kinds[k]["img_per_s"] for k in ("diffusers", "ours", "ours_compile") if k in kinds}
+    if {"recipe_stock_lfm", "recipe_ours"} <= kinds.keys():
+        train_groups["64 px end to end"] = {"stock LFM": kinds["recipe_stock_lfm"]["img_per_s"], "lfm-fast": kinds["recipe_ours"]["img_per_s"]}
+    train_plot = bar_plot(os.path.join(out_dir, "training.png"), train_groups, "images/s", "Training throughput (ratio vs first bar)", True)
+    lat_groups = defaultdict(dict)
+    for (model, batch, backend), e in sorted(_sampling_rows(run).items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] != "eager")):
+        lat_groups[f"{model}, batch {batch}"][backend] = e["ms_per_image"]
+    lat_plot = bar_plot(os.path.join(out_dir, "latency.png"), dict(lat_groups), "ms / image", "Sampling latency (speed-up vs eager)", False)
     text = f"""# lfm-fast benchmark report
 
 Runs {', '.join(f'`{os.path.basename(r)}`' for r in a.runs)} on {info.get('node', '?')} ({info.get('cpu', {}).get('brand_raw', '?')}),
-Python {info.get('python_version', '?')}, {run.get('datetime', '')}. Compare rows within this run (ratios):
-these machines are noisy.
+Python {info.get('python_version', '?')}, torch {extra.get('torch', '?')}, {extra.get('threads', '?')} threads,
+{extra.get('cuda') or 'no GPU'}, {run.get('datetime', '')}. Compare rows within this run (ratios): these machines are noisy.
 
 ## Attention (batch 32, 256 tokens)
 
@@ -125,9 +210,17 @@ these machines are noisy.
 
 {training_table(run)}
 
+## End to end against the stock LFM recipe, 64×64 images, batch 32
+
+{recipe_table(run)}{train_plot}
+
+## FSDP2 through the launcher: 1 vs 2 processes
+
+{fsdp_section(a.fsdp)}
+
 ## Sampling latency, 8-step Heun with CFG (16 NFE)
 
-{sampling_table(run)}
+{sampling_table(run)}{lat_plot}
 
 ## NFE against accuracy (demo checkpoint)
 
@@ -135,6 +228,17 @@ these machines are noisy.
 """
     with open(a.out, "w") as f:
         f.write(text)
+    derived = {"training": {k: v for k, v in kinds.items()}}
+    if {"ours", "diffusers"} <= kinds.keys():
+        derived["ours_over_diffusers"] = kinds["ours"]["img_per_s"] / kinds["diffusers"]["img_per_s"]
+    if {"recipe_stock_lfm", "recipe_ours"} <= kinds.keys():
+        derived["ours_over_stock_recipe"] = kinds["recipe_ours"]["img_per_s"] / kinds["recipe_stock_lfm"]["img_per_s"]
+    if a.fsdp and os.path.isfile(a.fsdp):
+        derived["fsdp"] = json.load(open(a.fsdp))["rows"]
+    first = json.load(open(a.runs[0]))
+    first["derived"] = derived
+    with open(a.runs[0], "w") as f:  # the run's JSON: pytest-benchmark's figures plus ours
+        json.dump(first, f, indent=2)
     print(f"wrote {a.out}")
 
 

@@ -19,7 +19,7 @@ from tests.conftest import write_random_latents
 STEPS = 12
 TINY = ["--preset", "shapes-tiny", "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.num_classes=3",
         "train.batch_size=8", "train.log_every=1", "train.ckpt_every=4", "train.warmup_steps=3", "train.lr=3e-3"]
-BF16_RTOL = 2e-2  # bf16 compute: 1 vs 2 ranks differ by reduction order in bf16 GEMMs (8 significant bits)
+BF16_RTOL = 1e-3  # bf16 compute: 1 vs 2 ranks differ by reduction order (measured: 5e-5 relative over 12 steps)
 
 
 def torchrun(nproc: int, *args: str, fault: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -159,3 +159,11 @@ def test_meta_device_init_equals_eager_init():
     x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 1])
     assert not sharded(x, t, y).any()  # adaLN-Zero: the velocity is exactly 0 at init
     assert not torch.equal(DiT(cfg).blocks[0].attn.qkv.weight, DiT(cfg).blocks[0].attn.qkv.weight)  # seed=None draws one
+
+
+def test_per_block_compile_and_activation_checkpointing_train_the_same_run(runs, tmp_path):
+    """AC (every block, recomputed in backward) and torch.compile of each block change how, not what, is computed."""
+    out = tmp_path / "run"
+    train_run(runs["latents"], out, 2, "train.precision=fp32", "train.compile=true", "train.activation_checkpointing=full")
+    np.testing.assert_allclose(list(losses(out).values()), list(losses(runs["fp32", 2, 1]).values()), rtol=1e-4)
+    weights_close(out, runs["fp32", 2, 1], rtol=1e-3, atol=1e-4)

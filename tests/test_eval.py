@@ -29,6 +29,45 @@ def test_frechet_distance_against_an_eigenvalue_computation():
     assert abs(frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]) - (4 + 1)) < 1e-9
 
 
+def pytorch_fid_frechet():
+    """pytorch-fid's own `calculate_frechet_distance`. Its module imports torchvision at the top, and no
+    torchvision wheel on this machine's registry loads with torch 2.13+cpu (its C ops fail to register), so
+    the module is imported with torchvision stubbed: the function itself uses only numpy and scipy.
+    (`make install` installs pytorch-fid with --no-deps for the same reason.)"""
+    import importlib
+    import sys
+    import types
+
+    names = ("torchvision", "torchvision.transforms", "torchvision.models", "torchvision.models.inception")
+    stubs = {name: types.ModuleType(name) for name in names}
+    stubs["torchvision"].transforms, stubs["torchvision"].models = stubs["torchvision.transforms"], stubs["torchvision.models"]
+    stubs["torchvision.models"].inception = stubs["torchvision.models.inception"]
+    stubs["torchvision.models.inception"].__getattr__ = lambda name: torch.nn.Module  # base classes, never run
+    saved = {name: sys.modules.get(name) for name in stubs}
+    sys.modules.update(stubs)
+    try:
+        return importlib.import_module("pytorch_fid.fid_score").calculate_frechet_distance
+    finally:
+        for name, mod in saved.items():
+            if mod is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = mod
+
+
+def test_frechet_distance_equals_pytorch_fids():
+    reference = pytorch_fid_frechet()
+    rng = np.random.default_rng(1)
+    for d in (8, 64, 256):
+        (m1, s1), (m2, s2) = random_stats(rng, d), random_stats(rng, d)
+        ours, theirs = frechet_distance(m1, s1, m2, s2), reference(m1, s1, m2, s2)
+        assert abs(ours - theirs) <= 1e-6 * abs(theirs)
+    # a singular product (rank-deficient covariances) goes through the same ε-guard in both
+    a = rng.normal(size=(4, 32))
+    s = a.T @ a
+    assert abs(frechet_distance(m1[:32], s, m2[:32], s) - reference(m1[:32], s, m2[:32], s)) <= 1e-6 * reference(m1[:32], s, m2[:32], s)
+
+
 @pytest.fixture(scope="module")
 def random_inception(tmp_path_factory):
     """Random weights (with BatchNorm statistics) in the layout of pytorch-fid's weights file."""
