@@ -3,7 +3,7 @@
 Reads a pytest-benchmark JSON (the run of `make bench`), the FSDP scaling JSON of
 `bench/fsdp_scaling.py` (--fsdp) and, when present in bench/results/cpu/, the NFE sweep of
 `bench/nfe_sweep.py`. Writes training.png, latency.png and nfe_error.png beside the report.
-Usage: python bench/report.py RUN.json [MORE.json ...] [--fsdp FSDP.json] [--out bench/REPORT.md]
+Usage: python bench/report.py RUN.json [MORE.json ...] [--fsdp FSDP.json] [--save MERGED.json] [--out bench/REPORT.md]
 """
 
 import argparse
@@ -173,6 +173,8 @@ def main():
     p.add_argument("runs", nargs="+", help="pytest-benchmark JSON files (merged)")
     p.add_argument("--out", default="bench/REPORT.md")
     p.add_argument("--fsdp", default=None, help="JSON of bench/fsdp_scaling.py")
+    p.add_argument("--save", default=None, help="write the merged runs plus the derived figures here "
+                   "(default: back into the first run's JSON)")
     a = p.parse_args()
     runs = [json.load(open(path)) for path in a.runs]
     run = dict(runs[0], benchmarks=[b for r in runs for b in r["benchmarks"]])
@@ -192,7 +194,7 @@ def main():
     lat_plot = bar_plot(os.path.join(out_dir, "latency.png"), dict(lat_groups), "ms / image", "Sampling latency (speed-up vs eager)", False)
     text = f"""# lfm-fast benchmark report
 
-Runs {', '.join(f'`{os.path.basename(r)}`' for r in a.runs)} on {info.get('node', '?')} ({info.get('cpu', {}).get('brand_raw', '?')}),
+Run `{os.path.basename(a.save or a.runs[0])}` on {info.get('node', '?')} ({info.get('cpu', {}).get('brand_raw', '?')}),
 Python {info.get('python_version', '?')}, torch {extra.get('torch', '?')}, {extra.get('threads', '?')} threads,
 {extra.get('cuda') or 'no GPU'}, {run.get('datetime', '')}. Compare rows within this run (ratios): these machines are noisy.
 
@@ -235,10 +237,9 @@ Python {info.get('python_version', '?')}, torch {extra.get('torch', '?')}, {extr
         derived["ours_over_stock_recipe"] = kinds["recipe_ours"]["img_per_s"] / kinds["recipe_stock_lfm"]["img_per_s"]
     if a.fsdp and os.path.isfile(a.fsdp):
         derived["fsdp"] = json.load(open(a.fsdp))["rows"]
-    first = json.load(open(a.runs[0]))
-    first["derived"] = derived
-    with open(a.runs[0], "w") as f:  # the run's JSON: pytest-benchmark's figures plus ours
-        json.dump(first, f, indent=2)
+    merged = dict(run, derived=derived)  # pytest-benchmark's figures of every part, plus ours
+    with open(a.save or a.runs[0], "w") as f:
+        json.dump(merged, f, indent=2)
     print(f"wrote {a.out}")
 
 

@@ -16,6 +16,7 @@ EXAMPLES = """examples:
   lfm-fast train-ae --data shapes --out runs/ae
   lfm-fast prepare --ae runs/ae --data shapes --out runs/latents
   lfm-fast train --latents runs/latents --preset shapes-tiny --out runs/dit --steps 2000 train.lr=5e-4
+  lfm-fast train --nproc 2 --latents runs/latents --preset shapes-tiny --out runs/dit2 train.precision=bf16
   lfm-fast sample --ckpt runs/dit --num 64 --labels 0,3 --solver heun --steps 16 --cfg 2 --seed 0 --out runs/samples
   lfm-fast export --ckpt runs/dit --format onnx --solver heun --steps 8 --cfg 2 --with-decoder --out runs/sampler.onnx
   lfm-fast sample --ckpt runs/dit --backend onnxruntime --engine runs/sampler.onnx --num 64 --out runs/samples-ort
@@ -120,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
 def _add_nproc_flag(p):
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="run on N local processes (starts torchrun for you; the same as "
-                   "`torchrun --nproc_per_node=N -m lfm_fast …`). Multi-node: call torchrun yourself (README)")
+                   "`torchrun --nproc_per_node=N -m lfm_fast -- …`). Multi-node: call torchrun yourself (README)")
 
 
 def _add_backend_flags(p):

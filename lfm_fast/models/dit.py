@@ -277,9 +277,9 @@ def assign_full(p: torch.Tensor, full: torch.Tensor) -> None:
     """p ← full, where p may be a shard (a DTensor, e.g. under FSDP2): each rank writes its own slice."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    if isinstance(p, DTensor):
-        full = distribute_tensor(full.to(p.dtype), p.device_mesh, p.placements, src_data_rank=None).to_local()
-        p.to_local().copy_(full)
+    full = full.to(p.device, p.dtype)
+    if isinstance(p, DTensor):  # src_data_rank=None: every rank slices its own shard, no communication
+        p.to_local().copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local())
     else:
         p.copy_(full)
 
