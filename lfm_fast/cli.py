@@ -128,7 +128,7 @@ def _add_backend_flags(p):
     from lfm_fast.ops import ATTENTION_BACKENDS, NORM_BACKENDS
 
     p.add_argument("--attn-backend", choices=ATTENTION_BACKENDS, default=None,
-                   help="attention kernels (default: the config's, 'auto' = Triton on CUDA, SDPA on CPU)")
+                   help="attention kernels (default: the config's, 'auto' = Triton on CUDA; on CPU plain matmuls (math) for bf16 up to 512 tokens, else SDPA)")
     p.add_argument("--kernels", choices=NORM_BACKENDS, default=None,
                    help="adaLN modulate / gated residual kernels (default: the config's, 'auto' = Triton on CUDA)")
 

@@ -87,6 +87,25 @@ def test_reference_backends_match_sdpa_and_each_other():
     torch.testing.assert_close(a(x, t, y), b(x, t, y), rtol=1e-5, atol=1e-5)
 
 
+def test_math_attention_matches_the_reference_with_gradients():
+    """fp32 to rounding; bf16 (what `auto` picks on CPU) within bf16's error of SDPA's own bf16 error."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 17, 32, requires_grad=True) for _ in range(3))
+    do = torch.randn(2, 3, 17, 32)
+
+    def run(backend, dtype):
+        qs, ks, vs = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+        out = ops.attention(qs, ks, vs, backend)
+        out.backward(do.to(dtype))
+        return [out.float()] + [t.grad.float() for t in (qs, ks, vs)]
+
+    ref = run("reference", torch.float32)
+    for got, want in zip(run("math", torch.float32), ref):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, got, sdpa, want in zip("o dq dk dv".split(), run("auto", torch.bfloat16), run("sdpa", torch.bfloat16), ref):
+        assert (got - want).abs().max() <= 2 * (sdpa - want).abs().max() + 1e-2, name
+
+
 def test_adaln_modulate_matches_its_definition():
     x, shift, scale = torch.randn(2, 5, 16), torch.randn(2, 16), torch.randn(2, 16)
     mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)

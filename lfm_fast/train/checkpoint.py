@@ -66,7 +66,9 @@ def save_checkpoint(run: str, step: int, model, optimizer, ema: dict, trainer: d
         with atomic_path(os.path.join(root, "latest")) as p:
             with open(p, "w") as f:
                 f.write(name)
-        for old in sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))[:-KEEP]:
+        done = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))
+        stale = [d for d in os.listdir(root) if d.endswith(".tmp")]  # saves a crash interrupted
+        for old in done[:-KEEP] + stale:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     dist.barrier()
     return final
