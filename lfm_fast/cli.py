@@ -177,9 +177,9 @@ def _cmd_train(args):
     if not os.path.isdir(args.latents):
         raise InputError(f"--latents {args.latents}: no such folder")
     result = train(cfg, args.latents, args.out, resume=args.resume, stop_at=args.stop_at)
-    from lfm_fast.dist import Dist
+    from lfm_fast.dist import is_main_process
 
-    if Dist.current_rank() == 0:
+    if is_main_process():
         print(f"wrote {args.out}: step {result['step']}, loss {result['last'].get('loss', float('nan')):.4f}")
 
 
@@ -371,7 +371,7 @@ def _relaunch(argv: list[str], nproc: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lfm_fast.dist import launched_by_torchrun, shutdown
+    from lfm_fast.dist import is_main_process, launched_by_torchrun, shutdown
 
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args)
     except InputError as e:
-        if os.environ.get("RANK", "0") == "0":  # every rank meets the same bad input; one line is enough
+        if is_main_process():  # every rank meets the same bad input; one line is enough
             print(f"lfm-fast: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

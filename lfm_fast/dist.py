@@ -4,6 +4,7 @@ without torchrun it is a group of one, so training and sampling take the same co
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -32,14 +33,15 @@ class Dist:
         dist.all_reduce(t)
         return float(t) / self.world_size
 
-    @staticmethod
-    def current_rank() -> int:
-        return dist.get_rank() if dist.is_initialized() else 0
-
     def broadcast_object(self, obj):
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a process on its own (readable before the group exists)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def launched_by_torchrun() -> bool:
@@ -73,6 +75,4 @@ def shutdown() -> None:
 def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
     """`lfm-fast … --nproc N` → the torchrun line that runs `python -m lfm_fast …` on N local processes.
     The `--` keeps torchrun's own parser off our options (it would take `--num` for its `--numa-binding`)."""
-    import sys
-
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "lfm_fast", "--", *argv]

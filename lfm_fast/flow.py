@@ -38,21 +38,37 @@ def sample_time(n: int, cfg: FlowConfig, generator: torch.Generator | None = Non
     raise ValueError(f"unknown time_sampling {cfg.time_sampling!r}; expected 'uniform' or 'logit_normal'")
 
 
-def flow_matching_loss(model, x0: torch.Tensor, y: torch.Tensor | None, cfg: FlowConfig, generator: torch.Generator,
-                       label_dropout: float = 0.0, cond: torch.Tensor | None = None,
-                       part: tuple[int, int] | None = None) -> torch.Tensor:
-    """E_{t, ε} ‖v(x_t, t) − u‖², averaged over elements. All randomness comes from `generator` (CPU),
-    so a step is reproducible from its seed alone, which is what makes resumed runs exact.
+@dataclass
+class FlowDraws:
+    """The randomness of one batch: noise ε, times t and the uniforms u that decide label drops."""
+    noise: torch.Tensor
+    t: torch.Tensor
+    u: torch.Tensor | None
 
-    part=(offset, total): x0 holds samples offset … offset+n of a batch of `total` whose noise, times and
-    label drops are drawn whole and sliced, so a global batch split over ranks and micro-batches gives
-    every sample the same draws as one process would."""
-    n = x0.shape[0]
-    lo, total = part if part is not None else (0, n)
-    rows = slice(lo, lo + n)
-    noise = torch.randn((total, *x0.shape[1:]), generator=generator)[rows].to(x0.device, x0.dtype)
-    t = sample_time(total, cfg, generator)[rows].to(x0.device)
-    if y is not None and label_dropout > 0 and getattr(model, "config", None) is not None and model.config.num_classes:
-        y = drop_labels(y, label_dropout, model.config.num_classes, torch.rand(total, generator=generator)[rows])
+    def rows(self, lo: int, n: int) -> "FlowDraws":
+        return FlowDraws(self.noise[lo:lo + n], self.t[lo:lo + n], None if self.u is None else self.u[lo:lo + n])
+
+
+def draw_flow(n: int, sample_shape: tuple[int, ...], cfg: FlowConfig, generator: torch.Generator,
+              label_dropout: float = 0.0) -> FlowDraws:
+    """Draw a batch's randomness on the CPU, in a fixed order (noise, times, label-drop uniforms). Drawn once
+    for a global batch and sliced with `rows`, it gives every sample the same draws however the batch is
+    split over ranks and micro-batches."""
+    noise = torch.randn((n, *sample_shape), generator=generator)
+    t = sample_time(n, cfg, generator)
+    return FlowDraws(noise, t, torch.rand(n, generator=generator) if label_dropout > 0 else None)
+
+
+def flow_matching_loss(model, x0: torch.Tensor, y: torch.Tensor | None, cfg: FlowConfig,
+                       generator: torch.Generator | None = None, label_dropout: float = 0.0,
+                       cond: torch.Tensor | None = None, draws: FlowDraws | None = None) -> torch.Tensor:
+    """E_{t, ε} ‖v(x_t, t) − u‖², averaged over elements. All randomness comes from `generator` (CPU), or from
+    `draws` made by `draw_flow`, so a step is reproducible from its seed alone: what makes resumed runs exact."""
+    if draws is None:
+        draws = draw_flow(x0.shape[0], tuple(x0.shape[1:]), cfg, generator, label_dropout)
+    noise = draws.noise.to(x0.device, x0.dtype)
+    t = draws.t.to(x0.device)
+    if y is not None and draws.u is not None and getattr(model, "config", None) is not None and model.config.num_classes:
+        y = drop_labels(y, label_dropout, model.config.num_classes, draws.u)
     v = model(interpolate(x0, noise, t, cfg.sigma_min), t, y, cond)
     return (v.float() - target_velocity(x0, noise, cfg.sigma_min).float()).pow(2).mean()

@@ -1,6 +1,6 @@
 import torch
 
-from lfm_fast.flow import FlowConfig, flow_matching_loss, interpolate, sample_time, target_velocity
+from lfm_fast.flow import FlowConfig, draw_flow, flow_matching_loss, interpolate, sample_time, target_velocity
 from lfm_fast.models.cond import drop_labels
 
 
@@ -63,6 +63,6 @@ def test_loss_split_over_parts_equals_whole_batch():
     model = lambda x, t, y, cond: net(x) * t.view(-1, 1, 1, 1)  # noqa: E731
     x0 = torch.randn(8, 2, 4, 4)
     whole = flow_matching_loss(model, x0, None, cfg, torch.Generator().manual_seed(3))
-    parts = [flow_matching_loss(model, x0[lo:lo + 2], None, cfg, torch.Generator().manual_seed(3), part=(lo, 8))
-             for lo in range(0, 8, 2)]
+    draws = draw_flow(8, (2, 4, 4), cfg, torch.Generator().manual_seed(3))
+    parts = [flow_matching_loss(model, x0[lo:lo + 2], None, cfg, draws=draws.rows(lo, 2)) for lo in range(0, 8, 2)]
     torch.testing.assert_close(torch.stack(parts).mean(), whole, rtol=1e-6, atol=0)

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -93,8 +94,6 @@ def read_checkpoint_tensors(path: str) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint, full-size, by flat name ('model.blocks.0…', 'ema.…', 'optim.state.…'),
     without a process group (for inspection, tests and conversion)."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         dcp_to_torch_save(path, os.path.join(tmp, "state.pt"))

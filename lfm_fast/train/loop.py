@@ -26,7 +26,7 @@ from lfm_fast.dist import init_distributed
 from lfm_fast.data.latents import LatentShardDataset
 from lfm_fast.errors import InputError
 from lfm_fast.fileio import image_grid, portable_path, save_png
-from lfm_fast.flow import flow_matching_loss
+from lfm_fast.flow import draw_flow, flow_matching_loss
 from lfm_fast.models.dit import DiT
 from lfm_fast.sampling import FIXED_SOLVERS, SampleConfig
 from lfm_fast.train.checkpoint import fault_point, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -181,16 +181,17 @@ def train(cfg: ExperimentConfig, latents: str, out: str, resume: bool = False, s
     metrics = open(metrics_path, "a") if d.is_main else None
     while step < end:
         indices = sampler.indices(position, tc.batch_size)
-        loss_sum = 0.0
+        draws = draw_flow(tc.batch_size, ds.latent_shape, cfg.flow, step_generator(tc.seed, 0, step), tc.label_dropout)
+        step_loss = torch.zeros((), dtype=torch.float64, device=d.device)  # summed on device: no sync per step
         for k in range(tc.grad_accum):
             lo = lo_rank + k * micro
             x0, y = ds.get_batch(indices[lo:lo + micro])
             x0, y = x0.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
             model.set_requires_gradient_sync(k == tc.grad_accum - 1)
             loss = flow_matching_loss(model, x0, y if cfg.model.num_classes else None, cfg.flow,
-                                      step_generator(tc.seed, 0, step), tc.label_dropout, part=(lo, tc.batch_size))
+                                      label_dropout=tc.label_dropout, draws=draws.rows(lo, micro))
             (loss / tc.grad_accum).backward()
-            loss_sum += loss.item() / tc.grad_accum
+            step_loss += loss.detach().double() / tc.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -198,13 +199,14 @@ def train(cfg: ExperimentConfig, latents: str, out: str, resume: bool = False, s
         update_ema(ema, model, ema_decay_at(step, tc.ema_decay))
         step += 1
         position += tc.batch_size
-        losses.append(d.all_mean(loss_sum))
+        losses.append(step_loss)
         bar.update(1)
         fault_point("step", step)
         if step % tc.log_every == 0 or step == end:
             dt = time.time() - t_log
             img_s = len(losses) * tc.batch_size / dt
-            last = {"step": step, "loss": sum(losses) / len(losses), "img_per_s": img_s,
+            loss = d.all_mean(float(torch.stack(losses).sum())) / len(losses)  # the global batch's loss, step mean
+            last = {"step": step, "loss": loss, "img_per_s": img_s,
                     "tokens_per_s": img_s * cfg.model.num_tokens, "tflops": img_s * flops_per_image / 1e12,
                     "mfu": img_s * flops_per_image / peak, "lr": scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
