@@ -13,7 +13,8 @@ from lfm_fast.models.dit import DiT
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_train_step_shapes_tiny(benchmark, precision):
-    cfg = get_preset("shapes-tiny")
+    cfg = get_preset("small-data")
+    cfg.model.num_classes = 6
     model = DiT(cfg.model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     bs = cfg.train.batch_size

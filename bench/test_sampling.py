@@ -1,6 +1,6 @@
 """Sampling latency per backend: 8-step Heun with CFG (16 NFE), batch 1 and 32.
 
-- demo model (shapes-tiny preset, 4×8×8 latents): eager, compile and onnxruntime run the whole
+- demo model (small-data preset, 4×8×8 latents): eager, compile and onnxruntime run the whole
   unrolled sampler (one graph / one compiled module for all 16 evaluations);
 - DiT-S/2 at 4×32×32: eager and onnxruntime; the ONNX graph of 16 unrolled DiT-S/2 evaluations
   takes minutes to export on 2 cores, so this row exports the velocity network alone and loops the
@@ -9,6 +9,8 @@
 extra_info holds ms per image, images/s and ms per NFE. Weights are random: latency does not
 depend on them.
 """
+
+import dataclasses
 
 import pytest
 import torch
@@ -27,7 +29,7 @@ def model_for(name):
     if name not in _cache:
         torch.manual_seed(0)
         if name == "demo":
-            m = DiT(get_preset("shapes-tiny").model)
+            m = DiT(dataclasses.replace(get_preset("small-data").model, num_classes=6))
         else:
             m = build_dit("DiT-S/2", input_size=32, in_channels=4, num_classes=1000)
         with torch.no_grad():  # adaLN-Zero init makes v ≡ 0; give the net real work to do

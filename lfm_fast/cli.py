@@ -13,10 +13,10 @@ from lfm_fast.errors import InputError
 
 EXAMPLES = """examples:
   lfm-fast demo --out runs/demo
-  lfm-fast train-ae --data shapes --out runs/ae
-  lfm-fast prepare --ae runs/ae --data shapes --out runs/latents
-  lfm-fast train --latents runs/latents --preset shapes-tiny --out runs/dit --steps 2000 train.lr=5e-4
-  lfm-fast train --nproc 2 --latents runs/latents --preset shapes-tiny --out runs/dit2 train.precision=bf16
+  lfm-fast prepare --ae builtin:shapes --data shapes --out runs/latents
+  lfm-fast train-ae --data shapes --out runs/ae --steps 2500 --latent-noise 0.1 --scale-equivariance 0.5
+  lfm-fast train --latents runs/latents --preset small-data --out runs/dit --steps 2000 train.lr=5e-4
+  lfm-fast train --nproc 2 --latents runs/latents --preset small-data --out runs/dit2 train.precision=bf16
   lfm-fast sample --ckpt runs/dit --num 64 --labels 0,3 --solver heun --steps 16 --cfg 2 --seed 0 --out runs/samples
   lfm-fast export --ckpt runs/dit --format onnx --solver heun --steps 8 --cfg 2 --with-decoder --out runs/sampler.onnx
   lfm-fast sample --ckpt runs/dit --backend onnxruntime --engine runs/sampler.onnx --num 64 --out runs/samples-ort
@@ -33,7 +33,11 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="end to end on the embedded shapes data: AE → latents → DiT → samples → report")
     d.add_argument("--out", default="runs/demo", help="output folder (replaced when the demo completes)")
-    d.add_argument("--quick", action="store_true", help="a ≤2-minute run with tiny budgets (what the tests use)")
+    length = d.add_mutually_exclusive_group()
+    length.add_argument("--quick", action="store_true", help="a ≤2-minute run with tiny budgets (what the tests use)")
+    length.add_argument("--long", action="store_true", help="the DiT trains 9,000 steps instead of 2,800 (≤ 30 minutes)")
+    d.add_argument("--train-ae", action="store_true", help="train the autoencoder here (≈ 20 minutes more on 2 cores) instead of "
+                   "using the pretrained builtin:shapes one")
     d.add_argument("--seed", type=int, default=0)
 
     a = sub.add_parser("train-ae", help="train the small built-in AutoencoderKL (for data without a pretrained AE)")
@@ -44,10 +48,17 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--lr", type=float, default=2e-3)
     a.add_argument("--image-size", type=int, default=32)
     a.add_argument("--num-images", type=int, default=6000, help="shapes only: how many images to draw")
+    a.add_argument("--latent-noise", type=float, default=0.0, metavar="SIGMA",
+                   help="decode latents + SIGMA·std(latents)·noise while training, so the decoder forgives the small "
+                        "latent errors of a generator (builtin:shapes used 0.1)")
+    a.add_argument("--scale-equivariance", type=float, default=0.0, metavar="W",
+                   help="weight of a second loss: the 2×-downsampled latent must decode to the 2×-downsampled image; "
+                        "keeps high frequencies out of the latents, so a generator learns them faster (builtin:shapes used 0.5)")
     a.add_argument("--seed", type=int, default=0)
 
     r = sub.add_parser("prepare", help="encode a dataset once into latent shards (safetensors)")
-    r.add_argument("--ae", required=True, help="AutoencoderKL folder, or a hub id such as stabilityai/sd-vae-ft-mse")
+    r.add_argument("--ae", required=True, help="builtin:shapes (shipped, pretrained on shapes), an AutoencoderKL folder, "
+                   "or a hub id such as stabilityai/sd-vae-ft-mse")
     r.add_argument("--data", required=True, help="'shapes' or an image folder (class sub-folders become labels)")
     r.add_argument("--out", required=True)
     r.add_argument("--image-size", type=int, default=None, help="default: the AE's sample_size")
@@ -140,9 +151,11 @@ def _backend_overrides(args) -> dict:
 def _cmd_demo(args):
     from lfm_fast.demo import run_demo
 
-    report = run_demo(args.out, quick=args.quick, seed=args.seed)
-    print(f"wrote {args.out}/report.json, report.md, samples.png: class_accuracy={report['class_accuracy']:.3f} "
-          f"classifier_accuracy={report['classifier_accuracy']:.3f} latent_fd={report['latent_fd']:.4f} "
+    budget = "quick" if args.quick else "long" if args.long else "full"
+    report = run_demo(args.out, budget=budget, seed=args.seed, train_ae=args.train_ae)
+    print(f"wrote {args.out}/report.json, report.md, samples.png: shape_accuracy={report['shape_accuracy']:.3f} "
+          f"class_accuracy={report['class_accuracy']:.3f} ae_shape_accuracy={report['ae_shape_accuracy']:.3f} "
+          f"shape_fd={report['shape_fd']:.2f} (real-vs-real {report['shape_fd_real_vs_real']:.2f}) "
           f"nfe={report['nfe']} seconds_total={report['seconds_total']:.0f}")
 
 
@@ -154,7 +167,8 @@ def _cmd_train_ae(args):
     import torch
 
     images = torch.stack([ds[i][0] for i in range(len(ds))])
-    summary = train_autoencoder(images, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    summary = train_autoencoder(images, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                                latent_noise=args.latent_noise, scale_equivariance=args.scale_equivariance)
     print(f"wrote {args.out}: recon_mse={summary['recon_mse']:.4f} scaling_factor={summary['scaling_factor']:.4f}")
 
 

@@ -1,5 +1,11 @@
-"""The embedded end-to-end demo: shapes → built-in AE → cached latents → class-conditional DiT →
-CFG samples of every class → report (a classifier trained on real shapes judges the samples)."""
+"""The embedded end-to-end demo: shapes → the pretrained built-in AE (or one trained here) → cached
+latents → class-conditional DiT → CFG samples of every class → report.
+
+Two judges, shipped with the package like FID's Inception weights (`lfm_fast.eval.domain`), read the
+samples: a classifier trained on real shapes (`class_accuracy`; it may read hue, since each class has
+its own colour) and a colour-blind shape judge trained on shapes of random colours with shuffled
+channels, from a seed the generator never sees (`shape_accuracy`; only the outline tells it the class).
+"""
 
 from __future__ import annotations
 
@@ -10,34 +16,39 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lfm_fast.autoencoder import encode, load_autoencoder, train_autoencoder
+from lfm_fast.autoencoder import BUILTIN_SHAPES_AE, SHAPES_AE_RECIPE, decode, encode, load_autoencoder, train_autoencoder
 from lfm_fast.config import get_preset
 from lfm_fast.data.latents import prepare_latents
-from lfm_fast.data.shapes import SHAPE_CLASSES, ShapesDataset, to_tensor
-from lfm_fast.eval.domain import classify, train_classifier
+from lfm_fast.data.shapes import SHAPE_CLASSES, ShapesDataset, to_tensor, to_uint8
+from lfm_fast.eval.domain import classify, embed, load_judges
 from lfm_fast.eval.frechet import latent_fd
 from lfm_fast.fileio import atomic_dir, image_grid, save_png, write_json
 from lfm_fast.generate import generate_latents, latents_to_images
 from lfm_fast.models.dit import DiT
 from lfm_fast.train.loop import train
 
-
 @dataclass
 class DemoBudget:
     train_images: int
     test_images: int
-    ae_steps: int
+    ae_steps: int  # only with train_ae=True; else the shipped AE is used
     dit_steps: int
-    classifier_steps: int
     samples_per_class: int
 
 
-FULL = DemoBudget(train_images=6000, test_images=600, ae_steps=700, dit_steps=2000, classifier_steps=300, samples_per_class=100)
-QUICK = DemoBudget(train_images=1500, test_images=300, ae_steps=120, dit_steps=150, classifier_steps=120, samples_per_class=10)
+BUDGETS = {
+    "full": DemoBudget(train_images=6000, test_images=600, ae_steps=2500, dit_steps=2800, samples_per_class=100),  # ≤ 9 min
+    "quick": DemoBudget(train_images=1500, test_images=300, ae_steps=120, dit_steps=150, samples_per_class=10),  # tests
+    "long": DemoBudget(train_images=6000, test_images=600, ae_steps=2500, dit_steps=9000, samples_per_class=100),  # ≤ 30 min
+}
 
 
-def run_demo(out: str, quick: bool = False, seed: int = 0, progress: bool = True) -> dict:
-    b = QUICK if quick else FULL
+def accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((predicted == labels).float().mean())
+
+
+def run_demo(out: str, budget: str = "full", seed: int = 0, train_ae: bool = False, progress: bool = True) -> dict:
+    b = BUDGETS[budget]
     torch.manual_seed(seed)
     start, seconds = time.time(), {}
 
@@ -48,24 +59,26 @@ def run_demo(out: str, quick: bool = False, seed: int = 0, progress: bool = True
         train_set = ShapesDataset(b.train_images, 32, seed)
         test_set = ShapesDataset(b.test_images, 32, seed + 1)
         lap("data")
-        ae_dir, lat_dir, dit_dir = (os.path.join(tmp, n) for n in ("ae", "latents", "dit"))
-        ae_summary = train_autoencoder(train_set.images, ae_dir, steps=b.ae_steps, seed=seed, progress=progress)
-        lap("train_ae")
-        prepare_latents(ae_dir, "shapes", lat_dir, 32, b.train_images, seed=seed, progress=progress)
+        lat_dir, dit_dir = os.path.join(tmp, "latents"), os.path.join(tmp, "dit")
+        if train_ae:
+            ae_spec = os.path.join(tmp, "ae")
+            recipe = {**SHAPES_AE_RECIPE, "steps": b.ae_steps}
+            train_autoencoder(train_set.images, ae_spec, seed=seed, progress=progress, **recipe)
+            lap("train_ae")
+        else:
+            ae_spec = BUILTIN_SHAPES_AE
+        prepare_latents(ae_spec, "shapes", lat_dir, 32, b.train_images, seed=seed, progress=progress)
         lap("prepare")
 
-        cfg = get_preset("shapes-tiny")
+        cfg = get_preset("small-data")
         cfg.train.steps, cfg.train.seed = b.dit_steps, seed
         cfg.train.ckpt_every = max(cfg.train.ckpt_every, b.dit_steps)
         train(cfg, lat_dir, dit_dir, progress=progress)
         lap("train_dit")
 
-        clf = train_classifier(train_set.images, train_set.labels, len(SHAPE_CLASSES), b.classifier_steps, seed=seed, progress=progress)
-        classifier_accuracy = float((classify(clf, test_set.images) == test_set.labels).float().mean())
-        lap("classifier")
-
+        clf, judge = load_judges()
         model = DiT.from_pretrained(dit_dir).eval()
-        ae = load_autoencoder(ae_dir)
+        ae = load_autoencoder(ae_spec)
         k = len(SHAPE_CLASSES)
         labels = torch.arange(b.samples_per_class * k) % k
         gen_latents, nfe = generate_latents(model, labels, [seed * 100_003 + i for i in range(len(labels))], cfg.sample,
@@ -73,38 +86,47 @@ def run_demo(out: str, quick: bool = False, seed: int = 0, progress: bool = True
         images = latents_to_images(ae, gen_latents)
         lap("sample")
 
-        predicted = classify(clf, to_tensor(images))
-        class_accuracy = float((predicted == labels).float().mean())
-        per_class = {name: float((predicted[labels == c] == c).float().mean()) for c, name in enumerate(SHAPE_CLASSES)}
-        real_latents = encode(ae, test_set.images).numpy()
-        # FD estimates are biased by the sample count: compare equal counts, and give the real-vs-real value
+        generated = to_tensor(images)
+        real_latents = encode(ae, test_set.images)
+        reconstructions = decode(ae, real_latents)
+        shape_predicted = classify(judge, generated)
+        # Fréchet distances are biased by the sample count: compare equal counts, and give the real-vs-real value
         # (held-out vs training images) as the floor that sampling noise alone produces
-        n = min(len(real_latents), len(gen_latents))
-        fd = latent_fd(real_latents[:n], gen_latents[:n].numpy())
-        fd_floor = latent_fd(real_latents[:n], encode(ae, train_set.images[:n]).numpy())
+        n = min(len(test_set), len(generated))
+        real_features = embed(judge, test_set.images[:n]).numpy()
+        metrics = {
+            "shape_accuracy": accuracy(shape_predicted, labels),
+            "shape_judge_accuracy_real": accuracy(classify(judge, test_set.images), test_set.labels),
+            "ae_shape_accuracy": accuracy(classify(judge, reconstructions), test_set.labels),
+            "class_accuracy": accuracy(classify(clf, generated), labels),
+            "classifier_accuracy": accuracy(classify(clf, test_set.images), test_set.labels),
+            "shape_fd": latent_fd(real_features, embed(judge, generated[:n]).numpy()),
+            "shape_fd_real_vs_real": latent_fd(real_features, embed(judge, train_set.images[:n]).numpy()),
+            "latent_fd": latent_fd(real_latents[:n].numpy(), gen_latents[:n].numpy()),
+            "latent_fd_real_vs_real": latent_fd(real_latents[:n].numpy(), encode(ae, train_set.images[:n]).numpy()),
+            "ae_recon_mse": float(torch.nn.functional.mse_loss(reconstructions, test_set.images)),
+        }
         lap("evaluate")
 
-        # samples.png: one row per class, generated images with a row of real ones above for reference
-        order = np.concatenate([np.nonzero(labels.numpy() == c)[0][:10] for c in range(k)])
-        real = ((test_set.images[:10].permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-        save_png(os.path.join(tmp, "samples.png"), image_grid(np.concatenate([real, images[order]]), nrow=10), upscale=2)
+        # samples.png: one row per class (its name at the row start): a real image, then 9 samples
+        real_rows = [to_uint8(test_set.images[test_set.labels == c][:1]) for c in range(k)]
+        rows = [np.concatenate([real_rows[c], images[np.nonzero(labels.numpy() == c)[0][:9]]]) for c in range(k)]
+        save_png(os.path.join(tmp, "samples.png"), image_grid(np.concatenate(rows), nrow=10), upscale=2,
+                 row_labels=list(SHAPE_CLASSES))
 
         report = {
-            "class_accuracy": class_accuracy,
-            "classifier_accuracy": classifier_accuracy,
-            "latent_fd": fd,
-            "latent_fd_real_vs_real": fd_floor,
+            **metrics,
             "nfe": nfe,
             "seconds_total": round(time.time() - start, 1),
             "seconds": seconds,
-            "per_class_accuracy": per_class,
+            "per_class_shape_accuracy": {name: accuracy(shape_predicted[labels == c], c) for c, name in enumerate(SHAPE_CLASSES)},
             "sampler": {"solver": cfg.sample.solver, "steps": cfg.sample.steps, "cfg": cfg.sample.cfg},
             "num_samples": len(labels),
-            "autoencoder": {"recon_mse": ae_summary["recon_mse"], "scaling_factor": ae_summary["scaling_factor"],
-                            "steps": b.ae_steps},
+            "autoencoder": {"spec": "trained here" if train_ae else BUILTIN_SHAPES_AE,
+                            "scaling_factor": float(ae.config.scaling_factor)},
             "dit": {"steps": b.dit_steps, "params": sum(p.numel() for p in model.parameters()),
                     "hidden_size": cfg.model.hidden_size, "depth": cfg.model.depth, "patch_size": cfg.model.patch_size},
-            "quick": quick,
+            "budget": budget,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
         }
@@ -115,32 +137,32 @@ def run_demo(out: str, quick: bool = False, seed: int = 0, progress: bool = True
 
 
 def _report_markdown(r: dict) -> str:
-    rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in r["per_class_accuracy"].items())
+    rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in r["per_class_shape_accuracy"].items())
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in r["seconds"].items())
     return f"""# lfm-fast demo report
 
-Shapes (32×32 RGB, 6 classes) → built-in AutoencoderKL (f=4, 4×8×8 latents) → class-conditional DiT
-({r['dit']['params'] / 1e6:.2f} M parameters, {r['dit']['steps']} steps) → {r['num_samples']} samples with
-{r['sampler']['solver']} × {r['sampler']['steps']} steps, CFG {r['sampler']['cfg']} ({r['nfe']} NFE).
+Shapes (32×32 RGB, 6 classes) → built-in AutoencoderKL ({r['autoencoder']['spec']}; f=4, 4×8×8 latents) →
+class-conditional DiT ({r['dit']['params'] / 1e6:.2f} M parameters, {r['dit']['steps']} steps) → {r['num_samples']}
+samples with {r['sampler']['solver']} × {r['sampler']['steps']} steps, CFG {r['sampler']['cfg']} ({r['nfe']} NFE).
 
-| metric | value |
-|---|---|
-| class_accuracy (classifier agrees with the requested label) | {r['class_accuracy']:.3f} |
-| classifier_accuracy (held-out real images) | {r['classifier_accuracy']:.3f} |
-| latent_fd (generated vs held-out real latents) | {r['latent_fd']:.4f} |
-| latent_fd between two real sets (noise floor) | {r['latent_fd_real_vs_real']:.4f} |
-| AE reconstruction MSE | {r['autoencoder']['recon_mse']:.4f} |
-| NFE per sample | {r['nfe']} |
-| seconds_total | {r['seconds_total']:.0f} |
+| metric | generated | real (reference) |
+|---|---|---|
+| shape_accuracy: the colour-blind judge sees the requested shape | {r['shape_accuracy']:.3f} | {r['shape_judge_accuracy_real']:.3f} |
+| ae_shape_accuracy: the same judge on AE reconstructions of real images | {r['ae_shape_accuracy']:.3f} | |
+| class_accuracy: a classifier trained on real shapes (it may read hue) agrees | {r['class_accuracy']:.3f} | {r['classifier_accuracy']:.3f} |
+| shape_fd: Fréchet distance of the judge's features, vs held-out real (floor: real vs real) | {r['shape_fd']:.3f} | {r['shape_fd_real_vs_real']:.3f} |
+| latent_fd: generated vs held-out real latents (floor: real vs real) | {r['latent_fd']:.4f} | {r['latent_fd_real_vs_real']:.4f} |
+| AE reconstruction MSE (held-out, [-1, 1] scale) | | {r['ae_recon_mse']:.4f} |
+| NFE per sample | {r['nfe']} | |
+| seconds_total | {r['seconds_total']:.0f} | |
 
-Per-class accuracy:
+Shape accuracy per class:
 
-| class | accuracy |
+| class | shape_accuracy |
 |---|---|
 {rows}
 
 Time per stage: {stages}. torch {r['torch']}, {r['threads']} threads.
 
-![samples](samples.png) — top row: real images; then 10 samples for each class in order
-({', '.join(SHAPE_CLASSES)}).
+![samples](samples.png) — one row per class: a real image, then 9 samples.
 """

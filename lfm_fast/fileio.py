@@ -68,13 +68,23 @@ def image_grid(images, nrow: int | None = None):
     return grid
 
 
-def save_png(path: str, array, upscale: int = 1) -> None:
-    """Save a uint8 (H, W, 3) array as PNG (atomically), optionally enlarged with nearest-neighbour."""
-    from PIL import Image
+def save_png(path: str, array, upscale: int = 1, row_labels: list[str] | None = None) -> None:
+    """Save a uint8 (H, W, 3) array as PNG (atomically), optionally enlarged with nearest-neighbour.
+    `row_labels`: one name per row of an `image_grid`, written in a white margin at the row starts."""
+    from PIL import Image, ImageDraw, ImageFont
 
     img = Image.fromarray(array)
     if upscale > 1:
         img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
+    if row_labels:
+        font = ImageFont.load_default(size=14)
+        margin = 12 + max(int(ImageDraw.Draw(img).textlength(t, font=font)) for t in row_labels)
+        labelled = Image.new("RGB", (img.width + margin, img.height), "white")
+        labelled.paste(img, (margin, 0))
+        draw, row_h = ImageDraw.Draw(labelled), img.height / len(row_labels)
+        for r, text in enumerate(row_labels):
+            draw.text((6, (r + 0.5) * row_h), text, fill="black", font=font, anchor="lm")
+        img = labelled
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
 

@@ -47,7 +47,7 @@ def tiny_pipeline(tmp_path_factory):
     ds = ShapesDataset(96, 32, seed=0)
     train_autoencoder(ds.images, str(root / "ae"), steps=4, batch_size=8, channels=(32, 32), progress=False)
     prepare_latents(str(root / "ae"), "shapes", str(root / "latents"), 32, 96, progress=False)
-    cfg = get_preset("shapes-tiny")
+    cfg = get_preset("small-data")
     cfg.model.hidden_size, cfg.model.depth, cfg.model.num_heads = 32, 2, 2
     cfg.train.steps, cfg.train.batch_size, cfg.train.log_every = 6, 16, 3
     train(cfg, str(root / "latents"), str(root / "dit"), progress=False)

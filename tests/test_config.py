@@ -15,17 +15,17 @@ def test_paper_presets_carry_the_lfm_hyperparameters():
     inet = get_preset("imagenet256-dit-b2")
     assert inet.train.label_dropout == 0.1 and inet.sample.cfg == 1.5 and inet.model.hidden_size == 768
     assert get_preset("celebahq256-dit-l2").model.depth == 24
-    assert "shapes-tiny" in PRESETS
+    assert "small-data" in PRESETS
 
 
 def test_overrides_convert_types_and_reject_bad_keys():
-    cfg = apply_overrides(get_preset("shapes-tiny"), ["train.lr=3e-4", "model.qk_norm=true", "ema_decay=0.5", "sample.solver=rk4"])
+    cfg = apply_overrides(get_preset("small-data"), ["train.lr=3e-4", "model.qk_norm=true", "ema_decay=0.5", "sample.solver=rk4"])
     assert cfg.train.lr == 3e-4 and cfg.model.qk_norm is True and cfg.train.ema_decay == 0.5 and cfg.sample.solver == "rk4"
-    assert get_preset("shapes-tiny").train.lr != 3e-4  # presets are copied, never mutated
+    assert get_preset("small-data").train.lr != 3e-4  # presets are copied, never mutated
     for bad, msg in [("train.nope=1", "names no config field"), ("lr", "expected key=value"),
                      ("train.steps=abc", "expected a int"), ("steps=1", "ambiguous"), ("model.num_tokens=3", "names no")]:
         with pytest.raises(InputError, match=msg):
-            apply_overrides(get_preset("shapes-tiny"), [bad])
+            apply_overrides(get_preset("small-data"), [bad])
     with pytest.raises(InputError, match="unknown preset"):
         get_preset("celeba")
 
@@ -33,3 +33,20 @@ def test_overrides_convert_types_and_reject_bad_keys():
 def test_config_dict_round_trip():
     cfg = get_preset("imagenet256-dit-b2")
     assert from_dict(to_dict(cfg)) == cfg
+
+
+def test_small_data_preset_takes_the_class_count_from_the_data_paper_presets_refuse_a_mismatch(tmp_path):
+    from tests.conftest import write_random_latents
+
+    from lfm_fast.data.latents import LatentShardDataset
+    from lfm_fast.train.loop import configure_model_for_data
+
+    write_random_latents(tmp_path / "lat", shape=(4, 16, 16), num_classes=3)
+    ds = LatentShardDataset(str(tmp_path / "lat"))
+    cfg = get_preset("small-data")
+    assert cfg.model.num_classes == -1
+    configure_model_for_data(cfg, ds)
+    assert (cfg.model.num_classes, cfg.model.in_channels, cfg.model.input_size) == (3, 4, 16)
+    paper = get_preset("imagenet256-dit-b2")
+    with pytest.raises(InputError, match="model.num_classes=1000 but the latents have 3 classes"):
+        configure_model_for_data(paper, ds)

@@ -17,7 +17,7 @@ from lfm_fast.train.checkpoint import latest_checkpoint, read_checkpoint_tensors
 from tests.conftest import write_random_latents
 
 STEPS = 12
-TINY = ["--preset", "shapes-tiny", "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.num_classes=3",
+TINY = ["--preset", "small-data", "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.num_classes=3",
         "train.batch_size=8", "train.log_every=1", "train.ckpt_every=4", "train.warmup_steps=3", "train.lr=3e-3"]
 BF16_RTOL = 1e-3  # bf16 compute: 1 vs 2 ranks differ by reduction order (bench/fsdp_parity.py: ≤ 1e-4 relative)
 

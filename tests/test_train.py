@@ -13,7 +13,7 @@ from lfm_fast.train.loop import train
 
 
 def tiny_config(steps=20, precision="fp32"):
-    cfg = get_preset("shapes-tiny")
+    cfg = get_preset("small-data")
     cfg.model.hidden_size, cfg.model.depth, cfg.model.num_heads, cfg.model.num_classes = 32, 2, 2, 3
     cfg.train.steps, cfg.train.batch_size, cfg.train.log_every, cfg.train.ckpt_every = steps, 8, 5, 10
     cfg.train.precision, cfg.train.warmup_steps = precision, 3

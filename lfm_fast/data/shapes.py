@@ -50,8 +50,10 @@ def shape_sdf(kind: int, px: np.ndarray, py: np.ndarray, r: float, angle: float)
     raise ValueError(kind)
 
 
-def make_shapes(num: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Images (N, size, size, 3) uint8, labels (N,) int64, semantic maps (N, size, size) uint8."""
+def make_shapes(num: int, size: int = 32, seed: int = 0, random_colours: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Images (N, size, size, 3) uint8, labels (N,) int64, semantic maps (N, size, size) uint8.
+    `random_colours`: every shape gets a random hue, saturation and value instead of its class colour (the
+    data of the colour-blind judge: the same shapes, with no class information left in colour)."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, len(SHAPE_CLASSES), num)
     radius = rng.uniform(0.22, 0.36, num) * size
@@ -60,6 +62,7 @@ def make_shapes(num: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np
     angle = rng.uniform(0, 2 * np.pi, num)
     jitter = rng.uniform(-0.08, 0.08, (num, 3))
     bg_top, bg_bottom = rng.uniform(0.0, 0.35, (num, 3)), rng.uniform(0.0, 0.35, (num, 3))
+    colours = random_colour(rng, num) if random_colours else SHAPE_COLORS[labels]
 
     coords = np.arange(size) + 0.5
     py, px = np.meshgrid(coords, coords, indexing="ij")
@@ -70,10 +73,17 @@ def make_shapes(num: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np
         sdf = shape_sdf(labels[i], px - centre[i, 0], py - centre[i, 1], radius[i], angle[i])
         cover = np.clip(0.5 - sdf, 0.0, 1.0)[..., None]  # one-pixel anti-aliased edge
         bg = (1 - ramp) * bg_top[i] + ramp * bg_bottom[i]
-        colour = np.clip(SHAPE_COLORS[labels[i]] + jitter[i], 0, 1)
+        colour = np.clip(colours[i] + jitter[i], 0, 1)
         images[i] = np.round(255 * (bg * (1 - cover) + colour * cover)).astype(np.uint8)
         semantic[i] = np.where(cover[..., 0] > 0.5, labels[i] + 1, 0)
     return images, labels.astype(np.int64), semantic
+
+
+def random_colour(rng: np.random.Generator, num: int) -> np.ndarray:
+    """Bright colours of any hue (HSV: hue uniform, saturation 0.2–1, value 0.65–1) → RGB (num, 3)."""
+    h, sat, v = rng.uniform(0, 6, num), rng.uniform(0.2, 1.0, num), rng.uniform(0.65, 1.0, num)
+    k = (np.array([5, 3, 1])[None, :] + h[:, None]) % 6
+    return v[:, None] * (1 - sat[:, None] * np.clip(np.minimum(k, 4 - k), 0, 1))
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -91,8 +101,8 @@ class ShapesDataset(Dataset):
 
     num_classes = len(SHAPE_CLASSES)
 
-    def __init__(self, num_images: int = 6000, image_size: int = 32, seed: int = 0):
-        images, labels, semantic = make_shapes(num_images, image_size, seed)
+    def __init__(self, num_images: int = 6000, image_size: int = 32, seed: int = 0, random_colours: bool = False):
+        images, labels, semantic = make_shapes(num_images, image_size, seed, random_colours)
         self.images = to_tensor(images)
         self.labels = torch.from_numpy(labels)
         self.semantic = torch.from_numpy(semantic)

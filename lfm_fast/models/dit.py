@@ -44,7 +44,7 @@ class DiTConfig:
     depth: int = 12
     num_heads: int = 6
     mlp_ratio: float = 4.0
-    num_classes: int = 0  # 0 = unconditional; otherwise label `num_classes` is the null class
+    num_classes: int = 0  # 0 = unconditional; otherwise label `num_classes` is the null class (-1 in a preset: from the data)
     qk_norm: bool = False
     attn_backend: str = "auto"
     norm_backend: str = "auto"
@@ -152,6 +152,8 @@ class DiT(nn.Module):
         super().__init__()
         ops.check_backend(cfg.attn_backend, ops.ATTENTION_BACKENDS, "attention")
         ops.check_backend(cfg.norm_backend, ops.NORM_BACKENDS, "norm")
+        if cfg.num_classes < 0:
+            raise InputError("DiT config: num_classes=-1 (from the data) must be resolved before the model is built")
         if cfg.input_size % cfg.patch_size or cfg.hidden_size % cfg.num_heads:
             raise InputError(f"DiT config: input_size {cfg.input_size} must be divisible by patch_size {cfg.patch_size} "
                              f"and hidden_size {cfg.hidden_size} by num_heads {cfg.num_heads}")

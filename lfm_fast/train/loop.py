@@ -70,11 +70,14 @@ class EpochSampler:
 
 
 def configure_model_for_data(cfg: ExperimentConfig, ds: LatentShardDataset) -> None:
-    """The latent shape comes from the data; the class count must agree with it."""
+    """The latent shape comes from the data; so does the class count where the preset says -1 (small-data),
+    and otherwise it must agree with the data's."""
     c, h, w = ds.latent_shape
     if h != w:
         raise InputError(f"latents: expected square latents, got {h}×{w}")
     cfg.model.in_channels, cfg.model.input_size = c, h
+    if cfg.model.num_classes < 0:
+        cfg.model.num_classes = ds.num_classes
     if cfg.model.num_classes and cfg.model.num_classes != ds.num_classes:
         raise InputError(f"model.num_classes={cfg.model.num_classes} but the latents have {ds.num_classes} classes; "
                          f"set model.num_classes={ds.num_classes} (or 0 for unconditional)")
