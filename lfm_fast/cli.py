@@ -159,10 +159,19 @@ def _cmd_demo(args):
           f"nfe={report['nfe']} seconds_total={report['seconds_total']:.0f}")
 
 
+def _check_positive(name: str, value, allow_zero: bool = False):
+    if value < 0 or (value == 0 and not allow_zero):
+        raise InputError(f"{name} {value}: expected a {'non-negative' if allow_zero else 'positive'} number")
+
+
 def _cmd_train_ae(args):
     from lfm_fast.autoencoder import train_autoencoder
     from lfm_fast.data import open_image_dataset
 
+    for name in ("steps", "batch_size", "lr", "image_size", "num_images"):
+        _check_positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    for name in ("latent_noise", "scale_equivariance"):
+        _check_positive(f"--{name.replace('_', '-')}", getattr(args, name), allow_zero=True)
     ds, _ = open_image_dataset(args.data, args.image_size, args.num_images, args.seed)
     import torch
 
@@ -175,6 +184,8 @@ def _cmd_train_ae(args):
 def _cmd_prepare(args):
     from lfm_fast.data.latents import prepare_latents
 
+    for name in ("num_images", "batch_size"):
+        _check_positive(f"--{name.replace('_', '-')}", getattr(args, name))
     meta = prepare_latents(args.ae, args.data, args.out, args.image_size, args.num_images, args.batch_size, args.seed)
     print(f"wrote {args.out}: {meta['num_samples']} latents of shape {meta['latent_shape']}, {meta['num_classes']} classes")
 

@@ -105,3 +105,12 @@ def test_quick_demo_end_to_end(tmp_path):
     grid = Image.open(tmp_path / "demo" / "samples.png")
     assert grid.size[0] > 10 * 2 * 34 and grid.size[1] == 6 * 2 * 34 + 4  # 6 labelled rows of 10 (upscaled ×2)
     assert "shape_accuracy" in (tmp_path / "demo" / "report.md").read_text()
+
+
+def test_train_ae_and_prepare_refuse_bad_numbers_before_any_work(tmp_path, capsys):
+    out = str(tmp_path / "ae")
+    assert_input_error(*run_cli(capsys, "train-ae", "--data", "shapes", "--out", out, "--steps", "0"), "--steps 0", "positive")
+    assert_input_error(*run_cli(capsys, "train-ae", "--data", "shapes", "--out", out, "--latent-noise", "-1"), "--latent-noise -1.0")
+    assert_input_error(*run_cli(capsys, "prepare", "--ae", "builtin:shapes", "--data", "shapes", "--out", out, "--num-images", "0"),
+                       "--num-images 0")
+    assert not (tmp_path / "ae").exists()
