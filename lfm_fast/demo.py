@@ -27,6 +27,7 @@ from lfm_fast.generate import generate_latents, latents_to_images
 from lfm_fast.models.dit import DiT
 from lfm_fast.train.loop import train
 
+
 @dataclass
 class DemoBudget:
     train_images: int

@@ -107,9 +107,11 @@ def load_judges(folder: str = JUDGES_DIR) -> tuple[ShapesClassifier, ShapesClass
     """(classifier, shape_judge) as shipped with the package."""
     from safetensors.torch import load_file
 
+    from lfm_fast.data.shapes import SHAPE_CLASSES
+
     out = []
     for name in ("classifier", "shape_judge"):
-        m = ShapesClassifier(6)
+        m = ShapesClassifier(len(SHAPE_CLASSES))
         m.load_state_dict(load_file(os.path.join(folder, f"{name}.safetensors")))
         out.append(m.eval())
     return out[0], out[1]
