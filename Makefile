@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml setup.py requirements/torch.txt
 	touch $(STAMP)
 
 demo: install
-	.venv/bin/lfm-fast demo --out runs/demo
+	.venv/bin/lfm-fast demo --out runs/demo --overwrite
 
 test: install
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests

@@ -144,3 +144,38 @@ def test_recipe_end_to_end_64px(benchmark, kind):
         step()
     benchmark.pedantic(step, rounds=5, iterations=1)
     benchmark.extra_info.update(kind=f"recipe_{kind}", img_per_s=RECIPE_BATCH / benchmark.stats.stats.mean)
+
+
+@pytest.mark.parametrize("sharding", ["plain", "fsdp2"])
+def test_small_data_step_world_of_one(benchmark, sharding):
+    """The demo's DiT (small-data preset, batch 32, fp32) on one process: the trainer leaves a world of one
+    unsharded (`plain`); `fsdp2` is what it did before (all-gather/reduce-scatter copies per block, DTensor
+    dispatch in clipping, AdamW and EMA)."""
+    from lfm_fast.config import get_preset
+    from lfm_fast.dist import init_distributed
+    from lfm_fast.train.ema import create_ema, update_ema
+    from lfm_fast.train.loop import make_optimizer
+    from lfm_fast.train.parallelize import apply_fsdp, build_parallel_dit
+
+    d = init_distributed("cpu")
+    cfg = get_preset("small-data")
+    cfg.model.num_classes = 6
+    model = build_parallel_dit(cfg.model, d.mesh, d.device, "fp32", seed=0)
+    if sharding == "fsdp2":
+        apply_fsdp(model, d.mesh, "fp32")
+    opt, ema = make_optimizer(model, cfg.train), create_ema(model)
+    x0, y = torch.randn(32, 4, 8, 8), torch.randint(0, 6, (32,))
+    g = torch.Generator().manual_seed(0)
+
+    def step():
+        loss = flow_matching_loss(model, x0, y, cfg.flow, g, 0.1)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        update_ema(ema, model, 0.99)
+
+    for _ in range(3):
+        step()
+    benchmark.pedantic(step, rounds=30, iterations=1)
+    benchmark.extra_info["images_per_step"] = 32

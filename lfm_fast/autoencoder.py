@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from lfm_fast import default_device
 from lfm_fast.errors import InputError
-from lfm_fast.fileio import atomic_dir, write_json
+from lfm_fast.fileio import atomic_dir, check_out_dir, write_json
 
 SD_VAE_SCALE = 0.18215
 BUILTIN_DIR = os.path.join(os.path.dirname(__file__), "assets", "autoencoders")  # shipped as package data
@@ -90,7 +90,7 @@ def decode(ae, latents: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
 def train_autoencoder(images: torch.Tensor, out: str, steps: int = 1000, batch_size: int = 16, lr: float = 2e-3,
                       kl_weight: float = 1e-6, seed: int = 0, channels: tuple[int, ...] = (32, 64, 64),
                       precision: str = "auto", latent_noise: float = 0.0, scale_equivariance: float = 0.0,
-                      progress: bool = True, device: str | None = None) -> dict:
+                      progress: bool = True, device: str | None = None, overwrite: bool = False) -> dict:
     """Train the built-in AE on images in [-1, 1] (N, 3, H, W) with L1 + MSE reconstruction and a small KL
     (no GAN or LPIPS: the demo data are flat shapes). Saves a diffusers folder at `out` with the measured
     scaling factor; returns the training summary written to `out/train_ae.json`.
@@ -99,6 +99,7 @@ def train_autoencoder(images: torch.Tensor, out: str, steps: int = 1000, batch_s
     `latent_noise` decodes z + σ·std(z)·ε, so the decoder forgives small latent errors; `scale_equivariance`
     (Skorokhodov et al. 2025) also decodes the 2×-downsampled latent and asks for the 2×-downsampled image,
     which keeps high frequencies out of the latents."""
+    check_out_dir(out, overwrite)
     device = torch.device(device or default_device())
     if precision == "auto":  # bf16 autocast makes these convolutions ~10× slower on CPU (oneDNN), faster on GPUs
         precision = "bf16" if device.type == "cuda" else "fp32"
@@ -141,7 +142,7 @@ def train_autoencoder(images: torch.Tensor, out: str, steps: int = 1000, batch_s
                "scale_equivariance": scale_equivariance, "seed": seed, "channels": list(channels), "precision": precision,
                "num_images": len(images), "torch": torch.__version__, "final_loss": sum(losses[-50:]) / len(losses[-50:]),
                "recon_mse": rec_mse, "scaling_factor": scale, "seconds": time.time() - start}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "train-ae", overwrite) as tmp:
         ae.save_pretrained(tmp)
         write_json(os.path.join(tmp, "train_ae.json"), summary)
     return summary

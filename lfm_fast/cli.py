@@ -9,7 +9,8 @@ import argparse
 import os
 import sys
 
-from lfm_fast.errors import InputError
+from lfm_fast.errors import InputError, RunError
+from lfm_fast.fileio import check_out_dir
 
 EXAMPLES = """examples:
   lfm-fast demo --out runs/demo
@@ -32,10 +33,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("demo", help="end to end on the embedded shapes data: AE → latents → DiT → samples → report")
-    d.add_argument("--out", default="runs/demo", help="output folder (replaced when the demo completes)")
+    d.add_argument("--out", default="runs/demo", help="output folder (new or empty; see --overwrite)")
+    _add_overwrite_flag(d)
     length = d.add_mutually_exclusive_group()
     length.add_argument("--quick", action="store_true", help="a ≤2-minute run with tiny budgets (what the tests use)")
-    length.add_argument("--long", action="store_true", help="the DiT trains 9,000 steps instead of 2,800 (≤ 30 minutes)")
+    length.add_argument("--long", action="store_true", help="the DiT trains 20,000 steps instead of 6,000 (≤ 30 minutes)")
     d.add_argument("--train-ae", action="store_true", help="train the autoencoder here (≈ 20 minutes more on 2 cores) instead of "
                    "using the pretrained builtin:shapes one")
     d.add_argument("--seed", type=int, default=0)
@@ -43,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     a = sub.add_parser("train-ae", help="train the small built-in AutoencoderKL (for data without a pretrained AE)")
     a.add_argument("--data", required=True, help="'shapes' or an image folder")
     a.add_argument("--out", required=True, help="folder for the diffusers AutoencoderKL (config.json + weights)")
+    _add_overwrite_flag(a)
     a.add_argument("--steps", type=int, default=800)
     a.add_argument("--batch-size", type=int, default=16)
     a.add_argument("--lr", type=float, default=2e-3)
@@ -60,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--ae", required=True, help="builtin:shapes (shipped, pretrained on shapes), an AutoencoderKL folder, "
                    "or a hub id such as stabilityai/sd-vae-ft-mse")
     r.add_argument("--data", required=True, help="'shapes' or an image folder (class sub-folders become labels)")
-    r.add_argument("--out", required=True)
+    r.add_argument("--out", required=True, help="folder for the latent shards (new or empty)")
+    _add_overwrite_flag(r)
     r.add_argument("--image-size", type=int, default=None, help="default: the AE's sample_size")
     r.add_argument("--num-images", type=int, default=6000, help="shapes only")
     r.add_argument("--batch-size", type=int, default=64)
@@ -93,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--ae", default=None, help="autoencoder to decode with (default: the one recorded in the checkpoint)")
-    s.add_argument("--out", required=True)
+    s.add_argument("--out", required=True, help="folder for the PNGs, grid.png and samples.npz (new or empty)")
+    _add_overwrite_flag(s)
     _add_nproc_flag(s)
     s.add_argument("--backend", choices=("eager", "compile", "onnxruntime", "tensorrt"), default="eager",
                    help="eager: any solver; compile: the unrolled fixed-step sampler under torch.compile; "
@@ -129,6 +134,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_overwrite_flag(p):
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out, if lfm-fast wrote it (never '.', a folder above it, or a training run)")
+
+
 def _add_nproc_flag(p):
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="run on N local processes (starts torchrun for you; the same as "
@@ -152,11 +162,20 @@ def _cmd_demo(args):
     from lfm_fast.demo import run_demo
 
     budget = "quick" if args.quick else "long" if args.long else "full"
-    report = run_demo(args.out, budget=budget, seed=args.seed, train_ae=args.train_ae)
+    report = run_demo(args.out, budget=budget, seed=args.seed, train_ae=args.train_ae, overwrite=args.overwrite)
     print(f"wrote {args.out}/report.json, report.md, samples.png: shape_accuracy={report['shape_accuracy']:.3f} "
           f"class_accuracy={report['class_accuracy']:.3f} ae_shape_accuracy={report['ae_shape_accuracy']:.3f} "
           f"shape_fd={report['shape_fd']:.2f} (real-vs-real {report['shape_fd_real_vs_real']:.2f}) "
           f"nfe={report['nfe']} seconds_total={report['seconds_total']:.0f}")
+
+
+def _check_sampler_flags(args):
+    """--steps, --shift, --atol, --rtol positive and --cfg non-negative where given (sample and export)."""
+    for name in ("steps", "shift", "atol", "rtol"):
+        if getattr(args, name, None) is not None:
+            _check_positive(f"--{name}", getattr(args, name))
+    if args.cfg is not None:
+        _check_positive("--cfg", args.cfg, allow_zero=True)
 
 
 def _check_positive(name: str, value, allow_zero: bool = False):
@@ -172,12 +191,14 @@ def _cmd_train_ae(args):
         _check_positive(f"--{name.replace('_', '-')}", getattr(args, name))
     for name in ("latent_noise", "scale_equivariance"):
         _check_positive(f"--{name.replace('_', '-')}", getattr(args, name), allow_zero=True)
+    check_out_dir(args.out, args.overwrite)
     ds, _ = open_image_dataset(args.data, args.image_size, args.num_images, args.seed)
     import torch
 
     images = torch.stack([ds[i][0] for i in range(len(ds))])
     summary = train_autoencoder(images, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                                latent_noise=args.latent_noise, scale_equivariance=args.scale_equivariance)
+                                latent_noise=args.latent_noise, scale_equivariance=args.scale_equivariance,
+                                overwrite=args.overwrite)
     print(f"wrote {args.out}: recon_mse={summary['recon_mse']:.4f} scaling_factor={summary['scaling_factor']:.4f}")
 
 
@@ -186,7 +207,8 @@ def _cmd_prepare(args):
 
     for name in ("num_images", "batch_size"):
         _check_positive(f"--{name.replace('_', '-')}", getattr(args, name))
-    meta = prepare_latents(args.ae, args.data, args.out, args.image_size, args.num_images, args.batch_size, args.seed)
+    meta = prepare_latents(args.ae, args.data, args.out, args.image_size, args.num_images, args.batch_size, args.seed,
+                           overwrite=args.overwrite)
     print(f"wrote {args.out}: {meta['num_samples']} latents of shape {meta['latent_shape']}, {meta['num_classes']} classes")
 
 
@@ -204,7 +226,10 @@ def _cmd_train(args):
     result = train(cfg, args.latents, args.out, resume=args.resume, stop_at=args.stop_at)
     from lfm_fast.dist import is_main_process
 
-    if is_main_process():
+    if is_main_process() and "stopped_by" in result:
+        print(f"lfm-fast: {result['stopped_by']}: stopped at step {result['step']} with a checkpoint in {args.out}; "
+              f"run the same command with --resume to continue", file=sys.stderr)
+    elif is_main_process():
         print(f"wrote {args.out}: step {result['step']}, loss {result['last'].get('loss', float('nan')):.4f}")
 
 
@@ -290,6 +315,7 @@ def _graph_runner(args, scfg, model):
 
 
 def _cmd_sample(args):
+    import numpy as np
     import torch
 
     from lfm_fast.autoencoder import load_autoencoder
@@ -297,8 +323,10 @@ def _cmd_sample(args):
     from lfm_fast.generate import generate, generate_latents, latents_to_images, rank_indices, save_samples
     from lfm_fast.models.dit import DiT, read_checkpoint_config
 
-    if args.num < 1:
-        raise InputError(f"--num {args.num}: expected a positive count")
+    _check_sampler_flags(args)
+    for name in ("num", "batch_size"):
+        _check_positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    check_out_dir(args.out, args.overwrite)
     config = read_checkpoint_config(args.ckpt)
     d = init_distributed()
     model = DiT.from_pretrained(args.ckpt, **_backend_overrides(args)).eval().to(d.device)
@@ -310,7 +338,9 @@ def _cmd_sample(args):
     c = model.config
     shape = (c.in_channels, c.input_size, c.input_size)
     images, progress = None, d.is_main
-    if args.backend == "eager":
+    if not mine:  # more ranks than batches: this rank has nothing to draw and only joins the collective write
+        images, nfe = np.zeros((0, 1, 1, 3), np.uint8), 0
+    elif args.backend == "eager":
         latents, nfe = generate_latents(model, labels, seeds, scfg, args.batch_size, progress=progress)
     elif args.backend == "compile":
         from lfm_fast.export.sampler import compile_sampler
@@ -324,7 +354,7 @@ def _cmd_sample(args):
         images, latents = (out.numpy(), None) if gives_images else (None, out)
     if images is None:
         images = latents_to_images(load_autoencoder(_autoencoder_spec(config, args), device=d.device), latents.float())
-    save_samples(d, args.out, images, mine, None if all_labels is None else all_labels.numpy())
+    save_samples(d, args.out, images, mine, None if all_labels is None else all_labels.numpy(), args.overwrite)
     if d.is_main:
         print(f"wrote {args.num} images to {args.out} ({args.backend}, {scfg.solver}, NFE {nfe} per batch, cfg {scfg.cfg}, "
               f"{d.world_size} rank{'s' if d.world_size > 1 else ''})")
@@ -339,11 +369,18 @@ def _cmd_export(args):
     from lfm_fast.fileio import write_json
     from lfm_fast.models.dit import DiT, read_checkpoint_config
 
+    _check_sampler_flags(args)
+    if args.format == "tensorrt":
+        from lfm_fast.export.tensorrt import parse_batch_range, require_tensorrt
+
+        require_tensorrt()  # before the ONNX export, not after it
+        parse_batch_range(args.batch_range)
     config = read_checkpoint_config(args.ckpt)
     model = DiT.from_pretrained(args.ckpt).eval()
     scfg = _sample_config(config, args)
     if scfg.solver not in EXPORT_SOLVERS:
-        raise InputError(f"the checkpoint samples with {scfg.solver}; pass a fixed-step --solver ({', '.join(EXPORT_SOLVERS)})")
+        raise InputError(f"--solver {scfg.solver}{' (the checkpoint default)' if args.solver is None else ''}: the exported "
+                         f"sampler unrolls the steps of {', '.join(EXPORT_SOLVERS)}; pass one of them")
     ae = load_autoencoder(_autoencoder_spec(config, args), device="cpu") if args.with_decoder else None
     if args.format == "onnx":
         meta = export_onnx(model, args.out, scfg.solver, scfg.steps, scfg.cfg, scfg.grid, scfg.shift, ae, args.fp16,
@@ -355,8 +392,12 @@ def _cmd_export(args):
         onnx_path = args.out + ".onnx"
         meta = export_onnx(model, onnx_path, scfg.solver, scfg.steps, scfg.cfg, scfg.grid, scfg.shift, ae, args.fp16,
                            net_only=args.net_only)
-        build_engine(onnx_path, args.out, fp16=args.fp16, bf16=args.bf16, batch_range=batch_range,
-                     timing_cache=args.out + ".timing")
+        try:
+            build_engine(onnx_path, args.out, fp16=args.fp16, bf16=args.bf16, batch_range=batch_range,
+                         timing_cache=args.out + ".timing")
+        except BaseException:
+            os.remove(onnx_path)  # no intermediate left behind by a failed build
+            raise
         write_json(args.out + ".json", meta)
     print(f"wrote {args.out} ({args.format}): {json.dumps(meta)}")
 
@@ -379,7 +420,12 @@ COMMANDS = {"demo": _cmd_demo, "train-ae": _cmd_train_ae, "prepare": _cmd_prepar
 
 
 def _relaunch(argv: list[str], nproc: int) -> int:
-    """`--nproc N` outside torchrun: run the same command under torchrun on N local processes."""
+    """`--nproc N` outside torchrun: run the same command under torchrun on N local processes. SIGTERM and SIGINT
+    are passed on to the workers (torchrun's children), which finish their step, checkpoint and exit 0, so torchrun
+    ends normally; we wait for it, leaving no orphans. (Signalled itself, torchrun would pass the signal on too, but
+    end with a SignalException traceback and exit 1 after workers that stopped cleanly.) Before the workers exist,
+    torchrun gets the signal."""
+    import signal
     import subprocess
 
     from lfm_fast.dist import torchrun_command
@@ -392,7 +438,30 @@ def _relaunch(argv: list[str], nproc: int) -> int:
             skip = True
         elif not a.startswith("--nproc="):
             rest.append(a)
-    return subprocess.call(torchrun_command(nproc, rest))
+    child = subprocess.Popen(torchrun_command(nproc, rest))
+
+    def pass_on(signum, frame):
+        for pid in _child_pids(child.pid) or [child.pid]:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    forward = {s: signal.signal(s, pass_on) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return child.wait()
+    finally:
+        for s, handler in forward.items():
+            signal.signal(s, handler)
+
+
+def _child_pids(pid: int) -> list[int]:
+    """The child processes of `pid` (Linux /proc; [] where that is unavailable)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -412,6 +481,10 @@ def main(argv: list[str] | None = None) -> int:
         if is_main_process():  # every rank meets the same bad input; one line is enough
             print(f"lfm-fast: error: {e}", file=sys.stderr)
         return 2
+    except RunError as e:
+        if is_main_process():
+            print(f"lfm-fast: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("lfm-fast: interrupted", file=sys.stderr)
         return 130

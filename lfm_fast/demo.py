@@ -22,7 +22,7 @@ from lfm_fast.data.latents import prepare_latents
 from lfm_fast.data.shapes import SHAPE_CLASSES, ShapesDataset, to_tensor, to_uint8
 from lfm_fast.eval.domain import classify, embed, load_judges
 from lfm_fast.eval.frechet import latent_fd
-from lfm_fast.fileio import atomic_dir, image_grid, save_png, write_json
+from lfm_fast.fileio import atomic_dir, check_out_dir, image_grid, save_png, write_json
 from lfm_fast.generate import generate_latents, latents_to_images
 from lfm_fast.models.dit import DiT
 from lfm_fast.train.loop import train
@@ -38,9 +38,9 @@ class DemoBudget:
 
 
 BUDGETS = {
-    "full": DemoBudget(train_images=6000, test_images=600, ae_steps=2500, dit_steps=2800, samples_per_class=100),  # ≈ 7 min (AVX2)
+    "full": DemoBudget(train_images=6000, test_images=600, ae_steps=2500, dit_steps=6000, samples_per_class=100),  # ≈ 8 min
     "quick": DemoBudget(train_images=1500, test_images=300, ae_steps=120, dit_steps=150, samples_per_class=10),  # tests
-    "long": DemoBudget(train_images=6000, test_images=600, ae_steps=2500, dit_steps=9000, samples_per_class=100),  # ≤ 30 min
+    "long": DemoBudget(train_images=6000, test_images=600, ae_steps=2500, dit_steps=20000, samples_per_class=100),  # ≤ 30 min
 }
 
 
@@ -48,7 +48,9 @@ def accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
     return float((predicted == labels).float().mean())
 
 
-def run_demo(out: str, budget: str = "full", seed: int = 0, train_ae: bool = False, progress: bool = True) -> dict:
+def run_demo(out: str, budget: str = "full", seed: int = 0, train_ae: bool = False, progress: bool = True,
+             overwrite: bool = False) -> dict:
+    check_out_dir(out, overwrite)
     b = BUDGETS[budget]
     torch.manual_seed(seed)
     start, seconds = time.time(), {}
@@ -56,7 +58,7 @@ def run_demo(out: str, budget: str = "full", seed: int = 0, train_ae: bool = Fal
     def lap(name):
         seconds[name] = round(time.time() - start - sum(seconds.values()), 1)
 
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "demo", overwrite) as tmp:
         train_set = ShapesDataset(b.train_images, 32, seed)
         test_set = ShapesDataset(b.test_images, 32, seed + 1)
         lap("data")

@@ -28,10 +28,19 @@ class Dist:
         dist.barrier()
 
     def all_mean(self, value: float) -> float:
-        """Mean of a Python float over ranks (the loss of the global batch, from per-rank means)."""
-        t = torch.tensor([value], dtype=torch.float64)
+        """Mean of a Python float over ranks (the loss of the global batch, from per-rank means). The tensor lives
+        on the group's device: an NCCL group has no CPU backend."""
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return float(t) / self.world_size
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is True on any (a signal that reached only some ranks stops them all)."""
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor([int(flag)], dtype=torch.int32, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t)
 
     def broadcast_object(self, obj):
         box = [obj]

@@ -1,6 +1,9 @@
-"""Atomic outputs: write to a temporary path beside the target, rename when complete.
+"""Atomic, safe outputs: write to a temporary path beside the target, rename when complete.
 
-A crash or a bad input therefore never leaves a half-written file or folder behind.
+A crash or a bad input therefore never leaves a half-written file or folder behind. An output folder
+gets a marker (`.lfm-fast.json`: the command and version that wrote it); an existing non-empty folder is
+replaced only with `overwrite=True` and only if it carries that marker, is not the working directory (or
+above it) and holds no training run: like git and rsync, we never delete what we did not create.
 """
 
 from __future__ import annotations
@@ -11,6 +14,50 @@ import os
 import shutil
 import tempfile
 
+from lfm_fast.errors import InputError
+
+MARKER = ".lfm-fast.json"
+
+
+def umask_mode(mode: int = 0o777) -> int:
+    """`mode` as the process umask lets it be (tempfile makes 0700 folders; runs live on shared storage)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
+def read_marker(folder: str) -> dict | None:
+    try:
+        with open(os.path.join(folder, MARKER)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_marker(folder: str, command: str) -> None:
+    from lfm_fast import __version__
+
+    write_json(os.path.join(folder, MARKER), {"tool": "lfm-fast", "command": command, "version": __version__})
+
+
+def check_out_dir(path: str, overwrite: bool = False, flag: str = "--out") -> None:
+    """Refuse (InputError) an output folder we may not replace; call it before any work."""
+    real = os.path.realpath(path)
+    if os.path.exists(real) and not os.path.isdir(real):
+        raise InputError(f"{flag} {path} is a file; expected a folder (new or empty)")
+    cwd = os.path.realpath(os.getcwd())
+    if real == cwd or cwd.startswith(real.rstrip(os.sep) + os.sep):
+        raise InputError(f"{flag} {path} is the working directory or a folder above it; name a new folder, e.g. {flag} runs/out")
+    if not os.path.isdir(real) or not os.listdir(real):
+        return
+    if not overwrite:
+        raise InputError(f"{flag} {path} exists and is not empty; choose a new folder, or pass --overwrite to replace "
+                         f"a folder lfm-fast wrote")
+    if os.path.isdir(os.path.join(real, "checkpoints")):
+        raise InputError(f"--overwrite {flag} {path}: it holds a training run (checkpoints/); refusing to replace it")
+    if read_marker(real) is None:
+        raise InputError(f"--overwrite {flag} {path}: it was not written by lfm-fast (no {MARKER}); refusing to replace it")
+
 
 @contextlib.contextmanager
 def atomic_path(path: str):
@@ -19,6 +66,7 @@ def atomic_path(path: str):
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
         yield tmp
+        os.chmod(tmp, umask_mode(0o666))  # some writers (safetensors) create 0600 files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -32,13 +80,17 @@ def write_json(path: str, obj) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str):
-    """Yield a temporary folder; on success it takes the place of `path` (replacing an older one)."""
+def atomic_dir(path: str, command: str, overwrite: bool = False):
+    """Yield a temporary folder; on success it gets the marker of `command` and takes the place of `path`
+    (replacing an older one only as `check_out_dir` allows)."""
+    check_out_dir(path, overwrite)
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
     try:
+        os.chmod(tmp, umask_mode())
         yield tmp
+        write_marker(tmp, command)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -58,7 +58,8 @@ def rank_indices(num: int, batch_size: int, rank: int, world_size: int) -> list[
     return [i for s in starts for i in range(s, min(s + batch_size, num))]
 
 
-def save_samples(d, out: str, images: np.ndarray, indices: list[int], labels: np.ndarray | None) -> None:
+def save_samples(d, out: str, images: np.ndarray, indices: list[int], labels: np.ndarray | None,
+                 overwrite: bool = False) -> None:
     """Collective: each rank's `images` (image numbers `indices`) into one folder `out`, which rank 0 commits
     atomically: `{index:06d}_class{label}.png` per image, `grid.png`, and `samples.npz` (arr_0, labels) in the
     ADM evaluator's layout. Needs a file system all ranks share (one node, or a shared mount)."""
@@ -74,13 +75,14 @@ def save_samples(d, out: str, images: np.ndarray, indices: list[int], labels: np
         write_part(d.broadcast_object(None))
         d.barrier()
         return
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "sample", overwrite) as tmp:
         d.broadcast_object(tmp)
         write_part(tmp)
         parts = []
         for r in range(d.world_size):
             with np.load(os.path.join(tmp, f".part-{r}.npz")) as f:
-                parts.append((f["indices"], f["images"]))
+                if len(f["indices"]):  # a rank without a batch wrote an empty part
+                    parts.append((f["indices"], f["images"]))
             os.remove(os.path.join(tmp, f".part-{r}.npz"))
         order = np.concatenate([p[0] for p in parts])
         every = np.concatenate([p[1] for p in parts])[np.argsort(order)]

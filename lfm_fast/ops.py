@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lfm_fast.errors import InputError
+
 ATTENTION_BACKENDS = ("auto", "triton", "sdpa", "math", "xformers", "reference")
 # On CPU, bf16 SDPA (its flash kernel) is 2.2× slower forward + backward than plain matmuls at DiT-S/2's
 # 256 tokens (48 vs 22 ms per layer, batch 16, 6 heads), even at 1024 tokens, while in fp32 SDPA is the
@@ -32,7 +34,7 @@ LAYERNORM_EPS = 1e-6  # DiT's adaLN uses LayerNorm(eps=1e-6, elementwise_affine=
 
 def check_backend(name: str, choices: tuple[str, ...], what: str) -> str:
     if name not in choices:
-        raise ValueError(f"unknown {what} backend {name!r}; expected one of {', '.join(choices)}")
+        raise InputError(f"unknown {what} backend {name!r}; expected one of {', '.join(choices)}")
     return name
 
 

@@ -62,7 +62,7 @@ def test_sample_writes_pngs_grid_and_npz_reproducibly(tiny_pipeline, tmp_path, c
     args = ["sample", "--ckpt", dit, "--num", "5", "--labels", "1,4", "--solver", "euler", "--steps", "3", "--cfg", "2", "--seed", "3"]
     assert main(args + ["--out", str(tmp_path / "a")]) == 0
     assert main(args + ["--out", str(tmp_path / "b"), "--batch-size", "2"]) == 0
-    files = sorted(os.listdir(tmp_path / "a"))
+    files = sorted(f for f in os.listdir(tmp_path / "a") if not f.startswith("."))
     assert files == ["000000_class1.png", "000001_class4.png", "000002_class1.png", "000003_class4.png", "000004_class1.png",
                      "grid.png", "samples.npz"]
     a, b = np.load(tmp_path / "a" / "samples.npz"), np.load(tmp_path / "b" / "samples.npz")
@@ -78,7 +78,7 @@ def test_sample_writes_pngs_grid_and_npz_reproducibly(tiny_pipeline, tmp_path, c
 
 def test_sample_defaults_come_from_the_checkpoint(tiny_pipeline, tmp_path, capsys):
     assert main(["sample", "--ckpt", str(tiny_pipeline / "dit"), "--num", "2", "--steps", "2", "--out", str(tmp_path / "s")]) == 0
-    assert "heun, NFE 4 per batch, cfg 2.0" in capsys.readouterr().out
+    assert "heun, NFE 4 per batch, cfg 3.0" in capsys.readouterr().out
 
 
 def test_training_run_has_metrics_and_grid(tiny_pipeline):

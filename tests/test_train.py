@@ -67,3 +67,36 @@ def test_train_refuses_to_overwrite_or_resume_nothing(random_latents, tmp_path):
     cfg.model.num_classes = 7
     with pytest.raises(InputError, match="model.num_classes=7"):
         train(cfg, random_latents, str(tmp_path / "other"), progress=False)
+
+
+def test_a_nonfinite_step_is_skipped_and_counted(random_latents, tmp_path, monkeypatch):
+    """A NaN loss at step 7 leaves weights, optimizer state and EMA as they were after step 6; step 8 goes on."""
+    ref, hit = str(tmp_path / "ref"), str(tmp_path / "nan")
+    train(tiny_config(steps=6), random_latents, ref, progress=False)
+    monkeypatch.setenv("LFM_FAST_FAULT", "nan:7")
+    train(tiny_config(steps=6), random_latents, hit, progress=False)
+    train(tiny_config(steps=7), random_latents, hit, resume=True, progress=False)
+    a, b = read_checkpoint_tensors(latest_checkpoint(ref)), read_checkpoint_tensors(latest_checkpoint(hit))
+    same = [k for k in a if not k.startswith("optim.param_groups")]
+    assert all(torch.equal(a[k], b[k]) for k in same)  # step 7 changed nothing (its lr step aside)
+    metrics = [json.loads(line) for line in open(os.path.join(hit, "metrics.jsonl"))]
+    assert metrics[-1]["step"] == 7 and metrics[-1]["nonfinite_steps"] == 1 and metrics[0]["nonfinite_steps"] == 0
+    assert json.load(open(os.path.join(latest_checkpoint(hit), "trainer.json")))["nonfinite_steps"] == 1
+    train(tiny_config(steps=9), random_latents, hit, resume=True, progress=False)  # finite again: it trains on
+    assert not torch.equal(read_checkpoint_tensors(latest_checkpoint(hit))["model.blocks.0.mlp.0.weight"],
+                           a["model.blocks.0.mlp.0.weight"])
+
+
+def test_a_diverged_run_stops_with_one_line_and_keeps_its_finite_checkpoint(random_latents, tmp_path, capsys, monkeypatch):
+    from lfm_fast.cli import main
+
+    out = str(tmp_path / "run")
+    args = ["train", "--latents", random_latents, "--preset", "small-data", "--out", out, "--steps", "30", "model.hidden_size=32",
+            "model.depth=2", "model.num_heads=2", "train.batch_size=8", "train.ckpt_every=10", "train.max_nonfinite_steps=4"]
+    monkeypatch.setenv("LFM_FAST_FAULT", "nan:13-30")
+    assert main(args) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if "lfm-fast" in line]  # (the progress bar aside)
+    assert len(err) == 1 and err[0].startswith("lfm-fast: error: step 16: 4 steps in a row had a non-finite loss"), err
+    assert json.load(open(os.path.join(latest_checkpoint(out), "trainer.json")))["step"] == 10
+    state = read_checkpoint_tensors(latest_checkpoint(out))
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())

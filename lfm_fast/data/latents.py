@@ -1,23 +1,42 @@
 """Latent shards: what `lfm-fast prepare` writes and training reads.
 
 A folder with `meta.json` and `shard-XXXXX.safetensors` files, each holding `latents` (N, C, H, W;
-already multiplied by the AE's scaling factor) and `labels` (N,) int64. Shards are memory-mapped
-through safetensors and read item by item, so a dataset larger than memory trains fine.
+already multiplied by the AE's scaling factor) and `labels` (N,) int64. Shards are memory-mapped and a
+batch is gathered with one fancy index per shard, so a dataset larger than memory trains fine and reading
+a batch costs no per-item Python work.
 """
 
 from __future__ import annotations
 
-import bisect
 import json
 import os
+import struct
 
+import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from lfm_fast.errors import InputError
 from lfm_fast.fileio import resolve_path, write_json
+
+
+_NUMPY_DTYPES = {"F32": np.float32, "I64": np.int64}
+
+
+def mmap_safetensors(path: str) -> dict[str, np.ndarray]:
+    """Read-only memory-mapped views of a safetensors file's tensors (format: an 8-byte little-endian header
+    length, a JSON header of dtype/shape/data_offsets, then the raw bytes); pages load when touched."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    raw = np.memmap(path, dtype=np.uint8, mode="r")
+    views = {}
+    for name, info in header.items():
+        if name != "__metadata__":
+            lo, hi = info["data_offsets"]
+            views[name] = raw[8 + n + lo:8 + n + hi].view(_NUMPY_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return views
 
 
 class LatentShardWriter:
@@ -84,35 +103,40 @@ class LatentShardDataset(Dataset):
     def __len__(self):
         return self.length
 
-    def _slices(self, s: int):
-        if s not in self._handles:  # opened lazily: each DataLoader worker maps its own
-            f = safe_open(os.path.join(self.folder, self.meta["shards"][s]["file"]), framework="pt")
-            self._handles[s] = (f, f.get_slice("latents"), f.get_slice("labels"))
-        return self._handles[s][1:]
+    def _shard(self, s: int) -> dict[str, np.ndarray]:
+        if s not in self._handles:  # mapped lazily: each DataLoader worker maps its own
+            self._handles[s] = mmap_safetensors(os.path.join(self.folder, self.meta["shards"][s]["file"]))
+        return self._handles[s]
 
     def __getitem__(self, i: int):
         if not 0 <= i < self.length:
             raise IndexError(i)
-        s = bisect.bisect_right(self.offsets, i) - 1
-        lat, lab = self._slices(s)
-        j = i - self.offsets[s]
-        return lat[j:j + 1][0], lab[j:j + 1][0]
+        x, y = self.get_batch([i])
+        return x[0], y[0]
 
     def get_batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        items = [self[int(i)] for i in indices]
-        return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
+        idx = np.asarray(indices, dtype=np.int64)
+        shard_of = np.searchsorted(self.offsets, idx, side="right") - 1
+        latents = np.empty((len(idx), *self.latent_shape), dtype=np.float32)
+        labels = np.empty(len(idx), dtype=np.int64)
+        for s in np.unique(shard_of):
+            rows = shard_of == s
+            local = idx[rows] - self.offsets[s]
+            latents[rows], labels[rows] = self._shard(s)["latents"][local], self._shard(s)["labels"][local]
+        return torch.from_numpy(latents), torch.from_numpy(labels)
 
 
 def prepare_latents(ae_spec: str, data_spec: str, out: str, image_size: int | None = None, num_images: int = 6000,
-                    batch_size: int = 64, seed: int = 0, progress: bool = True) -> dict:
+                    batch_size: int = 64, seed: int = 0, progress: bool = True, overwrite: bool = False) -> dict:
     """Encode a dataset once with the AE and write latent shards (LFM re-encoded every batch; we cache)."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
     from lfm_fast.autoencoder import downsample_factor, encode, load_autoencoder
     from lfm_fast.data import open_image_dataset
-    from lfm_fast.fileio import atomic_dir, portable_path
+    from lfm_fast.fileio import atomic_dir, check_out_dir, portable_path
 
+    check_out_dir(out, overwrite)
     ae = load_autoencoder(ae_spec)
     size = image_size or int(ae.config.sample_size)
     ds, class_names = open_image_dataset(data_spec, size, num_images, seed)
@@ -122,7 +146,7 @@ def prepare_latents(ae_spec: str, data_spec: str, out: str, image_size: int | No
             "scaling_factor": float(ae.config.scaling_factor), "image_size": size,
             "latent_shape": [int(ae.config.latent_channels), size // f, size // f],
             "num_classes": len(class_names), "class_names": class_names, "dataset": data_spec}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "prepare", overwrite) as tmp:
         writer = LatentShardWriter(tmp)
         loader = DataLoader(ds, batch_size=batch_size, shuffle=False)
         for images, labels in tqdm(loader, desc="prepare", disable=not progress, mininterval=1):

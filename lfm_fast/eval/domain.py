@@ -79,7 +79,7 @@ def train_shape_judge(num_images: int = 20_000, image_size: int = 32, seed: int 
     return train_classifier(ds.images, ds.labels, len(SHAPE_CLASSES), steps, seed=seed, colour_blind=True, progress=progress)
 
 
-def train_judges(out: str, progress: bool = True) -> dict:
+def train_judges(out: str, progress: bool = True, overwrite: bool = False) -> dict:
     """Train the demo's two judges and save them to `out` (what ships in lfm_fast/assets/judges, made by
     `python -m lfm_fast.eval.domain --out lfm_fast/assets/judges`): the classifier on real shapes (the
     demo's training images, seed 0) and the colour-blind shape judge."""
@@ -96,7 +96,7 @@ def train_judges(out: str, progress: bool = True) -> dict:
     summary = {name: {"held_out_real_accuracy": float((classify(m, held_out.images) == held_out.labels).float().mean())}
                for name, m in judges.items()}
     summary["seconds"] = round(time.time() - start, 1)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "judges", overwrite) as tmp:
         for name, m in judges.items():
             save_file(m.state_dict(), os.path.join(tmp, f"{name}.safetensors"))
         write_json(os.path.join(tmp, "judges.json"), summary)
@@ -130,4 +130,6 @@ def classify(clf: ShapesClassifier, images: torch.Tensor, batch_size: int = 256)
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="train the shapes demo's judges (what ships in lfm_fast/assets/judges)")
     parser.add_argument("--out", default=JUDGES_DIR)
-    print(train_judges(parser.parse_args().out))
+    parser.add_argument("--overwrite", action="store_true", help="replace --out (a folder this command wrote)")
+    args = parser.parse_args()
+    print(train_judges(args.out, overwrite=args.overwrite))

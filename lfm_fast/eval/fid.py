@@ -213,7 +213,9 @@ def load_images(source: str) -> np.ndarray:
 
 def reference_stats(path: str) -> tuple[np.ndarray, np.ndarray] | None:
     """(mu, sigma) from a pytorch-fid statistics file (mu, sigma); None when it holds images instead (ADM
-    reference batches keep arr_0 images, whose features must be computed)."""
+    reference batches keep arr_0 images, whose features must be computed, as does a folder of images)."""
+    if os.path.isdir(path):
+        return None
     if not os.path.isfile(path):
         raise InputError(f"--ref {path}: no such file")
     with np.load(path) as f:

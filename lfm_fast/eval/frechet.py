@@ -6,12 +6,23 @@ Gaussian fits of real and generated latents, the quantity LFM's bound is about.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy import linalg
+
+from lfm_fast.errors import InputError
 
 
 def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     features = np.asarray(features, np.float64).reshape(len(features), -1)
+    n, dim = features.shape
+    if n < 2:
+        raise InputError(f"a Fréchet distance needs at least 2 samples, got {n}")
+    if n <= dim:
+        warnings.warn(f"Fréchet distance from {n} samples of {dim}-dimensional features: the covariance needs more "
+                      f"samples than dimensions to be full rank, so the value is biased (it can even be negative); "
+                      f"compare only values from equal, larger counts", stacklevel=2)
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
@@ -19,7 +30,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"statistics of different sizes: {mu1.shape} vs {mu2.shape}")
+        raise InputError(f"statistics of different feature sizes: {mu1.shape[0]} vs {mu2.shape[0]} (another feature "
+                         f"extractor or layer made the reference)")
     diff = mu1 - mu2
     covmean = linalg.sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():  # singular product: regularise the diagonals (pytorch-fid's guard)

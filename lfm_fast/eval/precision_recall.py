@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from lfm_fast.errors import InputError
+
 
 def knn_radii(features: torch.Tensor, k: int, batch: int = 1024) -> torch.Tensor:
     """Distance from each row to its k-th nearest other row."""
@@ -29,5 +31,6 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> dict:
     r = torch.as_tensor(np.asarray(real, np.float64).reshape(len(real), -1))
     f = torch.as_tensor(np.asarray(fake, np.float64).reshape(len(fake), -1))
     if len(r) <= k or len(f) <= k:
-        raise ValueError(f"precision/recall with k={k} needs more than {k} samples in each set")
+        raise InputError(f"precision/recall with k={k} needs more than {k} samples in each set, got {len(f)} generated "
+                         f"and {len(r)} reference")
     return {"precision": manifold_coverage(r, knn_radii(r, k), f), "recall": manifold_coverage(f, knn_radii(f, k), r)}

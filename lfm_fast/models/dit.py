@@ -234,11 +234,21 @@ class DiT(nn.Module):
     def from_pretrained(cls, folder: str, **overrides) -> "DiT":
         from safetensors.torch import load_file
 
+        from lfm_fast.config import validate_section
+
         config = read_checkpoint_config(folder)
         known = {f.name for f in fields(DiTConfig)}
         cfg = DiTConfig(**{**{k: v for k, v in config["model"].items() if k in known}, **overrides})
         try:
-            return cls.from_state_dict(cfg, load_file(os.path.join(folder, "model.safetensors")))
+            validate_section("model", cfg)
+        except InputError as e:
+            raise InputError(f"checkpoint {folder}: config.json: {e}") from None
+        try:
+            state = load_file(os.path.join(folder, "model.safetensors"))
+        except Exception as e:  # safetensors raises its own error type for truncated or foreign files
+            raise InputError(f"checkpoint {folder}: cannot read model.safetensors ({str(e).splitlines()[0]})") from None
+        try:
+            return cls.from_state_dict(cfg, state)
         except ValueError as e:
             raise InputError(f"checkpoint {folder}: weights do not match its config.json ({e})") from None
 

@@ -39,16 +39,28 @@ def latest_checkpoint(run: str) -> str | None:
     return path if os.path.isfile(os.path.join(path, "trainer.json")) else None
 
 
+def fault_active(point: str, step: int) -> bool:
+    """Fault injection for the tests: LFM_FAST_FAULT=<point>:<step> or <point>:<first>-<last>."""
+    name, _, steps = os.environ.get("LFM_FAST_FAULT", "").partition(":")
+    if name != point or not steps:
+        return False
+    first, _, last = steps.partition("-")
+    return int(first) <= step <= int(last or first)
+
+
 def fault_point(point: str, step: int) -> None:
-    """Crash injection for the tests: LFM_FAST_FAULT=<point>:<step> SIGKILLs this process there."""
-    if os.environ.get("LFM_FAST_FAULT") == f"{point}:{step}":
+    """LFM_FAST_FAULT=<point>:<step> SIGKILLs this process there (a crash, for the resume tests)."""
+    if fault_active(point, step):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
 def save_checkpoint(run: str, step: int, model, optimizer, ema: dict, trainer: dict) -> str:
     """Collective: every rank calls it. `trainer` (step, data position, scheduler, config) is JSON."""
     root = os.path.join(run, CHECKPOINT_DIR)
-    name = f"step_{step:08d}"
+    name, again = f"step_{step:08d}", 0
+    while os.path.exists(os.path.join(root, name)):  # a step saved before (`latest` may name it) is never deleted
+        again += 1  # first: the new one is committed beside it, and pruned later like any older checkpoint
+        name = f"step_{step:08d}-{again}"
     final, tmp = os.path.join(root, name), os.path.join(root, name + ".tmp")
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -62,7 +74,6 @@ def save_checkpoint(run: str, step: int, model, optimizer, ema: dict, trainer: d
     if dist.get_rank() == 0:
         torch.save({"world_size": dist.get_world_size(), "torch": rng}, os.path.join(tmp, "rng.pt"))
         write_json(os.path.join(tmp, "trainer.json"), trainer)
-        shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         with atomic_path(os.path.join(root, "latest")) as p:
             with open(p, "w") as f:

@@ -14,6 +14,8 @@ import json
 import math
 import os
 import resource
+import signal
+import threading
 import time
 import warnings
 
@@ -21,15 +23,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lfm_fast.config import ExperimentConfig, to_dict
+from lfm_fast.config import ExperimentConfig, to_dict, validate
 from lfm_fast.dist import init_distributed
 from lfm_fast.data.latents import LatentShardDataset
-from lfm_fast.errors import InputError
-from lfm_fast.fileio import image_grid, portable_path, save_png
+from lfm_fast.errors import InputError, RunError
+from lfm_fast.fileio import image_grid, portable_path, read_marker, save_png, umask_mode, write_marker
 from lfm_fast.flow import draw_flow, flow_matching_loss
 from lfm_fast.models.dit import DiT
 from lfm_fast.sampling import FIXED_SOLVERS, SampleConfig
-from lfm_fast.train.checkpoint import fault_point, latest_checkpoint, load_checkpoint, save_checkpoint
+from lfm_fast.train.checkpoint import fault_active, fault_point, latest_checkpoint, load_checkpoint, save_checkpoint
 from lfm_fast.train.ema import create_ema, ema_decay_at, full_state, update_ema
 from lfm_fast.train.parallelize import build_parallel_dit, parse_ac
 from lfm_fast.train.throughput import peak_flops, train_flops_per_image
@@ -120,36 +122,40 @@ def train(cfg: ExperimentConfig, latents: str, out: str, resume: bool = False, s
     Under torchrun every rank calls this; only rank 0 writes logs, grids and the inference checkpoint."""
     from lfm_fast.generate import generate_latents, latents_to_images
 
+    validate(cfg)
     tc = cfg.train
     ds = LatentShardDataset(latents)
     configure_model_for_data(cfg, ds)
     if tc.precision not in ("bf16", "fp32"):
         raise InputError(f"train.precision {tc.precision!r}: expected 'bf16' or 'fp32'")
     parse_ac(tc.activation_checkpointing)
+    schedule = lr_lambda(tc)
     ckpt = latest_checkpoint(out)
     if resume and ckpt is None:
         raise InputError(f"--resume: no complete checkpoint in {out}/checkpoints")
     if not resume and ckpt is not None:
         raise InputError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+    if not resume:
+        _check_run_folder(out)
     d = init_distributed(device)
     micro = micro_batch_size(tc, d.world_size)
-    if d.is_main:
-        os.makedirs(out, exist_ok=True)
 
     model = build_parallel_dit(cfg.model, d.mesh, d.device, tc.precision, tc.activation_checkpointing, tc.compile, tc.seed)
     ema = create_ema(model)
     optimizer = make_optimizer(model, tc)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
-    step, position = 0, 0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    step, position, nonfinite, nonfinite_run = 0, 0, 0, 0
     if resume:
         trainer = load_checkpoint(ckpt, model, optimizer, ema)
-        step, position = trainer["step"], trainer["data_position"]
+        step, position, nonfinite = trainer["step"], trainer["data_position"], trainer.get("nonfinite_steps", 0)
         scheduler.load_state_dict(trainer["scheduler"])
 
     meta = {"experiment": to_dict(cfg), "latents": portable_path(latents, out), "autoencoder": portable_path(ds.autoencoder, out),
             "scaling_factor": ds.meta.get("scaling_factor"), "class_names": ds.meta.get("class_names", [])}
     metrics_path = os.path.join(out, "metrics.jsonl")
-    if d.is_main:
+    if d.is_main:  # everything is validated: the run folder appears only now
+        os.makedirs(out, mode=umask_mode(), exist_ok=True)
+        write_marker(out, "train")
         _truncate_metrics(metrics_path, step)
 
     ae = _load_preview_autoencoder(ds.autoencoder) if d.is_main else None
@@ -168,8 +174,11 @@ def train(cfg: ExperimentConfig, latents: str, out: str, resume: bool = False, s
         d.barrier()
 
     def checkpoint():
-        trainer = {"step": step, "data_position": position, "world_size": d.world_size, "micro_batch": micro,
-                   "scheduler": scheduler.state_dict(), "config": to_dict(cfg)}
+        finite = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in model.parameters())
+        if d.all_mean(float(finite)) < 1:  # any rank's shard
+            raise RunError(f"step {step}: the weights are not finite; no checkpoint written (the last one is kept)")
+        trainer = {"step": step, "data_position": position, "nonfinite_steps": nonfinite, "world_size": d.world_size,
+                   "micro_batch": micro, "scheduler": scheduler.state_dict(), "config": to_dict(cfg)}
         save_checkpoint(out, step, model, optimizer, ema, trainer)
 
     flops_per_image = train_flops_per_image(cfg.model)
@@ -179,59 +188,112 @@ def train(cfg: ExperimentConfig, latents: str, out: str, resume: bool = False, s
     end = min(tc.steps, stop_at) if stop_at is not None else tc.steps
     lo_rank = d.rank * micro * tc.grad_accum
     model.train()
-    bar = tqdm(total=tc.steps, initial=step, desc="train", disable=not (progress and d.is_main), mininterval=1)
     losses, t_log, last = [], time.time(), {}
     metrics = open(metrics_path, "a") if d.is_main else None
-    while step < end:
-        indices = sampler.indices(position, tc.batch_size)
-        draws = draw_flow(tc.batch_size, ds.latent_shape, cfg.flow, step_generator(tc.seed, 0, step), tc.label_dropout)
-        step_loss = torch.zeros((), dtype=torch.float64, device=d.device)  # summed on device: no sync per step
-        for k in range(tc.grad_accum):
-            lo = lo_rank + k * micro
-            x0, y = ds.get_batch(indices[lo:lo + micro])
-            x0, y = x0.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
-            model.set_requires_gradient_sync(k == tc.grad_accum - 1)
-            loss = flow_matching_loss(model, x0, y if cfg.model.num_classes else None, cfg.flow,
-                                      label_dropout=tc.label_dropout, draws=draws.rows(lo, micro))
-            (loss / tc.grad_accum).backward()
-            step_loss += loss.detach().double() / tc.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        update_ema(ema, model, ema_decay_at(step, tc.ema_decay))
-        step += 1
-        position += tc.batch_size
-        losses.append(step_loss)
-        bar.update(1)
-        fault_point("step", step)
-        if step % tc.log_every == 0 or step == end:
-            dt = time.time() - t_log
-            img_s = len(losses) * tc.batch_size / dt
-            loss = d.all_mean(float(torch.stack(losses).sum())) / len(losses)  # the global batch's loss, step mean
-            last = {"step": step, "loss": loss, "img_per_s": img_s,
-                    "tokens_per_s": img_s * cfg.model.num_tokens, "tflops": img_s * flops_per_image / 1e12,
-                    "mfu": img_s * flops_per_image / peak, "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
-                    "mem_gib": memory_gib(d.device), "world_size": d.world_size}
-            if metrics:
-                metrics.write(json.dumps(last) + "\n")
-                metrics.flush()
-            bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{img_s:.0f}", mfu=f"{100 * last['mfu']:.0f}%")
-            losses, t_log = [], time.time()
-        if tc.ckpt_every and step % tc.ckpt_every == 0 and step < end:
-            checkpoint()
-        if tc.sample_every and step % tc.sample_every == 0 and step < end:
-            write_preview(f"samples_{step:06d}.png")
-    bar.close()
+    with StopSignals() as stop, tqdm(total=tc.steps, initial=step, desc="train", disable=not (progress and d.is_main),
+                                     mininterval=1) as bar:  # closed (its line ended) before any error is printed
+        while step < end and not d.any(stop.received is not None):
+            indices = sampler.indices(position, tc.batch_size)
+            draws = draw_flow(tc.batch_size, ds.latent_shape, cfg.flow, step_generator(tc.seed, 0, step), tc.label_dropout)
+            step_loss = torch.zeros((), dtype=torch.float64, device=d.device)  # summed on device: no sync per step
+            for k in range(tc.grad_accum):
+                lo = lo_rank + k * micro
+                x0, y = ds.get_batch(indices[lo:lo + micro])
+                x0, y = x0.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+                if hasattr(model, "set_requires_gradient_sync"):  # FSDP2-wrapped
+                    model.set_requires_gradient_sync(k == tc.grad_accum - 1)
+                loss = flow_matching_loss(model, x0, y if cfg.model.num_classes else None, cfg.flow,
+                                          label_dropout=tc.label_dropout, draws=draws.rows(lo, micro))
+                if fault_active("nan", step + 1):
+                    loss = loss * float("nan")
+                (loss / tc.grad_accum).backward()
+                step_loss += loss.detach().double() / tc.grad_accum
+            clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
+            grad_norm = _full(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+            if torch.isfinite(grad_norm):  # one host sync a step; NaN/inf in the loss shows here too, the same on every rank
+                optimizer.step()
+                update_ema(ema, model, ema_decay_at(step, tc.ema_decay))
+                nonfinite_run = 0
+            else:  # skip the update: the weights, optimizer state and EMA stay as they were
+                nonfinite, nonfinite_run = nonfinite + 1, nonfinite_run + 1
+                if nonfinite_run >= tc.max_nonfinite_steps:
+                    raise RunError(f"step {step + 1}: {nonfinite_run} steps in a row had a non-finite loss or gradient "
+                                   f"(train.max_nonfinite_steps={tc.max_nonfinite_steps}); stopped. Lower train.lr, or "
+                                   f"--resume from the last checkpoint in {out}")
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            position += tc.batch_size
+            losses.append(step_loss)
+            bar.update(1)
+            fault_point("step", step)
+            if fault_active("slow", step):  # the signal tests: a step long enough to be interrupted mid-run
+                time.sleep(0.5)
+            if step % tc.log_every == 0 or step == end:
+                dt = time.time() - t_log
+                img_s = len(losses) * tc.batch_size / dt
+                finite = [v for v in losses if torch.isfinite(v)]
+                loss = d.all_mean(float(torch.stack(finite).mean()) if finite else float("nan"))  # of the finite steps
+                last = {"step": step, "loss": loss, "img_per_s": img_s,
+                        "tokens_per_s": img_s * cfg.model.num_tokens, "tflops": img_s * flops_per_image / 1e12,
+                        "mfu": img_s * flops_per_image / peak, "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": float(grad_norm), "nonfinite_steps": nonfinite,
+                        "mem_gib": memory_gib(d.device), "world_size": d.world_size}
+                if metrics:
+                    metrics.write(json.dumps(last) + "\n")
+                    metrics.flush()
+                bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{img_s:.0f}", mfu=f"{100 * last['mfu']:.0f}%")
+                losses, t_log = [], time.time()
+            if tc.ckpt_every and step % tc.ckpt_every == 0 and step < end:
+                checkpoint()
+            if tc.sample_every and step % tc.sample_every == 0 and step < end:
+                write_preview(f"samples_{step:06d}.png")
     if metrics:
         metrics.close()
     checkpoint()
+    if step < end:  # stopped by a signal: the checkpoint is all that a resumed run needs
+        return {"step": step, "data_position": position, "last": last, "stopped_by": stop.received or "a signal to another rank"}
     net = ema_model()
     if d.is_main:
         net.save_pretrained(out, meta=meta)
     write_preview("samples.png", net)
     return {"step": step, "data_position": position, "last": last, "peak_flops": peak, "peak_source": peak_source}
+
+
+class StopSignals:
+    """SIGTERM, and SIGUSR1 (what SLURM sends before a time limit), set a flag the loop reads between steps: the
+    run then finishes its step, writes a checkpoint and returns, so a preempted job resumes where it stopped."""
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received, self._previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread only
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value (a collective), or the tensor itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _check_run_folder(out: str) -> None:
+    """A new run goes into a new or empty folder, or one an earlier `train` made (that crashed before its
+    first checkpoint); it writes beside nobody else's files."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise InputError(f"--out {out} is a file; expected a run folder (new or empty)")
+    if os.path.isdir(out) and os.listdir(out) and (read_marker(out) or {}).get("command") != "train":
+        raise InputError(f"--out {out} holds other files; choose a new or empty run folder")
 
 
 def _truncate_metrics(path: str, step: int) -> None:

@@ -1,6 +1,11 @@
 """FSDP2 for the DiT, in torchtitan's order: activation checkpointing → per-block torch.compile →
 `fully_shard` on each block, then on the root. The model is built on the meta device and its weights
-are initialised after sharding, each rank writing only its own shard (`DiT.initialize_weights`)."""
+are initialised after sharding, each rank writing only its own shard (`DiT.initialize_weights`).
+
+Like torchtitan, a world of one is not sharded in fp32: FSDP2 would only add an all-gather and a
+reduce-scatter copy per block and DTensor dispatch in the optimizer (20 of 87 ms a step for the
+small-data DiT at batch 32 on 2 CPU cores). bf16 keeps FSDP2 at any size: its mixed-precision policy
+is the bf16 path, so one rank and many compute the same way."""
 
 from __future__ import annotations
 
@@ -64,7 +69,10 @@ def build_parallel_dit(cfg: DiTConfig, mesh: DeviceMesh, device: torch.device, p
     apply_ac(model, ac)
     if compile_blocks:
         apply_compile(model)
-    apply_fsdp(model, mesh, precision)
+    if mesh.size() > 1 or precision == "bf16":
+        apply_fsdp(model, mesh, precision)
+    else:
+        mixed_precision(precision)  # validates the name
     model.to_empty(device=device)
     model.initialize_weights(seed)
     return model

@@ -1,0 +1,95 @@
+"""No command deletes or replaces what it did not write; every output folder appears only once its inputs
+are validated, carries the writer's marker and honours the umask."""
+
+import json
+import os
+import stat
+
+import pytest
+
+from lfm_fast.cli import main
+from lfm_fast.fileio import MARKER
+from tests.test_cli import assert_input_error, run_cli
+
+
+def sample(capsys, tiny_pipeline, out, *extra):
+    return run_cli(capsys, "sample", "--ckpt", str(tiny_pipeline / "dit"), "--num", "2", "--solver", "euler", "--steps", "1",
+                   "--out", str(out), *extra)
+
+
+def user_folder(path):
+    path.mkdir()
+    (path / "thesis.tex").write_text("years of work")
+    return path
+
+
+def test_out_never_replaces_a_folder_lfm_fast_did_not_write(tiny_pipeline, tmp_path, capsys, monkeypatch):
+    mine = user_folder(tmp_path / "mine")
+    assert_input_error(*sample(capsys, tiny_pipeline, mine), "exists and is not empty", "--overwrite")
+    assert_input_error(*sample(capsys, tiny_pipeline, mine, "--overwrite"), "not written by lfm-fast", MARKER)
+    assert (mine / "thesis.tex").read_text() == "years of work" and os.listdir(mine) == ["thesis.tex"]
+    monkeypatch.chdir(mine)  # `--out .` (and any folder above the working directory) is refused even with --overwrite
+    for out in (".", "..", str(tmp_path)):
+        assert_input_error(*sample(capsys, tiny_pipeline, out, "--overwrite"), "working directory")
+    assert (mine / "thesis.tex").exists()
+    run = tiny_pipeline / "dit"  # a training run is never replaced
+    before = sorted(os.listdir(run))
+    assert_input_error(*sample(capsys, tiny_pipeline, run, "--overwrite"), "training run")
+    assert sorted(os.listdir(run)) == before and (run / "checkpoints" / "latest").exists()
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+def test_out_written_by_lfm_fast_is_replaced_only_with_overwrite(tiny_pipeline, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert sample(capsys, tiny_pipeline, out)[0] == 0
+    assert json.loads((out / MARKER).read_text())["command"] == "sample"
+    (out / "note.txt").write_text("x")
+    assert_input_error(*sample(capsys, tiny_pipeline, out), "exists and is not empty")
+    assert (out / "note.txt").exists()
+    assert sample(capsys, tiny_pipeline, out, "--overwrite")[0] == 0
+    assert not (out / "note.txt").exists() and (out / "samples.npz").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert sample(capsys, tiny_pipeline, empty)[0] == 0  # an empty folder is as good as a new one
+    (tmp_path / "file").write_text("x")
+    assert_input_error(*sample(capsys, tiny_pipeline, tmp_path / "file"), "is a file")
+
+
+def test_every_folder_writing_command_refuses_a_user_folder_before_any_work(tmp_path, capsys):
+    mine = user_folder(tmp_path / "mine")
+    for argv in (["prepare", "--ae", "builtin:shapes", "--data", "shapes"], ["train-ae", "--data", "shapes"], ["demo", "--quick"]):
+        assert_input_error(*run_cli(capsys, *argv, "--out", str(mine)), "exists and is not empty")
+        assert_input_error(*run_cli(capsys, *argv, "--out", str(mine), "--overwrite"), "not written by lfm-fast")
+    assert os.listdir(mine) == ["thesis.tex"] and sorted(os.listdir(tmp_path)) == ["mine"]
+
+
+def test_train_writes_its_folder_only_after_validation_and_never_beside_other_files(random_latents, tmp_path, capsys):
+    def train(out, *bad):
+        return ["train", "--latents", random_latents, "--preset", "small-data", "--steps", "2", "--out", str(out),
+                "model.hidden_size=32", "model.depth=1", "model.num_heads=2", "train.batch_size=8", *bad]
+
+    out = tmp_path / "run"
+    for bad, words in (("train.lr_schedule=foo", "lr_schedule"), ("train.grad_accum=3", "divisible"),
+                       ("model.attn_backend=foo", "attn_backend")):
+        code, err = run_cli(capsys, *train(out, bad))
+        assert code == 2 and words in err, err
+        assert not out.exists()
+    mine = user_folder(tmp_path / "mine")
+    assert_input_error(*run_cli(capsys, *train(mine)), "holds other files")
+    assert os.listdir(mine) == ["thesis.tex"]
+    assert main(train(out)) == 0
+    capsys.readouterr()
+    assert json.loads((out / MARKER).read_text())["command"] == "train"
+    assert_input_error(*run_cli(capsys, *train(out)), "already holds a training run", "--resume")
+
+
+def test_outputs_honour_the_umask(tiny_pipeline, tmp_path, capsys):
+    old = os.umask(0o022)
+    try:
+        assert sample(capsys, tiny_pipeline, tmp_path / "s")[0] == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "s").st_mode) == 0o755
+    assert {stat.S_IMODE(os.stat(tmp_path / "s" / f).st_mode) for f in os.listdir(tmp_path / "s")} == {0o644}
+    for f in ("model.safetensors", "config.json", "metrics.jsonl"):
+        assert stat.S_IMODE(os.stat(tiny_pipeline / "dit" / f).st_mode) & 0o044 == 0o044, f  # group/world-readable
