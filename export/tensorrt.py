@@ -16,7 +16,7 @@ from lfm_fast.export.onnx import read_metadata
 from lfm_fast.fileio import atomic_path
 
 
-def _trt():
+def require_tensorrt():
     try:
         import tensorrt as trt
     except ImportError:
@@ -42,7 +42,7 @@ def parse_batch_range(text: str) -> tuple[int, int, int]:
 def build_engine(onnx_path: str, engine_path: str, fp16: bool = True, bf16: bool = False,
                  batch_range: tuple[int, int, int] = (1, 16, 64), timing_cache: str | None = None,
                  workspace_gib: float = 8.0) -> str:
-    trt = _trt()
+    trt = require_tensorrt()
     read_metadata(onnx_path)  # a clear error for files that are not our graphs
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -82,7 +82,7 @@ class TensorRTSampler:
     """Runs a serialized engine on torch CUDA tensors (execute_async_v3 on the current stream)."""
 
     def __init__(self, engine_path: str, cuda_graph: bool = False):
-        trt = _trt()
+        trt = require_tensorrt()
         if not os.path.isfile(engine_path):
             raise InputError(f"--engine {engine_path}: no such file")
         self.logger = trt.Logger(trt.Logger.WARNING)
