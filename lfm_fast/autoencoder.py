@@ -99,7 +99,7 @@ def train_autoencoder(images: torch.Tensor, out: str, steps: int = 1000, batch_s
     `latent_noise` decodes z + σ·std(z)·ε, so the decoder forgives small latent errors; `scale_equivariance`
     (Skorokhodov et al. 2025) also decodes the 2×-downsampled latent and asks for the 2×-downsampled image,
     which keeps high frequencies out of the latents."""
-    check_out_dir(out, overwrite)
+    check_out_dir(out, overwrite, "train-ae")
     device = torch.device(device or default_device())
     if precision == "auto":  # bf16 autocast makes these convolutions ~10× slower on CPU (oneDNN), faster on GPUs
         precision = "bf16" if device.type == "cuda" else "fp32"

@@ -24,11 +24,19 @@ EXAMPLES = """examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors (an unknown flag, a bad choice) as one line too, like every other bad input."""
+
+    def error(self, message):
+        command = self.prog.removeprefix("lfm-fast").strip()
+        self.exit(2, f"lfm-fast: error: {command + ': ' if command else ''}{message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     from lfm_fast.config import PRESETS
     from lfm_fast.sampling import GRIDS, SOLVERS
 
-    p = argparse.ArgumentParser(prog="lfm-fast", description="Latent flow matching: train and sample DiT velocity networks "
+    p = _Parser(prog="lfm-fast", description="Latent flow matching: train and sample DiT velocity networks "
                                 "in an autoencoder's latent space.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -109,7 +117,8 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export the fixed-step sampler (N steps, CFG inside) as ONNX or a TensorRT engine")
     e.add_argument("--ckpt", required=True)
     e.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx")
-    e.add_argument("--solver", choices=SOLVERS, default=None, help="euler, midpoint or heun (unrolled); default: the checkpoint's")
+    e.add_argument("--solver", choices=("euler", "midpoint", "heun"), default=None,
+                   help="the fixed-step solver to unroll; default: the checkpoint's")
     e.add_argument("--steps", type=int, default=None)
     e.add_argument("--cfg", type=float, default=None)
     e.add_argument("--grid", choices=GRIDS, default=None)
@@ -120,7 +129,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--bf16", action="store_true", help="TensorRT only: allow bf16 kernels")
     e.add_argument("--net-only", action="store_true", help="export the velocity network alone (inputs x, t, labels)")
     e.add_argument("--batch-range", default="1:64", help="TensorRT optimization profile, MIN:MAX or MIN:OPT:MAX")
-    e.add_argument("--out", required=True, help="the .onnx file, or the TensorRT engine file")
+    e.add_argument("--out", required=True, help="the .onnx file, or the TensorRT engine file (new; see --overwrite)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
     v = sub.add_parser("eval", help="FID, precision/recall and latent FD of samples against a reference")
     v.add_argument("--samples", required=True, help="samples.npz (arr_0: N×H×W×3 uint8) or a folder of images")
@@ -179,6 +189,8 @@ def _check_sampler_flags(args):
 
 
 def _check_positive(name: str, value, allow_zero: bool = False):
+    if value != value or value in (float("inf"), float("-inf")):
+        raise InputError(f"{name} {value}: expected a finite number")
     if value < 0 or (value == 0 and not allow_zero):
         raise InputError(f"{name} {value}: expected a {'non-negative' if allow_zero else 'positive'} number")
 
@@ -191,7 +203,7 @@ def _cmd_train_ae(args):
         _check_positive(f"--{name.replace('_', '-')}", getattr(args, name))
     for name in ("latent_noise", "scale_equivariance"):
         _check_positive(f"--{name.replace('_', '-')}", getattr(args, name), allow_zero=True)
-    check_out_dir(args.out, args.overwrite)
+    check_out_dir(args.out, args.overwrite, "train-ae")
     ds, _ = open_image_dataset(args.data, args.image_size, args.num_images, args.seed)
     import torch
 
@@ -326,7 +338,7 @@ def _cmd_sample(args):
     _check_sampler_flags(args)
     for name in ("num", "batch_size"):
         _check_positive(f"--{name.replace('_', '-')}", getattr(args, name))
-    check_out_dir(args.out, args.overwrite)
+    check_out_dir(args.out, args.overwrite, "sample")
     config = read_checkpoint_config(args.ckpt)
     d = init_distributed()
     model = DiT.from_pretrained(args.ckpt, **_backend_overrides(args)).eval().to(d.device)
@@ -356,7 +368,7 @@ def _cmd_sample(args):
         images = latents_to_images(load_autoencoder(_autoencoder_spec(config, args), device=d.device), latents.float())
     save_samples(d, args.out, images, mine, None if all_labels is None else all_labels.numpy(), args.overwrite)
     if d.is_main:
-        print(f"wrote {args.num} images to {args.out} ({args.backend}, {scfg.solver}, NFE {nfe} per batch, cfg {scfg.cfg}, "
+        print(f"wrote {args.num} image{'s' if args.num != 1 else ''} to {args.out} ({args.backend}, {scfg.solver}, NFE {nfe} per batch, cfg {scfg.cfg}, "
               f"{d.world_size} rank{'s' if d.world_size > 1 else ''})")
 
 
@@ -370,6 +382,9 @@ def _cmd_export(args):
     from lfm_fast.models.dit import DiT, read_checkpoint_config
 
     _check_sampler_flags(args)
+    if os.path.isdir(args.out) or (os.path.lexists(args.out) and not args.overwrite):
+        raise InputError(f"--out {args.out} exists{' and is a folder' if os.path.isdir(args.out) else ''}; name a new "
+                         f"file{'' if os.path.isdir(args.out) else ', or pass --overwrite to replace it'}")
     if args.format == "tensorrt":
         from lfm_fast.export.tensorrt import parse_batch_range, require_tensorrt
 
@@ -468,7 +483,10 @@ def main(argv: list[str] | None = None) -> int:
     from lfm_fast.dist import is_main_process, launched_by_torchrun, shutdown
 
     argv = sys.argv[1:] if argv is None else argv
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # --help, or argparse's one-line error
+        return int(e.code or 0)
     nproc = getattr(args, "nproc", None)
     if nproc is not None and nproc < 1:
         print(f"lfm-fast: error: --nproc {nproc}: expected a positive count", file=sys.stderr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from lfm_fast.errors import InputError
@@ -130,6 +131,8 @@ def validate_section(section: str, obj) -> None:
         value, kind = getattr(obj, f.name), {"int": int, "float": float, "bool": bool, "str": str}.get(str(f.type), f.type)
         if kind in kinds and (not isinstance(value, kinds[kind]) or (kind is not bool and isinstance(value, bool))):
             raise InputError(f"{section}.{f.name}={value!r}: expected {'an' if kind is int else 'a'} {kind.__name__}")
+        if kind is float and not math.isfinite(value):
+            raise InputError(f"{section}.{f.name}={value!r}: expected a finite number")
     for (sec, name), allowed in _choices().items():
         if sec == section and getattr(obj, name) not in allowed:
             raise InputError(f"{section}.{name}={getattr(obj, name)!r}: expected one of {', '.join(allowed)}")

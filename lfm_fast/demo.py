@@ -50,7 +50,7 @@ def accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
 
 def run_demo(out: str, budget: str = "full", seed: int = 0, train_ae: bool = False, progress: bool = True,
              overwrite: bool = False) -> dict:
-    check_out_dir(out, overwrite)
+    check_out_dir(out, overwrite, "demo")
     b = BUDGETS[budget]
     torch.manual_seed(seed)
     start, seconds = time.time(), {}

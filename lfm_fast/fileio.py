@@ -40,9 +40,15 @@ def write_marker(folder: str, command: str) -> None:
     write_json(os.path.join(folder, MARKER), {"tool": "lfm-fast", "command": command, "version": __version__})
 
 
-def check_out_dir(path: str, overwrite: bool = False, flag: str = "--out") -> None:
-    """Refuse (InputError) an output folder we may not replace; call it before any work."""
+def check_out_dir(path: str, overwrite: bool = False, command: str | None = None, flag: str = "--out") -> None:
+    """Refuse (InputError) an output folder we may not replace; call it before any work (and `atomic_dir` calls
+    it again before committing). `--overwrite` replaces only a folder written by the same `command`."""
     real = os.path.realpath(path)
+    if os.path.islink(path) and not os.path.exists(path):
+        raise InputError(f"{flag} {path} is a broken symbolic link")
+    parent = os.path.dirname(real)
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise InputError(f"{flag} {path}: {parent} is a file, not a folder")
     if os.path.exists(real) and not os.path.isdir(real):
         raise InputError(f"{flag} {path} is a file; expected a folder (new or empty)")
     cwd = os.path.realpath(os.getcwd())
@@ -55,8 +61,12 @@ def check_out_dir(path: str, overwrite: bool = False, flag: str = "--out") -> No
                          f"a folder lfm-fast wrote")
     if os.path.isdir(os.path.join(real, "checkpoints")):
         raise InputError(f"--overwrite {flag} {path}: it holds a training run (checkpoints/); refusing to replace it")
-    if read_marker(real) is None:
+    marker = read_marker(real)
+    if marker is None:
         raise InputError(f"--overwrite {flag} {path}: it was not written by lfm-fast (no {MARKER}); refusing to replace it")
+    if command is not None and marker.get("command") != command:
+        raise InputError(f"--overwrite {flag} {path}: it was written by `lfm-fast {marker.get('command')}`, not "
+                         f"`lfm-fast {command}`; refusing to replace it")
 
 
 @contextlib.contextmanager
@@ -83,7 +93,7 @@ def write_json(path: str, obj) -> None:
 def atomic_dir(path: str, command: str, overwrite: bool = False):
     """Yield a temporary folder; on success it gets the marker of `command` and takes the place of `path`
     (replacing an older one only as `check_out_dir` allows)."""
-    check_out_dir(path, overwrite)
+    check_out_dir(path, overwrite, command)
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
@@ -91,6 +101,7 @@ def atomic_dir(path: str, command: str, overwrite: bool = False):
         os.chmod(tmp, umask_mode())
         yield tmp
         write_marker(tmp, command)
+        check_out_dir(path, overwrite, command)  # again: something may have appeared at `path` meanwhile
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

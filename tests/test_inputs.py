@@ -13,7 +13,8 @@ from tests.test_cli import assert_input_error, run_cli
 
 @pytest.mark.parametrize("flags,words", [
     (["--steps", "0"], "--steps 0"), (["--batch-size", "0"], "--batch-size 0"), (["--cfg", "-1"], "--cfg -1.0"),
-    (["--num", "0"], "--num 0"), (["--solver", "dopri5", "--atol", "0"], "--atol 0.0"),
+    (["--num", "0"], "--num 0"), (["--solver", "dopri5", "--atol", "0"], "--atol 0.0"), (["--cfg", "nan"], "--cfg nan"),
+    (["--solver", "foo"], "sample: argument --solver: invalid choice"),
 ])
 def test_sample_refuses_bad_numbers(tiny_pipeline, tmp_path, capsys, flags, words):
     assert_input_error(*run_cli(capsys, "sample", "--ckpt", str(tiny_pipeline / "dit"), "--out", str(tmp_path / "s"), *flags), words)
@@ -25,6 +26,7 @@ def test_sample_refuses_bad_numbers(tiny_pipeline, tmp_path, capsys, flags, word
     ("flow.time_sampling=foo", "flow.time_sampling='foo'"), ("train.batch_size=0", "train.batch_size=0: expected a positive"),
     ("sample.solver=foo", "sample.solver='foo'"), ("train.ema_decay=1.5", "train.ema_decay=1.5: expected a number in [0, 1)"),
     ("train.activation_checkpointing=some", "activation_checkpointing"), ("train.lr=-1", "train.lr=-1.0"),
+    ("train.lr=nan", "train.lr=nan: expected a finite number"), ("flow.sigma_min=inf", "expected a finite number"),
 ])
 def test_overrides_are_checked_when_parsed(random_latents, tmp_path, capsys, override, words):
     assert_input_error(*run_cli(capsys, "train", "--latents", random_latents, "--preset", "small-data", "--out",
@@ -65,7 +67,7 @@ def test_export_refuses_before_writing_anything(tiny_pipeline, tmp_path, capsys)
     out = tmp_path / "x.onnx"
     assert_input_error(*run_cli(capsys, "export", "--ckpt", ckpt, "--steps", "0", "--out", str(out)), "--steps 0")
     assert_input_error(*run_cli(capsys, "export", "--ckpt", ckpt, "--solver", "rk4", "--out", str(out)),
-                       "--solver rk4", "euler, midpoint, heun")
+                       "--solver: invalid choice: 'rk4'", "'euler', 'midpoint', 'heun'")
     code, err = run_cli(capsys, "export", "--ckpt", ckpt, "--format", "tensorrt", "--out", str(tmp_path / "x.plan"))
     assert code == 2 and "TensorRT" in err and len(err.splitlines()) == 1
     assert list(tmp_path.iterdir()) == []

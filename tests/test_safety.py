@@ -3,7 +3,9 @@ are validated, carries the writer's marker and honours the umask."""
 
 import json
 import os
+import shutil
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -91,5 +93,40 @@ def test_outputs_honour_the_umask(tiny_pipeline, tmp_path, capsys):
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / "s").st_mode) == 0o755
     assert {stat.S_IMODE(os.stat(tmp_path / "s" / f).st_mode) for f in os.listdir(tmp_path / "s")} == {0o644}
-    for f in ("model.safetensors", "config.json", "metrics.jsonl"):
-        assert stat.S_IMODE(os.stat(tiny_pipeline / "dit" / f).st_mode) & 0o044 == 0o044, f  # group/world-readable
+    for f in ("dit/model.safetensors", "dit/config.json", "dit/metrics.jsonl", "latents/shard-00000.safetensors"):
+        assert stat.S_IMODE(os.stat(tiny_pipeline / f).st_mode) & 0o044 == 0o044, f  # group/world-readable
+
+
+def test_overwrite_replaces_only_the_same_commands_output_and_rechecks_before_commit(tiny_pipeline, tmp_path, capsys):
+    from lfm_fast.errors import InputError
+    from lfm_fast.fileio import atomic_dir
+
+    latents = tmp_path / "latents"
+    shutil.copytree(tiny_pipeline / "latents", latents)  # written by `prepare`
+    assert_input_error(*sample(capsys, tiny_pipeline, latents, "--overwrite"), "written by `lfm-fast prepare`")
+    assert (latents / "meta.json").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="not empty"):
+        with atomic_dir(str(empty), "sample") as tmp:
+            (empty / "notes.txt").write_text("written while the command ran")
+            (Path(tmp) / "grid.png").write_bytes(b"")
+    assert os.listdir(empty) == ["notes.txt"] and not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+def test_odd_out_paths_get_one_line(tiny_pipeline, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert_input_error(*sample(capsys, tiny_pipeline, tmp_path / "afile" / "x"), "is a file, not a folder")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    assert_input_error(*sample(capsys, tiny_pipeline, tmp_path / "dangling"), "broken symbolic link")
+    assert sorted(os.listdir(tmp_path)) == ["afile", "dangling"]
+
+
+def test_export_never_replaces_a_file_without_overwrite(tiny_pipeline, tmp_path, capsys):
+    mine = tmp_path / "notes.onnx"
+    mine.write_text("mine")
+    args = ["export", "--ckpt", str(tiny_pipeline / "dit"), "--steps", "1", "--solver", "euler"]
+    assert_input_error(*run_cli(capsys, *args, "--out", str(mine)), "exists", "--overwrite")
+    assert_input_error(*run_cli(capsys, *args, "--out", str(tmp_path), "--overwrite"), "is a folder")
+    assert mine.read_text() == "mine"
+    assert run_cli(capsys, *args, "--out", str(mine), "--overwrite")[0] == 0 and mine.read_bytes() != b"mine"

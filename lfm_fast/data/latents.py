@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from lfm_fast.errors import InputError
-from lfm_fast.fileio import resolve_path, write_json
+from lfm_fast.fileio import resolve_path, umask_mode, write_json
 
 
 _NUMPY_DTYPES = {"F32": np.float32, "I64": np.int64}
@@ -57,7 +57,9 @@ class LatentShardWriter:
         lat = torch.cat([b[0] for b in self.buffer])
         lab = torch.cat([b[1] for b in self.buffer])
         name = f"shard-{len(self.shards):05d}.safetensors"
-        save_file({"latents": lat[:n].contiguous(), "labels": lab[:n].contiguous()}, os.path.join(self.folder, name))
+        path = os.path.join(self.folder, name)
+        save_file({"latents": lat[:n].contiguous(), "labels": lab[:n].contiguous()}, path)
+        os.chmod(path, umask_mode(0o666))  # safetensors creates 0600 files
         self.shards.append({"file": name, "num": int(min(n, len(lab)))})
         self.count += self.shards[-1]["num"]
         self.buffer = [(lat[n:], lab[n:])] if len(lab) > n else []
@@ -136,7 +138,7 @@ def prepare_latents(ae_spec: str, data_spec: str, out: str, image_size: int | No
     from lfm_fast.data import open_image_dataset
     from lfm_fast.fileio import atomic_dir, check_out_dir, portable_path
 
-    check_out_dir(out, overwrite)
+    check_out_dir(out, overwrite, "prepare")
     ae = load_autoencoder(ae_spec)
     size = image_size or int(ae.config.sample_size)
     ds, class_names = open_image_dataset(data_spec, size, num_images, seed)

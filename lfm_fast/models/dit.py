@@ -155,8 +155,9 @@ class DiT(nn.Module):
         if cfg.num_classes < 0:
             raise InputError("DiT config: num_classes=-1 (from the data) must be resolved before the model is built")
         if cfg.input_size % cfg.patch_size or cfg.hidden_size % cfg.num_heads:
-            raise InputError(f"DiT config: input_size {cfg.input_size} must be divisible by patch_size {cfg.patch_size} "
-                             f"and hidden_size {cfg.hidden_size} by num_heads {cfg.num_heads}")
+            raise InputError(f"DiT config: input_size {cfg.input_size} must be divisible by patch_size {cfg.patch_size} and "
+                             f"hidden_size {cfg.hidden_size} by num_heads {cfg.num_heads} (here "
+                             f"{'input_size' if cfg.input_size % cfg.patch_size else 'hidden_size'} is not)")
         self.config = cfg
         p, D = cfg.patch_size, cfg.hidden_size
         self.x_embedder = nn.Conv2d(cfg.in_channels + cfg.cond_channels, D, kernel_size=p, stride=p)
