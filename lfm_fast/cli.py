@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from lfm_fast.errors import InputError, RunError
 from lfm_fast.fileio import check_out_dir
@@ -24,8 +25,23 @@ EXAMPLES = """examples:
 """
 
 
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """--help shows each option's default (where it has one worth saying)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not any(action.default is v for v in (None, False, argparse.SUPPRESS)) and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse's own errors (an unknown flag, a bad choice) as one line too, like every other bad input."""
+    """argparse's own errors (an unknown flag, a bad choice) as one line too, like every other bad input; --help
+    with the defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         command = self.prog.removeprefix("lfm-fast").strip()
@@ -37,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     from lfm_fast.sampling import GRIDS, SOLVERS
 
     p = _Parser(prog="lfm-fast", description="Latent flow matching: train and sample DiT velocity networks "
-                                "in an autoencoder's latent space.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                "in an autoencoder's latent space.", epilog=EXAMPLES)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("demo", help="end to end on the embedded shapes data: AE → latents → DiT → samples → report")
@@ -48,16 +64,16 @@ def _parser() -> argparse.ArgumentParser:
     length.add_argument("--long", action="store_true", help="the DiT trains 20,000 steps instead of 6,000 (≤ 30 minutes)")
     d.add_argument("--train-ae", action="store_true", help="train the autoencoder here (≈ 20 minutes more on 2 cores) instead of "
                    "using the pretrained builtin:shapes one")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0, help="seed of every stage (data, training, sampling)")
 
     a = sub.add_parser("train-ae", help="train the small built-in AutoencoderKL (for data without a pretrained AE)")
     a.add_argument("--data", required=True, help="'shapes' or an image folder")
     a.add_argument("--out", required=True, help="folder for the diffusers AutoencoderKL (config.json + weights)")
     _add_overwrite_flag(a)
-    a.add_argument("--steps", type=int, default=800)
-    a.add_argument("--batch-size", type=int, default=16)
-    a.add_argument("--lr", type=float, default=2e-3)
-    a.add_argument("--image-size", type=int, default=32)
+    a.add_argument("--steps", type=int, default=800, help="training steps (builtin:shapes was trained 2,500)")
+    a.add_argument("--batch-size", type=int, default=16, help="images per step")
+    a.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
+    a.add_argument("--image-size", type=int, default=32, help="images are centre-cropped and resized to this")
     a.add_argument("--num-images", type=int, default=6000, help="shapes only: how many images to draw")
     a.add_argument("--latent-noise", type=float, default=0.0, metavar="SIGMA",
                    help="decode latents + SIGMA·std(latents)·noise while training, so the decoder forgives the small "
@@ -65,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--scale-equivariance", type=float, default=0.0, metavar="W",
                    help="weight of a second loss: the 2×-downsampled latent must decode to the 2×-downsampled image; "
                         "keeps high frequencies out of the latents, so a generator learns them faster (builtin:shapes used 0.5)")
-    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--seed", type=int, default=0, help="seed of the data draw and the training")
 
     r = sub.add_parser("prepare", help="encode a dataset once into latent shards (safetensors)")
     r.add_argument("--ae", required=True, help="builtin:shapes (shipped, pretrained on shapes), an AutoencoderKL folder, "
@@ -75,16 +91,18 @@ def _parser() -> argparse.ArgumentParser:
     _add_overwrite_flag(r)
     r.add_argument("--image-size", type=int, default=None, help="default: the AE's sample_size")
     r.add_argument("--num-images", type=int, default=6000, help="shapes only")
-    r.add_argument("--batch-size", type=int, default=64)
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--batch-size", type=int, default=64, help="images encoded at once")
+    r.add_argument("--seed", type=int, default=0, help="shapes only: seed of the drawing")
 
     t = sub.add_parser("train", help="train a DiT velocity network on latent shards")
     t.add_argument("--latents", required=True, help="folder written by `lfm-fast prepare`")
-    t.add_argument("--preset", required=True, help=f"one of: {', '.join(PRESETS)}")
+    t.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)} (with --resume: the run's own)")
     t.add_argument("--out", required=True, help="run folder: checkpoints/ (sharded, DCP), metrics.jsonl, grids, and the "
                    "final config.json + model.safetensors (EMA weights)")
     t.add_argument("--steps", type=int, default=None, help="override train.steps")
-    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out (any world size)")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out (any world size), "
+                   "with the run's saved config; overrides may change lr, steps, logging and checkpointing, not the "
+                   "model, data or batch")
     t.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                    help="end (with a checkpoint) at this step, as a job with a time limit would; --resume goes on")
     _add_nproc_flag(t)
@@ -93,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="generate images from a trained checkpoint")
     s.add_argument("--ckpt", required=True, help="folder with config.json + model.safetensors")
-    s.add_argument("--num", type=int, default=64)
+    s.add_argument("--num", type=int, default=64, help="images to generate")
     s.add_argument("--labels", default=None, help="comma-separated class ids, repeated to --num (default: all classes in turn)")
     s.add_argument("--solver", choices=SOLVERS, default=None, help="default: the checkpoint's preset")
     s.add_argument("--steps", type=int, default=None, help="fixed-step solvers: number of steps")
@@ -103,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--atol", type=float, default=None, help="adaptive solvers")
     s.add_argument("--rtol", type=float, default=None, help="adaptive solvers")
     s.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--batch-size", type=int, default=64, help="images per solver run (per rank)")
     s.add_argument("--ae", default=None, help="autoencoder to decode with (default: the one recorded in the checkpoint)")
     s.add_argument("--out", required=True, help="folder for the PNGs, grid.png and samples.npz (new or empty)")
     _add_overwrite_flag(s)
@@ -115,14 +133,14 @@ def _parser() -> argparse.ArgumentParser:
     _add_backend_flags(s)
 
     e = sub.add_parser("export", help="export the fixed-step sampler (N steps, CFG inside) as ONNX or a TensorRT engine")
-    e.add_argument("--ckpt", required=True)
-    e.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx")
+    e.add_argument("--ckpt", required=True, help="folder with config.json + model.safetensors")
+    e.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx", help="what --out holds")
     e.add_argument("--solver", choices=("euler", "midpoint", "heun"), default=None,
                    help="the fixed-step solver to unroll; default: the checkpoint's")
-    e.add_argument("--steps", type=int, default=None)
-    e.add_argument("--cfg", type=float, default=None)
-    e.add_argument("--grid", choices=GRIDS, default=None)
-    e.add_argument("--shift", type=float, default=None)
+    e.add_argument("--steps", type=int, default=None, help="solver steps to unroll (default: the checkpoint's)")
+    e.add_argument("--cfg", type=float, default=None, help="guidance scale baked into the graph (default: the checkpoint's)")
+    e.add_argument("--grid", choices=GRIDS, default=None, help="time grid (default: the checkpoint's)")
+    e.add_argument("--shift", type=float, default=None, help="shift of the 'shifted' grid (default: the checkpoint's)")
     e.add_argument("--with-decoder", action="store_true", help="end the graph with the AE decoder: outputs uint8 NHWC images")
     e.add_argument("--ae", default=None, help="autoencoder for --with-decoder (default: the checkpoint's)")
     e.add_argument("--fp16", action="store_true", help="fp16 weights and activations (TensorRT: fp16 kernels)")
@@ -138,7 +156,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--metrics", default="fid", help="comma-separated: fid, pr, latent_fd")
     v.add_argument("--inception", default=None, help="pt_inception-2015-12-05-6726825d.pth (or $LFM_FAST_INCEPTION)")
     v.add_argument("--ae", default=None, help="autoencoder folder, for latent_fd")
-    v.add_argument("--batch-size", type=int, default=50)
+    v.add_argument("--batch-size", type=int, default=50, help="images per Inception batch")
     v.add_argument("--save-stats", default=None, help="also write the samples' Inception mu/sigma to this .npz")
     v.add_argument("--out", default=None, help="write the metrics JSON here (it is printed either way)")
     return p
@@ -225,10 +243,23 @@ def _cmd_prepare(args):
 
 
 def _cmd_train(args):
-    from lfm_fast.config import apply_overrides, get_preset
+    from lfm_fast.config import apply_overrides, from_dict, get_preset
+    from lfm_fast.train.checkpoint import latest_checkpoint, read_trainer_state
     from lfm_fast.train.loop import train
 
-    cfg = apply_overrides(get_preset(args.preset), args.overrides)
+    if args.resume:
+        ckpt = latest_checkpoint(args.out)
+        if ckpt is None:
+            raise InputError(f"--resume: no complete checkpoint in {args.out}/checkpoints")
+        base = from_dict(read_trainer_state(ckpt)["config"])
+        if args.preset is not None and args.preset != base.name:
+            raise InputError(f"--resume --preset {args.preset}: the run in {args.out} was trained with preset "
+                             f"{base.name!r}; drop --preset (the run's own config is used)")
+    elif args.preset is None:
+        raise InputError("train: --preset is required for a new run (see lfm-fast train --help)")
+    else:
+        base = get_preset(args.preset)
+    cfg = apply_overrides(base, args.overrides)
     if args.steps is not None:
         cfg.train.steps = args.steps
     for name, value in _backend_overrides(args).items():
@@ -479,10 +510,30 @@ def _child_pids(pid: int) -> list[int]:
         return []
 
 
+def _record(f):
+    """torch.distributed.elastic's `record`: under torchrun, a crash's traceback goes to the error file torchrun
+    reads, so its failure summary shows the failing rank's traceback (a no-op otherwise)."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(f)
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """Our own warnings as one line, like our errors; other packages' as Python prints them."""
+    if f"{os.sep}lfm_fast{os.sep}" in filename:
+        return f"lfm-fast: warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
+_python_format_warning = warnings.formatwarning
+
+
+@_record
 def main(argv: list[str] | None = None) -> int:
     from lfm_fast.dist import is_main_process, launched_by_torchrun, shutdown
 
     argv = sys.argv[1:] if argv is None else argv
+    warnings.formatwarning = _format_warning
     try:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # --help, or argparse's one-line error

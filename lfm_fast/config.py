@@ -48,7 +48,10 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     sample_every: int = 0  # 0 = only at the end
-    ckpt_every: int = 500
+    ckpt_every: int = 500  # steps between checkpoints (0: only at the end)
+    ckpt_every_minutes: float = 0.0  # also checkpoint when this many minutes have passed since the last one (0: off)
+    keep_checkpoints: int = 2  # the newest N are kept, older ones pruned
+    async_checkpoint: str = "auto"  # "true": dcp.async_save (training goes on while shards are written); "auto": on CUDA
 
 
 @dataclass
@@ -108,17 +111,17 @@ def _choices() -> dict[tuple[str, str], tuple[str, ...]]:
     from lfm_fast.sampling import GRIDS, SOLVERS
 
     return {("flow", "time_sampling"): ("uniform", "logit_normal"), ("train", "precision"): ("bf16", "fp32"),
-            ("train", "lr_schedule"): ("constant", "cosine"), ("sample", "solver"): SOLVERS, ("sample", "grid"): GRIDS,
+            ("train", "lr_schedule"): ("constant", "cosine"), ("train", "async_checkpoint"): ("auto", "true", "false"), ("sample", "solver"): SOLVERS, ("sample", "grid"): GRIDS,
             ("model", "attn_backend"): ATTENTION_BACKENDS, ("model", "norm_backend"): NORM_BACKENDS}
 
 
 POSITIVE = {"model": ("input_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio"),
             "flow": ("logit_std",), "data": ("image_size", "num_images"),
-            "train": ("steps", "batch_size", "grad_accum", "lr", "log_every", "max_nonfinite_steps"),
+            "train": ("steps", "batch_size", "grad_accum", "lr", "log_every", "max_nonfinite_steps", "keep_checkpoints"),
             "sample": ("steps", "shift", "atol", "rtol")}
 NON_NEGATIVE = {"model": ("cond_channels",), "flow": ("sigma_min",),
                 "train": ("warmup_steps", "weight_decay", "grad_clip", "label_dropout", "ema_decay", "ckpt_every",
-                          "sample_every"),
+                          "ckpt_every_minutes", "sample_every"),
                 "sample": ("cfg",)}
 BELOW_ONE = {("flow", "sigma_min"), ("train", "label_dropout"), ("train", "ema_decay")}
 
@@ -156,6 +159,33 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
 
     parse_ac(cfg.train.activation_checkpointing)
     return cfg
+
+
+# What `--resume` may change: how the run proceeds, not what it is (its model, data, flow, global batch, seed).
+RESUMABLE = {"train": {"steps", "lr", "lr_schedule", "warmup_steps", "weight_decay", "grad_clip", "max_nonfinite_steps",
+                       "ema_decay", "grad_accum", "precision", "activation_checkpointing", "compile", "log_every",
+                       "sample_every", "ckpt_every", "ckpt_every_minutes", "keep_checkpoints", "async_checkpoint"},
+             "model": {"attn_backend", "norm_backend"},
+             "sample": {f.name for f in dataclasses.fields(SampleConfig)}}
+
+
+def resume_changes(saved: ExperimentConfig, cfg: ExperimentConfig) -> list[str]:
+    """The fields `cfg` changes from a run's saved config, as 'train.lr 0.004 → 0.001'; InputError naming the field
+    and both values where a change would make it another run."""
+    if saved.name != cfg.name:
+        raise InputError(f"--resume: the run was trained with preset {saved.name!r}, not {cfg.name!r}; drop --preset "
+                         f"(the run's own config is used) or start a new run")
+    changes = []
+    for section in (f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))):
+        for f in dataclasses.fields(getattr(cfg, section)):
+            old, new = getattr(getattr(saved, section), f.name), getattr(getattr(cfg, section), f.name)
+            if old == new:
+                continue
+            if f.name not in RESUMABLE.get(section, ()):
+                raise InputError(f"--resume: {section}.{f.name}={new!r} but the run was trained with {old!r}; a resumed "
+                                 f"run keeps its model, data and batch: drop the override, or start a new run")
+            changes.append(f"{section}.{f.name} {old!r} → {new!r}")
+    return changes
 
 
 def get_preset(name: str) -> ExperimentConfig:

@@ -34,13 +34,19 @@ class Dist:
         dist.all_reduce(t)
         return float(t) / self.world_size
 
-    def any(self, flag: bool) -> bool:
-        """True on every rank if it is True on any (a signal that reached only some ranks stops them all)."""
+    def any(self, *flags: bool) -> list[bool]:
+        """Each flag True on every rank if it is True on any (a signal that reached only some ranks stops them all),
+        in one reduction."""
         if self.world_size == 1:
-            return flag
-        t = torch.tensor([int(flag)], dtype=torch.int32, device=self.device)
+            return [bool(f) for f in flags]
+        t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t)
+        return [bool(v) for v in t.tolist()]
+
+    def synchronize(self) -> None:
+        """Wait for the work queued on this rank's device (a no-op on the CPU, where every op is done on return)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def broadcast_object(self, obj):
         box = [obj]
@@ -82,6 +88,6 @@ def shutdown() -> None:
 
 
 def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
-    """`lfm-fast … --nproc N` → the torchrun line that runs `python -m lfm_fast …` on N local processes.
+    """`lfm-fast … --nproc N` → the torchrun line (through `lfm_fast.launch`) that runs `python -m lfm_fast …` on N local processes.
     The `--` keeps torchrun's own parser off our options (it would take `--num` for its `--numa-binding`)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "lfm_fast", "--", *argv]
+    return [sys.executable, "-m", "lfm_fast.launch", "--standalone", f"--nproc_per_node={nproc}", "-m", "lfm_fast", "--", *argv]

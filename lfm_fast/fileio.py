@@ -77,10 +77,21 @@ def atomic_path(path: str):
     try:
         yield tmp
         os.chmod(tmp, umask_mode(0o666))  # some writers (safetensors) create 0600 files
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(os.path.dirname(os.path.abspath(path)))  # the rename itself
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def fsync_path(path: str) -> None:
+    """Flush a file's data, or a folder's entries (a rename), to the disk: a crash after it cannot undo the write."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json(path: str, obj) -> None:

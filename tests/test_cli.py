@@ -38,10 +38,17 @@ def test_bad_data_inputs(tmp_path, capsys):
     (tmp_path / "mixed").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "mixed" / "a.png")
     (tmp_path / "mixed" / "b.csv").write_text("1,2")
-    assert_input_error(*run_cli(capsys, "train-ae", "--data", str(tmp_path / "mixed"), "--out", str(tmp_path / "o2")), "b.csv")
+    with pytest.warns(UserWarning, match=r"skipped 1 file \(b.csv\): only images"):  # a stray file is skipped, not fatal
+        assert main(["train-ae", "--data", str(tmp_path / "mixed"), "--out", str(tmp_path / "o2"), "--steps", "1",
+                     "--batch-size", "1", "--image-size", "8"]) == 0
+    from lfm_fast.cli import _format_warning  # how the warning reaches the user: one line, like an error
+
+    assert _format_warning("skipped", UserWarning, os.path.join("x", "lfm_fast", "data", "folder.py"), 1) == "lfm-fast: warning: skipped\n"
+    assert "UserWarning: other" in _format_warning("other", UserWarning, os.path.join("x", "torch", "a.py"), 1, "")
+    capsys.readouterr()
     assert_input_error(*run_cli(capsys, "prepare", "--ae", str(tmp_path / "noae"), "--data", "shapes", "--out", str(tmp_path / "o3")),
                        "autoencoder", "noae")
-    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
+    assert not any((tmp_path / o).exists() for o in ("o1", "o3"))
 
 
 def test_train_and_sample_input_errors(tiny_pipeline, tmp_path, capsys):
@@ -114,3 +121,13 @@ def test_train_ae_and_prepare_refuse_bad_numbers_before_any_work(tmp_path, capsy
     assert_input_error(*run_cli(capsys, "prepare", "--ae", "builtin:shapes", "--data", "shapes", "--out", out, "--num-images", "0"),
                        "--num-images 0")
     assert not (tmp_path / "ae").exists()
+
+
+def test_help_shows_the_defaults(capsys):
+    assert main(["train-ae", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "training steps (builtin:shapes was trained 2,500) (default: 800)" in text and "(default: 0.0)" in text
+    assert main(["sample", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "images to generate (default: 64)" in text and "--out OUT folder for the PNGs" in text  # no default: none shown
+    assert "(default: None)" not in text

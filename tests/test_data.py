@@ -61,8 +61,17 @@ def test_image_folder_errors(tmp_path):
     (tmp_path / "mixed").mkdir()
     save_png(tmp_path / "mixed" / "a.png")
     (tmp_path / "mixed" / "notes.txt").write_text("hello")
-    with pytest.raises(InputError, match="notes.txt is not an image"):
-        ImageFolderDataset(str(tmp_path / "mixed"), 16)
+    (tmp_path / "mixed" / "b").mkdir()  # a sub-folder makes classes: a.png and notes.txt are then beside them
+    (tmp_path / "mixed" / "b" / "Thumbs.db").write_text("")
+    save_png(tmp_path / "mixed" / "b" / "c.PNG")
+    with pytest.warns(UserWarning, match=r"skipped 3 files \(a.png, b/Thumbs.db, notes.txt\): only images"):
+        ds = ImageFolderDataset(str(tmp_path / "mixed"), 16)
+    assert len(ds) == 1 and ds.classes == ["b"]
+    (tmp_path / "flat2").mkdir()
+    save_png(tmp_path / "flat2" / "a.png")
+    (tmp_path / "flat2" / "notes.txt").write_text("hello")
+    with pytest.warns(UserWarning, match=r"skipped 1 file \(notes.txt\)"):
+        assert len(ImageFolderDataset(str(tmp_path / "flat2"), 16)) == 1
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "b.png").write_bytes(b"not a png")
     with pytest.raises(InputError, match="cannot read"):

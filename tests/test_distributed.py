@@ -218,9 +218,71 @@ def test_reductions_put_their_tensors_on_the_groups_device(monkeypatch):
     seen = []
     monkeypatch.setattr(dist, "all_reduce", lambda t, op=None: seen.append(t.device))
     d = Dist(rank=0, world_size=2, local_rank=0, device=torch.device("meta"), mesh=None)
-    for call in (lambda: d.all_mean(1.0), lambda: d.any(True)):
+    for call in (lambda: d.all_mean(1.0), lambda: d.any(True, False)):
         try:
             call()
         except (NotImplementedError, RuntimeError):  # reading a meta tensor back; the device was already recorded
             pass
     assert seen == [torch.device("meta")] * 2
+
+
+def test_the_ema_export_gathers_to_rank_0_only(monkeypatch):
+    """Every rank joins each shard's gather (a collective), but only rank 0 keeps a full CPU copy."""
+    import torch.distributed as dist
+
+    from lfm_fast.train.ema import full_state
+
+    class Shard:
+        gathered = 0
+
+        def full_tensor(self):
+            Shard.gathered += 1
+            return torch.ones(2)
+
+    ema = {"a": Shard(), "b": Shard()}
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    assert full_state(ema) == {} and Shard.gathered == 2
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    assert list(full_state(ema)) == ["a", "b"] and Shard.gathered == 4
+
+
+def test_nproc_reports_a_bad_input_as_one_line_and_a_crash_with_the_failing_ranks_traceback(runs, tmp_path):
+    """Under `--nproc 2`, a worker's bad input is the only line the user sees (exit 2, no torchrun traceback); a
+    crash exits 1 with torchrun's summary, whose root cause carries the rank's traceback (`record`)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    bad = subprocess.run([sys.executable, "-m", "lfm_fast", "sample", "--nproc", "2", "--ckpt", str(tmp_path / "none"),
+                          "--out", str(tmp_path / "s")], env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip() == f"lfm-fast: error: checkpoint {tmp_path / 'none'}: no such folder"
+    env["LFM_FAST_FAULT"] = "raise-step:2"
+    crash = subprocess.run([sys.executable, "-m", "lfm_fast", "train", "--nproc", "2", "--latents", runs["latents"],
+                            "--out", str(tmp_path / "run"), *TINY], env=env, capture_output=True, text=True, timeout=120)
+    summary = crash.stderr[crash.stderr.index("lfm_fast FAILED"):]
+    assert crash.returncode == 1 and "Root Cause" in summary and "RuntimeError: injected fault at step 2" in summary
+    assert 'in fault_point' in summary  # the worker's own traceback, from its error file
+
+
+def test_two_torchrun_agents_train_checkpoint_and_resume_as_documented(runs, tmp_path):
+    """Multi-node as the README launches it: two torchrun agents (here on one machine, one process each) meet at a
+    c10d rendezvous, train to a stop, and two new agents resume; the run is the 2-rank standalone one."""
+    import socket
+
+    def two_agents(*args):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env.pop("LFM_FAST_FAULT", None)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+               f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=test{port}", "-m", "lfm_fast", "--", "train", "--latents",
+               runs["latents"], "--out", str(tmp_path / "run"), "--steps", str(STEPS), *TINY, "train.precision=fp32", *args]
+        agents = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        for a in agents:
+            _, err = a.communicate(timeout=300)
+            assert a.returncode == 0, err[-3000:]
+
+    two_agents("--stop-at", "6")
+    assert (trainer_state(tmp_path / "run")["step"], trainer_state(tmp_path / "run")["world_size"]) == (6, 2)
+    two_agents("--resume")
+    assert losses(tmp_path / "run") == losses(runs["fp32", 2, 1])
+    weights_close(tmp_path / "run", runs["fp32", 2, 1])

@@ -100,3 +100,91 @@ def test_a_diverged_run_stops_with_one_line_and_keeps_its_finite_checkpoint(rand
     assert json.load(open(os.path.join(latest_checkpoint(out), "trainer.json")))["step"] == 10
     state = read_checkpoint_tensors(latest_checkpoint(out))
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+CLI_TINY = ["--preset", "small-data", "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.num_classes=3",
+            "train.batch_size=8", "train.log_every=5", "train.ckpt_every=10", "train.warmup_steps=3"]
+
+
+def test_resume_reads_the_saved_config_and_refuses_what_would_make_another_run(random_latents, tmp_path, capsys):
+    """`--resume` alone continues the run as configured (no overrides repeated) and matches the straight run;
+    a shape change is refused naming the field and both values; lr and steps may change, and are logged."""
+    from lfm_fast.cli import main
+
+    straight, run = str(tmp_path / "straight"), str(tmp_path / "run")
+    train(tiny_config(), random_latents, straight, progress=False)
+    base = ["train", "--latents", random_latents, "--out", run]
+    assert main([*base, "--steps", "20", "--stop-at", "10", *CLI_TINY]) == 0
+    capsys.readouterr()
+    listing = sorted(os.listdir(run))
+    code = main([*base, "--resume", "model.hidden_size=64"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == (f"lfm-fast: error: --resume: model.hidden_size=64 but the run was trained with 32; a resumed "
+                                 f"run keeps its model, data and batch: drop the override, or start a new run"), err
+    for bad, words in ((["--preset", "imagenet256-dit-b2"], "trained with preset 'small-data'"),
+                       (["train.batch_size=16"], "train.batch_size=16 but the run was trained with 8"),
+                       (["--steps", "5"], "it is at step 10); pass --steps above 10")):
+        assert main([*base, "--resume", *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err, err
+    assert sorted(os.listdir(run)) == listing and trainer_step(run) == 10
+    assert main([*base, "--resume"]) == 0  # the saved config: CLI_TINY is not repeated
+    a, b = load_file(os.path.join(straight, "model.safetensors")), load_file(os.path.join(run, "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    assert main([*base, "--resume"]) == 2 and "has reached train.steps=20" in capsys.readouterr().err
+    assert main([*base, "--resume", "--steps", "30", "train.lr=1e-3"]) == 0
+    assert "resuming " + run + " at step 20 with train.steps 20 → 30; train.lr 0.004 → 0.001" in capsys.readouterr().err
+    lrs = {m["step"]: m["lr"] for m in map(json.loads, open(os.path.join(run, "metrics.jsonl")))}
+    import math
+    assert lrs[25] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * (25 - 3) / (30 - 3))))  # the new lr and horizon
+
+
+def trainer_step(run):
+    return json.load(open(os.path.join(latest_checkpoint(run), "trainer.json")))["step"]
+
+
+def test_async_checkpoints_resume_exactly_and_keep_the_newest(random_latents, tmp_path):
+    """dcp.async_save: training goes on while a thread writes the shards (of a copy of the state), so the resumed
+    run is still the straight one bit for bit; keep_checkpoints prunes all but the newest N; a time interval
+    checkpoints as well (0.0001 minutes: before every step)."""
+    straight, resumed, timed = str(tmp_path / "straight"), str(tmp_path / "resumed"), str(tmp_path / "timed")
+    train(tiny_config(), random_latents, straight, progress=False)
+    cfg = tiny_config()
+    cfg.train.async_checkpoint, cfg.train.ckpt_every, cfg.train.keep_checkpoints = "true", 3, 3
+    train(cfg, random_latents, resumed, stop_at=10, progress=False)
+    assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["latest", "step_00000006", "step_00000009",
+                                                                        "step_00000010"]
+    train(cfg, random_latents, resumed, resume=True, progress=False)
+    a, b = load_file(os.path.join(straight, "model.safetensors")), load_file(os.path.join(resumed, "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = read_checkpoint_tensors(latest_checkpoint(straight)), read_checkpoint_tensors(latest_checkpoint(resumed))
+    assert all(torch.equal(ma[k], mb[k]) for k in ma if not k.startswith("optim.param_groups"))
+    cfg = tiny_config(steps=4)
+    cfg.train.ckpt_every, cfg.train.ckpt_every_minutes, cfg.train.keep_checkpoints = 0, 1e-4, 10
+    train(cfg, random_latents, timed, progress=False)
+    assert sorted(os.listdir(os.path.join(timed, "checkpoints")))[1:] == [f"step_0000000{i}" for i in (1, 2, 3, 4)]
+
+
+def test_a_checkpoint_commit_is_fsynced_and_never_waits_at_a_barrier(random_latents, tmp_path, monkeypatch):
+    """Every file and folder of a commit is fsynced after it is written and before `latest` names it; the commit
+    and the pruning run off the training thread (other ranks are never held for them)."""
+    import threading
+
+    import torch.distributed as dist
+
+    from lfm_fast import fileio
+
+    synced, threads = [], set()
+    real = fileio.fsync_path
+    monkeypatch.setattr(fileio, "fsync_path", lambda p: (synced.append(os.path.relpath(p, tmp_path)), real(p))[1])
+    monkeypatch.setattr("lfm_fast.train.checkpoint.fsync_path", fileio.fsync_path)
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: threads.add(threading.current_thread().name))
+    cfg = tiny_config(steps=3)
+    cfg.train.ckpt_every = 0
+    train(cfg, random_latents, str(tmp_path / "run"), progress=False)
+    ckpt = [p for p in synced if "checkpoints" in p]
+    assert ckpt == ["run/checkpoints/step_00000003.tmp/rng.pt", "run/checkpoints/step_00000003.tmp/.trainer.json.tmp-%d" % os.getpid(),
+                    "run/checkpoints/step_00000003.tmp", "run/checkpoints/step_00000003.tmp",
+                    "run/checkpoints/.latest.tmp-%d" % os.getpid(), "run/checkpoints"], ckpt
+    assert not any(t.startswith("checkpoint-") for t in threads)

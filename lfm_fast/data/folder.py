@@ -4,6 +4,7 @@ without sub-folders is one unconditional set. Images are centre-cropped and resi
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -15,13 +16,21 @@ from lfm_fast.errors import InputError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
-def list_images(folder: str) -> list[str]:
+def list_images(folder: str) -> tuple[list[str], list[str]]:
+    """(image paths, other files) of a folder, sorted; hidden files and sub-folders aside. Like torchvision's
+    ImageFolder, files that are not images are skipped (`warn_skipped` says how many), not an error."""
     files = sorted(f for f in os.listdir(folder) if not f.startswith("."))
     paths = [os.path.join(folder, f) for f in files if os.path.isfile(os.path.join(folder, f))]
-    for p in paths:
-        if not p.lower().endswith(IMAGE_EXTENSIONS):
-            raise InputError(f"image folder: {p} is not an image (expected {', '.join(IMAGE_EXTENSIONS)})")
-    return paths
+    return [p for p in paths if p.lower().endswith(IMAGE_EXTENSIONS)], [p for p in paths if not p.lower().endswith(IMAGE_EXTENSIONS)]
+
+
+def warn_skipped(root: str, skipped: list[str]) -> None:
+    if skipped:
+        skipped = sorted(skipped)
+        names = ", ".join(os.path.relpath(p, root) for p in skipped[:3]) + (", …" if len(skipped) > 3 else "")
+        warnings.warn(f"image folder {root}: skipped {len(skipped)} file{'s' if len(skipped) > 1 else ''} ({names}): only "
+                      f"images ({', '.join(IMAGE_EXTENSIONS)}) are read, and only from the class sub-folders if there "
+                      f"are any", stacklevel=2)
 
 
 def center_crop_resize(img: Image.Image, size: int) -> np.ndarray:
@@ -40,12 +49,12 @@ class ImageFolderDataset(Dataset):
             raise InputError(f"image folder {root}: no such folder")
         self.image_size = image_size
         subdirs = sorted(d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
-        if subdirs:
-            self.classes = subdirs
-            self.samples = [(p, k) for k, d in enumerate(subdirs) for p in list_images(os.path.join(root, d))]
-        else:
-            self.classes = []
-            self.samples = [(p, 0) for p in list_images(root)]
+        self.classes, self.samples, skipped = subdirs, [], sum(list_images(root), []) if subdirs else []  # beside classes
+        for k, folder in enumerate([os.path.join(root, d) for d in subdirs] or [root]):
+            images, others = list_images(folder)
+            self.samples += [(p, k) for p in images]
+            skipped += others
+        warn_skipped(root, skipped)
         if not self.samples:
             raise InputError(f"image folder {root}: no images found")
 

@@ -201,11 +201,12 @@ def load_images(source: str) -> np.ndarray:
             if "arr_0" not in f:
                 raise InputError(f"{source}: no arr_0 array (expected the ADM / `lfm-fast sample` layout)")
             return f["arr_0"]
-    from lfm_fast.data.folder import list_images
+    from lfm_fast.data.folder import list_images, warn_skipped
 
     if not os.path.isdir(source):
         raise InputError(f"{source}: no such folder or .npz file")
-    paths = list_images(source)
+    paths, skipped = list_images(source)
+    warn_skipped(source, skipped)
     if not paths:
         raise InputError(f"{source}: no images found")
     return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])

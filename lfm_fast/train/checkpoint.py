@@ -5,8 +5,8 @@ Layout of a run folder:
     checkpoints/latest           the name of the newest complete checkpoint
 
 A save writes into `step_N.tmp/` and is committed by renaming it and then rewriting `latest` (each an
-atomic rename), so a crash at any point of a save leaves the previous checkpoint intact and `latest`
-naming it. DCP stores each tensor with its global shape, so a checkpoint saved by N ranks loads on M.
+atomic rename, fsynced), so a crash at any point of a save leaves the previous checkpoint intact and
+`latest` naming it. DCP stores each tensor with its global shape, so a checkpoint saved by N ranks loads on M.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 
 import torch
 import torch.distributed as dist
@@ -23,10 +24,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from lfm_fast.errors import InputError
-from lfm_fast.fileio import atomic_path, write_json
+from lfm_fast.fileio import atomic_path, fsync_path, umask_mode, write_json
 
 CHECKPOINT_DIR = "checkpoints"
-KEEP = 2
 
 
 def latest_checkpoint(run: str) -> str | None:
@@ -49,47 +49,112 @@ def fault_active(point: str, step: int) -> bool:
 
 
 def fault_point(point: str, step: int) -> None:
-    """LFM_FAST_FAULT=<point>:<step> SIGKILLs this process there (a crash, for the resume tests)."""
+    """LFM_FAST_FAULT=<point>:<step> SIGKILLs this process there (a crash, for the resume tests);
+    raise-<point>:<step> raises an exception there (a bug, for the launcher's error reports)."""
     if fault_active(point, step):
         os.kill(os.getpid(), signal.SIGKILL)
+    if fault_active(f"raise-{point}", step):
+        raise RuntimeError(f"injected fault at {point} {step}")
 
 
-def save_checkpoint(run: str, step: int, model, optimizer, ema: dict, trainer: dict) -> str:
-    """Collective: every rank calls it. `trainer` (step, data position, scheduler, config) is JSON."""
-    root = os.path.join(run, CHECKPOINT_DIR)
-    name, again = f"step_{step:08d}", 0
-    while os.path.exists(os.path.join(root, name)):  # a step saved before (`latest` may name it) is never deleted
-        again += 1  # first: the new one is committed beside it, and pruned later like any older checkpoint
-        name = f"step_{step:08d}-{again}"
-    final, tmp = os.path.join(root, name), os.path.join(root, name + ".tmp")
-    if dist.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd, "ema": ema}, checkpoint_id=tmp)
-    rng = [None] * dist.get_world_size()
-    dist.all_gather_object(rng, torch.get_rng_state())
-    fault_point("save", step)
-    if dist.get_rank() == 0:
-        torch.save({"world_size": dist.get_world_size(), "torch": rng}, os.path.join(tmp, "rng.pt"))
+class Checkpointer:
+    """The saves of one run; every rank makes one and calls `save` together (a collective).
+
+    A save writes the shards into `step_N.tmp/` (`dcp.save`, or `dcp.async_save` with `async_save=True`: the state
+    is copied to host memory and training goes on while a thread writes it, over a gloo group of its own). When
+    DCP returns, every rank's shards are on disk (its coordinator writes the metadata last); rank 0 then commits in
+    a background thread: rng.pt and trainer.json, fsync, rename to `step_N/`, rewrite `latest`, fsync the folder,
+    and prune all but the newest `keep`. No rank waits at a barrier for the commit or the pruning; the next save
+    (and `wait`, at the end of a run) first waits for the previous one.
+    """
+
+    def __init__(self, run: str, keep: int = 2, async_save: bool = False):
+        self.root, self.keep, self.async_save = os.path.join(run, CHECKPOINT_DIR), keep, async_save
+        self.group = dist.new_group(backend="gloo") if async_save else None  # collectives off the training thread
+        self._thread, self._error = None, None
+
+    def save(self, step: int, model, optimizer, ema: dict, trainer: dict) -> str:
+        """`trainer` (step, data position, scheduler, config) is JSON. Returns the folder the save commits to."""
+        self.wait()
+        name = None
+        if dist.get_rank() == 0:
+            name = _free_name(self.root, step)
+            shutil.rmtree(os.path.join(self.root, name + ".tmp"), ignore_errors=True)
+            os.makedirs(os.path.join(self.root, name + ".tmp"), mode=umask_mode())
+        box = [name]
+        dist.broadcast_object_list(box, src=0)  # rank 0 chose the name and made the folder
+        name = box[0]
+        final, tmp = os.path.join(self.root, name), os.path.join(self.root, name + ".tmp")
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        rng = [None] * dist.get_world_size()
+        dist.all_gather_object(rng, torch.get_rng_state())
+        state = {"model": model_sd, "optim": optim_sd, "ema": ema}
+        if self.async_save:
+            future = dcp.async_save(state, checkpoint_id=tmp, process_group=self.group)
+        else:
+            dcp.save(state, checkpoint_id=tmp)
+            future = None
+
+        def finish():
+            try:
+                if future is not None:
+                    future.result()
+                if dist.get_rank() == 0:
+                    fault_point("save", step)
+                    self._commit(name, {"world_size": len(rng), "torch": rng}, trainer)
+            except BaseException as e:  # raised by the next save or `wait`
+                self._error = e
+
+        self._thread = threading.Thread(target=finish, name=f"checkpoint-{name}")
+        self._thread.start()
+        return final
+
+    def _commit(self, name: str, rng: dict, trainer: dict) -> None:
+        tmp = os.path.join(self.root, name + ".tmp")
+        torch.save(rng, os.path.join(tmp, "rng.pt"))
+        fsync_path(os.path.join(tmp, "rng.pt"))
         write_json(os.path.join(tmp, "trainer.json"), trainer)
-        os.replace(tmp, final)
-        with atomic_path(os.path.join(root, "latest")) as p:
+        fsync_path(tmp)
+        os.replace(tmp, os.path.join(self.root, name))
+        with atomic_path(os.path.join(self.root, "latest")) as p:  # fsyncs the file and the folder
             with open(p, "w") as f:
                 f.write(name)
-        done = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))
-        stale = [d for d in os.listdir(root) if d.endswith(".tmp")]  # saves a crash interrupted
-        for old in done[:-KEEP] + stale:
-            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-    dist.barrier()
-    return final
+        done = sorted(d for d in os.listdir(self.root) if d.startswith("step_") and not d.endswith(".tmp"))
+        stale = [d for d in os.listdir(self.root) if d.endswith(".tmp")]  # saves a crash interrupted
+        for old in [d for d in done[:-self.keep] if d != name] + stale:
+            shutil.rmtree(os.path.join(self.root, old), ignore_errors=True)
+
+    def wait(self) -> None:
+        """Until the last save is committed; re-raises what went wrong in it."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+def _free_name(root: str, step: int) -> str:
+    """step_N, or step_N-k where step N was saved before: a checkpoint `latest` may name is never deleted first
+    (the new one is committed beside it and pruned later like any older checkpoint)."""
+    name, again = f"step_{step:08d}", 0
+    while os.path.exists(os.path.join(root, name)):
+        again += 1
+        name = f"step_{step:08d}-{again}"
+    return name
+
+
+def read_trainer_state(path: str) -> dict:
+    """trainer.json of a committed checkpoint folder."""
+    if not os.path.isfile(os.path.join(path, "trainer.json")):
+        raise InputError(f"--resume: {path} is not a complete checkpoint")
+    with open(os.path.join(path, "trainer.json")) as f:
+        return json.load(f)
 
 
 def load_checkpoint(path: str, model, optimizer, ema: dict) -> dict:
     """Collective: restore model, optimizer and EMA shards in place (any world size); returns trainer.json."""
-    if not os.path.isfile(os.path.join(path, "trainer.json")):
-        raise InputError(f"--resume: {path} is not a complete checkpoint")
+    trainer = read_trainer_state(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd, "ema": ema}
     dcp.load(state, checkpoint_id=path)
@@ -97,8 +162,7 @@ def load_checkpoint(path: str, model, optimizer, ema: dict) -> dict:
     rng = torch.load(os.path.join(path, "rng.pt"), weights_only=True)
     if rng["world_size"] == dist.get_world_size():  # per-rank streams only map onto the same ranks
         torch.set_rng_state(rng["torch"][dist.get_rank()])
-    with open(os.path.join(path, "trainer.json")) as f:
-        return json.load(f)
+    return trainer
 
 
 def read_checkpoint_tensors(path: str) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ import math
 import os
 import resource
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lfm_fast.config import ExperimentConfig, to_dict, validate
+from lfm_fast.config import ExperimentConfig, from_dict, resume_changes, to_dict, validate
 from lfm_fast.dist import init_distributed
 from lfm_fast.data.latents import LatentShardDataset
 from lfm_fast.errors import InputError, RunError
@@ -31,7 +32,8 @@ from lfm_fast.fileio import image_grid, portable_path, read_marker, save_png, um
 from lfm_fast.flow import draw_flow, flow_matching_loss
 from lfm_fast.models.dit import DiT
 from lfm_fast.sampling import FIXED_SOLVERS, SampleConfig
-from lfm_fast.train.checkpoint import fault_active, fault_point, latest_checkpoint, load_checkpoint, save_checkpoint
+from lfm_fast.train.checkpoint import (Checkpointer, fault_active, fault_point, latest_checkpoint, load_checkpoint,
+                                       read_trainer_state)
 from lfm_fast.train.ema import create_ema, ema_decay_at, full_state, update_ema
 from lfm_fast.train.parallelize import build_parallel_dit, parse_ac
 from lfm_fast.train.throughput import peak_flops, train_flops_per_image
@@ -135,8 +137,7 @@ def train(cfg: ExperimentConfig, latents: str, out: str, resume: bool = False, s
         raise InputError(f"--resume: no complete checkpoint in {out}/checkpoints")
     if not resume and ckpt is not None:
         raise InputError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
-    if not resume:
-        _check_run_folder(out)
+    changes = _check_resume(cfg, out, ckpt) if resume else _check_run_folder(out)
     d = init_distributed(device)
     micro = micro_batch_size(tc, d.world_size)
 
@@ -149,6 +150,12 @@ def train(cfg: ExperimentConfig, latents: str, out: str, resume: bool = False, s
         trainer = load_checkpoint(ckpt, model, optimizer, ema)
         step, position, nonfinite = trainer["step"], trainer["data_position"], trainer.get("nonfinite_steps", 0)
         scheduler.load_state_dict(trainer["scheduler"])
+        _apply_resumed_hyperparameters(optimizer, scheduler, tc, schedule)
+        if d.is_main and changes:
+            print(f"lfm-fast: resuming {out} at step {step} with {'; '.join(changes)}", file=sys.stderr)
+    saved_step = step  # the step of the newest checkpoint (none to write at step 0)
+    checkpointer = Checkpointer(out, tc.keep_checkpoints, tc.async_checkpoint == "true" or
+                                (tc.async_checkpoint == "auto" and d.device.type == "cuda"))
 
     meta = {"experiment": to_dict(cfg), "latents": portable_path(latents, out), "autoencoder": portable_path(ds.autoencoder, out),
             "scaling_factor": ds.meta.get("scaling_factor"), "class_names": ds.meta.get("class_names", [])}
@@ -162,11 +169,11 @@ def train(cfg: ExperimentConfig, latents: str, out: str, resume: bool = False, s
     num_preview = max(8, min(64, 8 * max(1, cfg.model.num_classes)))
     preview_labels = torch.arange(num_preview) % cfg.model.num_classes if cfg.model.num_classes else None
 
-    def ema_model() -> DiT:  # collective: gathers the EMA shards
-        return DiT.from_state_dict(cfg.model, full_state(ema))
+    def ema_model() -> DiT | None:  # collective: gathers the EMA shards to rank 0 (None on the others)
+        state = full_state(ema)
+        return DiT.from_state_dict(cfg.model, state) if d.is_main else None
 
-    def write_preview(name: str, net: DiT | None = None):
-        net = net or ema_model()
+    def write_preview(name: str, net: DiT | None):  # net: the EMA model on rank 0
         if ae is not None and d.is_main:
             lat, _ = generate_latents(net.to(d.device), preview_labels, list(range(num_preview)), preview_config(cfg.sample), progress=False)
             images = latents_to_images(ae, lat)
@@ -174,12 +181,16 @@ def train(cfg: ExperimentConfig, latents: str, out: str, resume: bool = False, s
         d.barrier()
 
     def checkpoint():
+        nonlocal saved_step, t_ckpt
+        if step == saved_step:  # nothing new since the last save (a resumed run that had already reached its end)
+            return
         finite = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in model.parameters())
         if d.all_mean(float(finite)) < 1:  # any rank's shard
             raise RunError(f"step {step}: the weights are not finite; no checkpoint written (the last one is kept)")
         trainer = {"step": step, "data_position": position, "nonfinite_steps": nonfinite, "world_size": d.world_size,
                    "micro_batch": micro, "scheduler": scheduler.state_dict(), "config": to_dict(cfg)}
-        save_checkpoint(out, step, model, optimizer, ema, trainer)
+        checkpointer.save(step, model, optimizer, ema, trainer)
+        saved_step, t_ckpt = step, time.time()
 
     flops_per_image = train_flops_per_image(cfg.model)
     peak, peak_source = peak_flops(d.device, cfg.model, micro, torch.bfloat16 if tc.precision == "bf16" else torch.float32)
@@ -188,11 +199,17 @@ def train(cfg: ExperimentConfig, latents: str, out: str, resume: bool = False, s
     end = min(tc.steps, stop_at) if stop_at is not None else tc.steps
     lo_rank = d.rank * micro * tc.grad_accum
     model.train()
-    losses, t_log, last = [], time.time(), {}
+    losses, t_log, t_ckpt, last = [], time.time(), time.time(), {}
     metrics = open(metrics_path, "a") if d.is_main else None
     with StopSignals() as stop, tqdm(total=tc.steps, initial=step, desc="train", disable=not (progress and d.is_main),
                                      mininterval=1) as bar:  # closed (its line ended) before any error is printed
-        while step < end and not d.any(stop.received is not None):
+        while step < end:
+            due = bool(tc.ckpt_every_minutes) and time.time() - t_ckpt >= 60 * tc.ckpt_every_minutes
+            stopping, due = d.any(stop.received is not None, due)  # one reduction: all ranks agree on both
+            if stopping:
+                break
+            if due and step != saved_step:
+                checkpoint()
             indices = sampler.indices(position, tc.batch_size)
             draws = draw_flow(tc.batch_size, ds.latent_shape, cfg.flow, step_generator(tc.seed, 0, step), tc.label_dropout)
             step_loss = torch.zeros((), dtype=torch.float64, device=d.device)  # summed on device: no sync per step
@@ -230,10 +247,11 @@ def train(cfg: ExperimentConfig, latents: str, out: str, resume: bool = False, s
             if fault_active("slow", step):  # the signal tests: a step long enough to be interrupted mid-run
                 time.sleep(0.5)
             if step % tc.log_every == 0 or step == end:
-                dt = time.time() - t_log
-                img_s = len(losses) * tc.batch_size / dt
                 finite = [v for v in losses if torch.isfinite(v)]
                 loss = d.all_mean(float(torch.stack(finite).mean()) if finite else float("nan"))  # of the finite steps
+                d.synchronize()  # the interval ends when the device has done the work queued in it
+                dt = time.time() - t_log
+                img_s = len(losses) * tc.batch_size / dt
                 last = {"step": step, "loss": loss, "img_per_s": img_s,
                         "tokens_per_s": img_s * cfg.model.num_tokens, "tflops": img_s * flops_per_image / 1e12,
                         "mfu": img_s * flops_per_image / peak, "lr": scheduler.get_last_lr()[0],
@@ -247,10 +265,11 @@ def train(cfg: ExperimentConfig, latents: str, out: str, resume: bool = False, s
             if tc.ckpt_every and step % tc.ckpt_every == 0 and step < end:
                 checkpoint()
             if tc.sample_every and step % tc.sample_every == 0 and step < end:
-                write_preview(f"samples_{step:06d}.png")
+                write_preview(f"samples_{step:06d}.png", ema_model())
     if metrics:
         metrics.close()
     checkpoint()
+    checkpointer.wait()
     if step < end:  # stopped by a signal: the checkpoint is all that a resumed run needs
         return {"step": step, "data_position": position, "last": last, "stopped_by": stop.received or "a signal to another rank"}
     net = ema_model()
@@ -287,13 +306,35 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _check_run_folder(out: str) -> None:
+def _check_resume(cfg: ExperimentConfig, out: str, ckpt: str) -> list[str]:
+    """A resumed run is the saved one: `cfg` may change how it proceeds (lr, steps, logging), not what it is.
+    Returns the changes, as 'train.lr 0.004 → 0.001'."""
+    saved = read_trainer_state(ckpt)
+    changes = resume_changes(from_dict(saved["config"]), cfg)
+    at, steps = saved["step"], cfg.train.steps
+    if at > steps or (at == steps and os.path.isfile(os.path.join(out, "model.safetensors"))):
+        raise InputError(f"--resume: the run in {out} has {'reached' if at == steps else 'passed'} train.steps={steps} "
+                         f"(it is at step {at}); pass --steps above {at} to train on")
+    return changes
+
+
+def _apply_resumed_hyperparameters(optimizer, scheduler, tc, schedule) -> None:
+    """The optimizer and scheduler states hold the saved run's lr and weight decay: set this config's (the same
+    values, bit for bit, where nothing changed)."""
+    scheduler.base_lrs = [tc.lr] * len(optimizer.param_groups)
+    for group, weight_decay in zip(optimizer.param_groups, (tc.weight_decay, 0.0)):
+        group["initial_lr"], group["lr"] = tc.lr, tc.lr * schedule(scheduler.last_epoch)
+        group["weight_decay"] = weight_decay
+
+
+def _check_run_folder(out: str) -> list[str]:
     """A new run goes into a new or empty folder, or one an earlier `train` made (that crashed before its
     first checkpoint); it writes beside nobody else's files."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise InputError(f"--out {out} is a file; expected a run folder (new or empty)")
     if os.path.isdir(out) and os.listdir(out) and (read_marker(out) or {}).get("command") != "train":
         raise InputError(f"--out {out} holds other files; choose a new or empty run folder")
+    return []
 
 
 def _truncate_metrics(path: str, step: int) -> None:
