@@ -1,8 +1,10 @@
-"""Condition encoders: class labels (with the null class that classifier-free guidance needs)."""
+"""Condition encoders: class labels (with the null class that classifier-free guidance needs) and semantic maps
+(LDM's SpatialRescaler, which LFM uses: one-hot map → bilinear halvings to the latent grid → 1×1 conv)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -23,3 +25,20 @@ def drop_labels(y: torch.Tensor, p: float, null_class: int, u: torch.Tensor) -> 
     if p <= 0:
         return y
     return torch.where(u.to(y.device) < p, torch.full_like(y, null_class), y)
+
+
+class SpatialRescaler(nn.Module):
+    """One-hot semantic map (B, K, H, W) → (B, out_channels, H / 2^stages, W / 2^stages): `stages` bilinear halvings,
+    then a 1×1 convolution. It is a submodule of the velocity net and trained with it (LFM's code built it but
+    never gave it gradients)."""
+
+    def __init__(self, num_classes: int, out_channels: int, stages: int):
+        super().__init__()
+        self.stages = stages
+        self.proj = nn.Conv2d(num_classes, out_channels, kernel_size=1)
+
+    def forward(self, onehot: torch.Tensor) -> torch.Tensor:
+        x = onehot.to(self.proj.weight.dtype)
+        for _ in range(self.stages):
+            x = F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)
+        return self.proj(x)

@@ -1,0 +1,59 @@
+"""Inpainting masks in the style LFM trained with (LaMa's generator): irregular brush strokes and boxes, mixed,
+with the hole ratio drawn from a range. True = hole (unknown pixels). Mask i depends on (seed, i) alone."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+MASK_KINDS = ("mixed", "strokes", "boxes")
+
+
+def _stroke(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int, scale: float) -> None:
+    """A brush stroke: a polyline of 1–5 segments at random angles, 3–12 % of the side wide, round joints."""
+    width = max(1, int(rng.uniform(0.03, 0.12) * size * scale))
+    x, y = rng.uniform(0, size, 2)
+    for _ in range(int(rng.integers(1, 6))):
+        angle, length = rng.uniform(0, 2 * math.pi), rng.uniform(0.1, 0.45) * size * scale
+        nx, ny = np.clip(x + length * math.cos(angle), 0, size - 1), np.clip(y + length * math.sin(angle), 0, size - 1)
+        draw.line([(x, y), (nx, ny)], fill=255, width=width)
+        draw.ellipse([nx - width / 2, ny - width / 2, nx + width / 2, ny + width / 2], fill=255)
+        x, y = nx, ny
+
+
+def _box(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int, scale: float) -> None:
+    w, h = rng.uniform(0.1, 0.5, 2) * size * scale
+    x0, y0 = rng.uniform(0, size - w), rng.uniform(0, size - h)
+    draw.rectangle([x0, y0, x0 + w, y0 + h], fill=255)
+
+
+def random_mask(size: int, rng: np.random.Generator, hole_range: tuple[float, float] = (0.1, 0.6),
+                kind: str = "mixed") -> np.ndarray:
+    """A (size, size) bool hole mask whose hole ratio lies in `hole_range`: a target ratio is drawn uniformly from
+    the range, and strokes and/or boxes are added one at a time until the hole reaches it; a piece that would
+    pass the high end is dropped and the next pieces are drawn smaller."""
+    lo, hi = hole_range
+    if not 0 <= lo <= hi <= 1 or hi <= 0:
+        raise ValueError(f"hole_range {hole_range}: expected 0 ≤ low ≤ high ≤ 1 and high > 0")
+    if kind not in MASK_KINDS:
+        raise ValueError(f"mask kind {kind!r}: expected one of {', '.join(MASK_KINDS)}")
+    mask, scale, target = np.zeros((size, size), bool), 1.0, rng.uniform(lo, hi)
+    while True:
+        img = Image.new("L", (size, size))
+        use_stroke = kind == "strokes" or (kind == "mixed" and rng.random() < 0.5)
+        (_stroke if use_stroke else _box)(ImageDraw.Draw(img), rng, size, scale)
+        candidate = mask | (np.asarray(img) > 127)
+        if candidate.mean() <= hi:
+            mask = candidate
+            if mask.mean() >= target and mask.any():
+                return mask
+        else:
+            scale *= 0.8  # down to one-pixel pieces: the loop ends for any range at least one pixel wide
+
+
+def make_masks(num: int, size: int, seed: int = 0, hole_range: tuple[float, float] = (0.1, 0.6),
+               kind: str = "mixed") -> np.ndarray:
+    """(num, size, size) bool; mask i is drawn from a generator seeded by (seed, i)."""
+    return np.stack([random_mask(size, np.random.default_rng([seed, i]), hole_range, kind) for i in range(num)])
