@@ -38,9 +38,9 @@ def export_onnx(model, out: str, solver: str = "heun", steps: int = 8, cfg: floa
     labels = torch.zeros(2, dtype=torch.long)
     args = [noise, labels]
     names = ["noise", "labels"]
-    if c.cond_channels:
-        args.append(torch.zeros(2, c.cond_channels, c.input_size, c.input_size, dtype=dtype))
-        names.append("condition")
+    if c.condition != "none":
+        args.append(torch.zeros(2, *c.cond_shape, dtype=dtype))
+        names.append("cond")
     if net_only:
         module, names = _VelocityGraph(sampler), ["x", "t", "labels"] + names[2:]
         args = [noise, torch.full((2,), 0.5, dtype=dtype)] + args[1:]

@@ -45,10 +45,10 @@ class OrtSampler:
     def __call__(self, noise, labels, condition=None) -> np.ndarray:
         feeds = {"noise": np.ascontiguousarray(np.asarray(noise, dtype=self.dtype)),
                  "labels": np.ascontiguousarray(np.asarray(labels, dtype=np.int64))}
-        if "condition" in self.inputs:
+        if "cond" in self.inputs:
             if condition is None:
                 raise InputError("this graph needs a condition input")
-            feeds["condition"] = np.ascontiguousarray(np.asarray(condition, dtype=self.dtype))
+            feeds["cond"] = np.ascontiguousarray(np.asarray(condition, dtype=self.dtype))
         expected = tuple(self.inputs["noise"].shape[1:])
         if tuple(feeds["noise"].shape[1:]) != expected:
             raise InputError(f"noise of shape {tuple(feeds['noise'].shape)} does not fit the graph's (B, {', '.join(map(str, expected))})")

@@ -33,9 +33,11 @@ class UnrolledSampler(nn.Module):
         self.nfe = NFE_PER_STEP[solver] * steps
 
     def velocity(self, x, tb, labels, condition):
-        if self.model.config.num_classes and self.cfg != 1.0:
-            return self.model.forward_with_cfg(x, tb, labels, self.cfg, condition)
-        return self.model(x, tb, labels if self.model.config.num_classes else None, condition)
+        c = self.model.config
+        y = labels if c.num_classes else None
+        if self.cfg != 1.0 and (c.num_classes or c.condition != "none"):
+            return self.model.forward_with_cfg(x, tb, y, self.cfg, condition)
+        return self.model(x, tb, y, condition)
 
     def forward(self, noise: torch.Tensor, labels: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         x = noise
@@ -54,7 +56,7 @@ def sampler_metadata(sampler: UnrolledSampler, dtype: str) -> dict:
     return {"lfm_fast_version": __version__, "solver": sampler.solver, "steps": str(sampler.steps), "cfg": str(sampler.cfg),
             "grid": sampler.grid, "shift": str(sampler.shift), "nfe": str(sampler.nfe),
             "latent_shape": json.dumps([c.in_channels, c.input_size, c.input_size]), "num_classes": str(c.num_classes),
-            "cond_channels": str(c.cond_channels), "scaling_factor": str(sampler.scaling_factor),
+            "condition": c.condition, "cond_shape": json.dumps(list(c.cond_shape)), "scaling_factor": str(sampler.scaling_factor),
             "with_decoder": str(sampler.decoder is not None).lower(), "dtype": dtype}
 
 

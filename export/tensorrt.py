@@ -114,10 +114,10 @@ class TensorRTSampler:
     def __call__(self, noise: torch.Tensor, labels: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         want = self._dtypes[self.engine.get_tensor_dtype("noise")]
         feeds = {"noise": noise.to("cuda", want).contiguous(), "labels": labels.to("cuda", torch.int64).contiguous()}
-        if "condition" in self.inputs:
+        if "cond" in self.inputs:
             if condition is None:
                 raise InputError("this engine needs a condition input")
-            feeds["condition"] = condition.to("cuda", want).contiguous()
+            feeds["cond"] = condition.to("cuda", want).contiguous()
         if not self.cuda_graph:
             out = self._bind(feeds)
             self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream)

@@ -42,6 +42,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 10  # a non-finite loss or gradient norm skips the update; this many in a row stop the run
     ema_decay: float = 0.9999
     label_dropout: float = 0.1  # CFG training; ignored for unconditional models
+    cond_dropout: float = 0.1  # CFG on a condition (inpaint, semantic): rows trained with the null condition
     precision: str = "bf16"  # "bf16": FSDP2 mixed precision (bf16 compute, fp32 weights and gradient reduction) or "fp32"
     activation_checkpointing: str = "none"  # "none", "full" or "selective:N" (every N-th block)
     compile: bool = False  # torch.compile each DiT block
@@ -107,23 +108,25 @@ PRESETS: dict[str, ExperimentConfig] = {
 
 
 def _choices() -> dict[tuple[str, str], tuple[str, ...]]:
+    from lfm_fast.models.cond import CONDITIONS
     from lfm_fast.ops import ATTENTION_BACKENDS, NORM_BACKENDS
     from lfm_fast.sampling import GRIDS, SOLVERS
 
     return {("flow", "time_sampling"): ("uniform", "logit_normal"), ("train", "precision"): ("bf16", "fp32"),
             ("train", "lr_schedule"): ("constant", "cosine"), ("train", "async_checkpoint"): ("auto", "true", "false"), ("sample", "solver"): SOLVERS, ("sample", "grid"): GRIDS,
-            ("model", "attn_backend"): ATTENTION_BACKENDS, ("model", "norm_backend"): NORM_BACKENDS}
+            ("model", "attn_backend"): ATTENTION_BACKENDS, ("model", "norm_backend"): NORM_BACKENDS,
+            ("model", "condition"): CONDITIONS}
 
 
 POSITIVE = {"model": ("input_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio"),
             "flow": ("logit_std",), "data": ("image_size", "num_images"),
             "train": ("steps", "batch_size", "grad_accum", "lr", "log_every", "max_nonfinite_steps", "keep_checkpoints"),
             "sample": ("steps", "shift", "atol", "rtol")}
-NON_NEGATIVE = {"model": ("cond_channels",), "flow": ("sigma_min",),
-                "train": ("warmup_steps", "weight_decay", "grad_clip", "label_dropout", "ema_decay", "ckpt_every",
+NON_NEGATIVE = {"model": ("cond_channels", "semantic_classes", "cond_stages"), "flow": ("sigma_min",),
+                "train": ("warmup_steps", "weight_decay", "grad_clip", "label_dropout", "cond_dropout", "ema_decay", "ckpt_every",
                           "ckpt_every_minutes", "sample_every"),
                 "sample": ("cfg",)}
-BELOW_ONE = {("flow", "sigma_min"), ("train", "label_dropout"), ("train", "ema_decay")}
+BELOW_ONE = {("flow", "sigma_min"), ("train", "label_dropout"), ("train", "cond_dropout"), ("train", "ema_decay")}
 
 
 def validate_section(section: str, obj) -> None:

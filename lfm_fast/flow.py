@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lfm_fast.models.cond import drop_labels
+from lfm_fast.models.cond import drop_labels, null_condition
 
 
 @dataclass
@@ -40,35 +40,42 @@ def sample_time(n: int, cfg: FlowConfig, generator: torch.Generator | None = Non
 
 @dataclass
 class FlowDraws:
-    """The randomness of one batch: noise ε, times t and the uniforms u that decide label drops."""
+    """The randomness of one batch: noise ε, times t and the uniforms u (label drops) and uc (condition drops)."""
     noise: torch.Tensor
     t: torch.Tensor
     u: torch.Tensor | None
+    uc: torch.Tensor | None = None
 
     def rows(self, lo: int, n: int) -> "FlowDraws":
-        return FlowDraws(self.noise[lo:lo + n], self.t[lo:lo + n], None if self.u is None else self.u[lo:lo + n])
+        part = lambda v: None if v is None else v[lo:lo + n]  # noqa: E731
+        return FlowDraws(part(self.noise), part(self.t), part(self.u), part(self.uc))
 
 
 def draw_flow(n: int, sample_shape: tuple[int, ...], cfg: FlowConfig, generator: torch.Generator,
-              label_dropout: float = 0.0) -> FlowDraws:
-    """Draw a batch's randomness on the CPU, in a fixed order (noise, times, label-drop uniforms). Drawn once
-    for a global batch and sliced with `rows`, it gives every sample the same draws however the batch is
-    split over ranks and micro-batches."""
+              label_dropout: float = 0.0, cond_dropout: float = 0.0) -> FlowDraws:
+    """Draw a batch's randomness on the CPU, in a fixed order (noise, times, label-drop uniforms, condition-drop
+    uniforms; each drop's only where it is used). Drawn once for a global batch and sliced with `rows`, it gives
+    every sample the same draws however the batch is split over ranks and micro-batches."""
     noise = torch.randn((n, *sample_shape), generator=generator)
     t = sample_time(n, cfg, generator)
-    return FlowDraws(noise, t, torch.rand(n, generator=generator) if label_dropout > 0 else None)
+    u = torch.rand(n, generator=generator) if label_dropout > 0 else None
+    return FlowDraws(noise, t, u, torch.rand(n, generator=generator) if cond_dropout > 0 else None)
 
 
 def flow_matching_loss(model, x0: torch.Tensor, y: torch.Tensor | None, cfg: FlowConfig,
                        generator: torch.Generator | None = None, label_dropout: float = 0.0,
-                       cond: torch.Tensor | None = None, draws: FlowDraws | None = None) -> torch.Tensor:
+                       cond: torch.Tensor | None = None, draws: FlowDraws | None = None,
+                       cond_dropout: float = 0.0) -> torch.Tensor:
     """E_{t, ε} ‖v(x_t, t) − u‖², averaged over elements. All randomness comes from `generator` (CPU), or from
     `draws` made by `draw_flow`, so a step is reproducible from its seed alone: what makes resumed runs exact."""
     if draws is None:
-        draws = draw_flow(x0.shape[0], tuple(x0.shape[1:]), cfg, generator, label_dropout)
+        draws = draw_flow(x0.shape[0], tuple(x0.shape[1:]), cfg, generator, label_dropout, cond_dropout if cond is not None else 0.0)
     noise = draws.noise.to(x0.device, x0.dtype)
     t = draws.t.to(x0.device)
     if y is not None and draws.u is not None and getattr(model, "config", None) is not None and model.config.num_classes:
         y = drop_labels(y, label_dropout, model.config.num_classes, draws.u)
+    if cond is not None and draws.uc is not None:  # rows that train the null condition (CFG on the condition)
+        drop = (draws.uc.to(cond.device) < cond_dropout).view(-1, *([1] * (cond.dim() - 1)))
+        cond = torch.where(drop, null_condition(model.config.condition, cond), cond)
     v = model(interpolate(x0, noise, t, cfg.sigma_min), t, y, cond)
     return (v.float() - target_velocity(x0, noise, cfg.sigma_min).float()).pow(2).mean()

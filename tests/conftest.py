@@ -15,6 +15,18 @@ def perturbed(model, scale=0.05, seed=0):
     return model.eval()
 
 
+CONDITIONED = {"none": {}, "inpaint": dict(condition="inpaint", cond_channels=5),
+               "semantic": dict(condition="semantic", cond_channels=3, semantic_classes=7, cond_stages=2)}
+
+
+def a_condition(kind, n):
+    if kind == "inpaint":  # masked-image latent and hole mask on the 8×8 latent grid
+        return torch.cat([torch.randn(n, 4, 8, 8), (torch.rand(n, 1, 8, 8) < 0.4).float()], dim=1)
+    if kind == "semantic":  # one-hot map at 4× the latent grid
+        return torch.nn.functional.one_hot(torch.randint(0, 7, (n, 32, 32)), 7).permute(0, 3, 1, 2).float()
+    return None
+
+
 def write_random_latents(folder, n=48, shape=(4, 8, 8), num_classes=3, seed=0, shard_size=20, autoencoder=""):
     g = torch.Generator().manual_seed(seed)
     os.makedirs(folder, exist_ok=True)

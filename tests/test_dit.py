@@ -4,7 +4,7 @@ import torch
 from lfm_fast import ops
 from lfm_fast.errors import InputError
 from lfm_fast.models.dit import DiT, DiTConfig, build_dit
-from tests.conftest import perturbed
+from tests.conftest import CONDITIONED, a_condition, perturbed
 
 
 @pytest.mark.parametrize("name,paper", [("DiT-S/2", 33e6), ("DiT-B/2", 130e6), ("DiT-L/2", 458e6), ("DiT-XL/2", 675e6)])
@@ -32,15 +32,39 @@ def test_adaln_zero_init_outputs_zero_velocity():
     assert v.shape == (3, 4, 8, 8) and v.abs().max() == 0
 
 
-@pytest.mark.parametrize("patch,cond", [(1, 0), (2, 3), (4, 0)])
-def test_output_shape_and_condition_channels(patch, cond):
-    model = small(patch_size=patch, cond_channels=cond)
-    x = torch.randn(2, 4, 8, 8)
-    c = torch.randn(2, cond, 8, 8) if cond else None
+@pytest.mark.parametrize("patch,kind", [(1, "none"), (2, "inpaint"), (4, "semantic")])
+def test_output_shape_and_the_condition_reaching_the_output(patch, kind):
+    model = small(patch_size=patch, **CONDITIONED[kind])
+    x, c = torch.randn(2, 4, 8, 8), a_condition(kind, 2)
     v = model(x, torch.rand(2), torch.tensor([1, 2]), c)
     assert v.shape == x.shape
-    if cond:
-        assert not torch.allclose(v, model(x, v.new_tensor([0.3, 0.3]), torch.tensor([1, 2]), c * 0))
+    if c is not None:
+        assert not torch.allclose(v, model(x, v.new_tensor([0.3, 0.3]), torch.tensor([1, 2]), c.flip(0)))
+        with pytest.raises(ValueError, match="expects a condition"):
+            model(x, torch.rand(2), None, None)
+
+
+def test_condition_configs_are_checked():
+    with pytest.raises(InputError, match="expected cond_channels=5"):
+        small(condition="inpaint", cond_channels=3)
+    with pytest.raises(InputError, match="semantic_classes ≥ 1"):
+        small(condition="semantic", cond_channels=3)
+    with pytest.raises(InputError, match="condition 'depth'"):
+        small(condition="depth")
+
+
+@pytest.mark.parametrize("kind", ["inpaint", "semantic"])
+def test_cfg_on_a_condition_guides_against_the_null_condition(kind):
+    """v = v(∅) + s·(v(c) − v(∅)) with ∅ the null label and the null condition (inpaint: all hole, latent 0;
+    semantic: no class), in one batch."""
+    from lfm_fast.models.cond import null_condition
+
+    model = small(num_classes=0, **CONDITIONED[kind])
+    x, t, c = torch.randn(3, 4, 8, 8), torch.rand(3), a_condition(kind, 3)
+    null = null_condition(kind, c)
+    assert (null[:, -1] == 1).all() and not null[:, :-1].any() if kind == "inpaint" else not null.any()
+    v_c, v_u = model(x, t, None, c), model(x, t, None, null)
+    torch.testing.assert_close(model.forward_with_cfg(x, t, None, 2.5, c), v_u + 2.5 * (v_c - v_u), rtol=1e-5, atol=1e-5)
 
 
 def test_cfg_scale_one_is_the_conditional_forward_and_scale_s_is_the_guided_combination():

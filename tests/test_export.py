@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ from lfm_fast.export.ort import OrtSampler
 from lfm_fast.export.sampler import UnrolledSampler, compile_sampler
 from lfm_fast.models.dit import DiT, DiTConfig
 from lfm_fast.sampling import SampleConfig, per_image_noise, sample
-from tests.conftest import perturbed
+from tests.conftest import CONDITIONED, a_condition, perturbed
 
 pytest.importorskip("onnxruntime")
 
@@ -63,6 +65,24 @@ def test_onnx_velocity_network_alone(model, tmp_path):
     out = sess.run(None, {"x": x.numpy(), "t": t.numpy(), "labels": y.numpy()})[0]
     ref = model.forward_with_cfg(x, t, y, 1.5)
     assert np.abs(out - ref.detach().numpy()).max() <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["inpaint", "semantic"])
+def test_onnx_sampler_takes_the_condition_as_an_input_and_matches_eager(kind, tmp_path):
+    """A conditional checkpoint's graph has a `cond` input (inpaint: masked latent + mask; semantic: the one-hot
+    map, through the rescaler inside the graph), with CFG against the null condition, at any batch size."""
+    torch.manual_seed(0)
+    net = perturbed(DiT(DiTConfig(input_size=8, hidden_size=32, depth=2, num_heads=2, **CONDITIONED[kind])))
+    path = str(tmp_path / "c.onnx")
+    meta = export_onnx(net, path, "heun", 2, 2.0)
+    assert meta["condition"] == kind and json.loads(meta["cond_shape"]) == list(net.config.cond_shape)
+    runner = OrtSampler(path, intra_op_threads=1)
+    for b in (1, 3):
+        noise, cond = per_image_noise(list(range(b)), (4, 8, 8)), a_condition(kind, b)
+        ref = sample(net, noise, None, solver="heun", steps=2, cfg=2.0, cond=cond).latents
+        assert np.abs(runner(noise.numpy(), np.zeros(b, np.int64), cond.numpy()) - ref.numpy()).max() <= 1e-4
+    with pytest.raises(InputError, match="needs a condition"):
+        runner(noise.numpy(), np.zeros(3, np.int64))
 
 
 def test_onnx_with_decoder_gives_the_same_images(tiny_pipeline, tmp_path):

@@ -66,3 +66,29 @@ def test_loss_split_over_parts_equals_whole_batch():
     draws = draw_flow(8, (2, 4, 4), cfg, torch.Generator().manual_seed(3))
     parts = [flow_matching_loss(model, x0[lo:lo + 2], None, cfg, draws=draws.rows(lo, 2)) for lo in range(0, 8, 2)]
     torch.testing.assert_close(torch.stack(parts).mean(), whole, rtol=1e-6, atol=0)
+
+
+def test_condition_dropout_trains_the_null_condition_on_the_drawn_rows():
+    """Rows with uc < p see the null condition (inpaint: all hole, latent 0), the others their own; the label-drop
+    draws before them are unchanged (a run without conditions draws exactly as before)."""
+    from types import SimpleNamespace
+
+    seen = []
+
+    class Spy(torch.nn.Module):
+        config = SimpleNamespace(num_classes=0, condition="inpaint")
+
+        def forward(self, x, t, y=None, cond=None):
+            seen.append(cond)
+            return torch.zeros_like(x)
+
+    cfg, n = FlowConfig(), 4000
+    x0, cond = torch.randn(n, 2, 2, 2), torch.cat([torch.randn(n, 2, 2, 2), torch.zeros(n, 1, 2, 2)], dim=1)
+    draws = draw_flow(n, (2, 2, 2), cfg, torch.Generator().manual_seed(5), label_dropout=0.1, cond_dropout=0.2)
+    plain = draw_flow(n, (2, 2, 2), cfg, torch.Generator().manual_seed(5), label_dropout=0.1)
+    assert torch.equal(draws.u, plain.u) and torch.equal(draws.noise, plain.noise) and plain.uc is None
+    flow_matching_loss(Spy(), x0, None, cfg, cond=cond, draws=draws, cond_dropout=0.2)
+    dropped = draws.uc < 0.2
+    assert abs(dropped.float().mean() - 0.2) < 0.02
+    assert (seen[0][dropped, -1] == 1).all() and not seen[0][dropped, :-1].any()
+    assert torch.equal(seen[0][~dropped], cond[~dropped])

@@ -27,6 +27,19 @@ def drop_labels(y: torch.Tensor, p: float, null_class: int, u: torch.Tensor) -> 
     return torch.where(u.to(y.device) < p, torch.full_like(y, null_class), y)
 
 
+CONDITIONS = ("none", "inpaint", "semantic")
+
+
+def null_condition(kind: str, cond: torch.Tensor) -> torch.Tensor:
+    """The condition that says nothing, shaped like `cond`: for inpainting every pixel a hole (mask 1, masked-image
+    latent 0), for a semantic map no class anywhere (all-zero one-hot). Condition dropout trains it; CFG's
+    unconditional half uses it."""
+    null = torch.zeros_like(cond)
+    if kind == "inpaint":
+        null[:, -1] = 1
+    return null
+
+
 class SpatialRescaler(nn.Module):
     """One-hot semantic map (B, K, H, W) → (B, out_channels, H / 2^stages, W / 2^stages): `stages` bilinear halvings,
     then a 1×1 convolution. It is a submodule of the velocity net and trained with it (LFM's code built it but

@@ -23,7 +23,7 @@ from torch import nn
 from lfm_fast import ops
 from lfm_fast.errors import InputError
 from lfm_fast.fileio import atomic_path, write_json
-from lfm_fast.models.cond import LabelEmbedder
+from lfm_fast.models.cond import CONDITIONS, LabelEmbedder, SpatialRescaler, null_condition
 
 DIT_SIZES = {  # DiT paper, Table 1
     "S": dict(hidden_size=384, depth=12, num_heads=6),
@@ -38,7 +38,11 @@ PATCH_SIZES = (2, 4, 8)
 class DiTConfig:
     input_size: int = 32  # latent height = width
     in_channels: int = 4  # latent channels (also the output channels)
-    cond_channels: int = 0  # extra input channels concatenated to x (inpainting, semantic maps)
+    condition: str = "none"  # "inpaint": cond = [latent of the masked image, hole mask on the latent grid];
+    # "semantic": cond = a one-hot map at image resolution, through a trained SpatialRescaler to the latent grid
+    cond_channels: int = 0  # channels the condition adds to x (inpaint: in_channels + 1; semantic: the rescaler's output)
+    semantic_classes: int = 0  # semantic: classes of the map (its one-hot channels)
+    cond_stages: int = 0  # semantic: bilinear halvings from the map's resolution to the latent grid
     patch_size: int = 2
     hidden_size: int = 384
     depth: int = 12
@@ -48,6 +52,15 @@ class DiTConfig:
     qk_norm: bool = False
     attn_backend: str = "auto"
     norm_backend: str = "auto"
+
+    @property
+    def cond_shape(self) -> tuple[int, ...]:
+        """The shape of one sample's condition input (() for none)."""
+        if self.condition == "inpaint":
+            return (self.in_channels + 1, self.input_size, self.input_size)
+        if self.condition == "semantic":
+            return (self.semantic_classes, self.input_size << self.cond_stages, self.input_size << self.cond_stages)
+        return ()
 
     @property
     def num_tokens(self) -> int:
@@ -158,8 +171,11 @@ class DiT(nn.Module):
             raise InputError(f"DiT config: input_size {cfg.input_size} must be divisible by patch_size {cfg.patch_size} and "
                              f"hidden_size {cfg.hidden_size} by num_heads {cfg.num_heads} (here "
                              f"{'input_size' if cfg.input_size % cfg.patch_size else 'hidden_size'} is not)")
+        _check_condition(cfg)
         self.config = cfg
         p, D = cfg.patch_size, cfg.hidden_size
+        self.cond_encoder = (SpatialRescaler(cfg.semantic_classes, cfg.cond_channels, cfg.cond_stages)
+                             if cfg.condition == "semantic" else None)
         self.x_embedder = nn.Conv2d(cfg.in_channels + cfg.cond_channels, D, kernel_size=p, stride=p)
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = LabelEmbedder(cfg.num_classes, D) if cfg.num_classes > 0 else None
@@ -192,11 +208,15 @@ class DiT(nn.Module):
         return torch.einsum("bhwpqc->bchpwq", x).reshape(x.shape[0], C, g * p, g * p)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """Velocity v(x, t | y, cond): x (B, C, H, W), t (B,) in [0, 1], y (B,) int64, cond (B, C_cond, H, W)."""
+        """Velocity v(x, t | y, cond): x (B, C, H, W), t (B,) in [0, 1], y (B,) int64, cond as `config.condition`
+        says: inpaint (B, C + 1, H, W), semantic one-hot (B, K, H·2^s, W·2^s)."""
         cfg = self.config
-        if cfg.cond_channels:
-            if cond is None or cond.shape[1] != cfg.cond_channels:
-                raise ValueError(f"this DiT expects a condition with {cfg.cond_channels} channels")
+        if cfg.condition != "none":
+            want = cfg.in_channels + 1 if cfg.condition == "inpaint" else cfg.semantic_classes
+            if cond is None or cond.shape[1] != want:
+                raise ValueError(f"this DiT ({cfg.condition}) expects a condition with {want} channels")
+            if self.cond_encoder is not None:
+                cond = self.cond_encoder(cond)
             x = torch.cat([x, cond.to(x.dtype)], dim=1)
         x = x.to(self.x_embedder.weight.dtype)  # the net runs in its weights' dtype (e.g. bf16 under FSDP2)
         h = self.x_embedder(x).flatten(2).transpose(1, 2)
@@ -211,11 +231,15 @@ class DiT(nn.Module):
         return self.unpatchify(self.final_layer(h, c))
 
     def forward_with_cfg(self, x, t, y, cfg_scale: float, cond=None) -> torch.Tensor:
-        """Classifier-free guidance in one batch: v = v_u + s·(v_c − v_u), one network evaluation."""
-        if cfg_scale == 1.0 or self.y_embedder is None or y is None:
+        """Classifier-free guidance in one batch: v = v_u + s·(v_c − v_u), one network evaluation. The unconditional
+        half has the null label and the null condition (each trained by dropout)."""
+        by_label = self.y_embedder is not None and y is not None
+        by_cond = self.config.condition != "none" and cond is not None
+        if cfg_scale == 1.0 or not (by_label or by_cond):
             return self(x, t, y, cond)
-        null = torch.full_like(y, self.config.num_classes)
-        both = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), None if cond is None else torch.cat([cond, cond]))
+        y2 = None if y is None else torch.cat([y, torch.full_like(y, self.config.num_classes) if by_label else y])
+        c2 = None if cond is None else torch.cat([cond, null_condition(self.config.condition, cond) if by_cond else cond])
+        both = self(torch.cat([x, x]), torch.cat([t, t]), y2, c2)
         v_c, v_u = both[: x.shape[0]], both[x.shape[0]:]  # slices, not chunk(2): keeps the batch symbolic for export
         return v_u + cfg_scale * (v_c - v_u)
 
@@ -264,6 +288,16 @@ class DiT(nn.Module):
         device = next(iter(state.values())).device
         model.pos_embed = sincos_pos_embed_2d(cfg.hidden_size, cfg.input_size // cfg.patch_size)[None].to(device)
         return model
+
+
+def _check_condition(cfg: DiTConfig) -> None:
+    if cfg.condition not in CONDITIONS:
+        raise InputError(f"DiT config: condition {cfg.condition!r}: expected one of {', '.join(CONDITIONS)}")
+    want = {"none": 0, "inpaint": cfg.in_channels + 1}.get(cfg.condition, cfg.cond_channels)
+    if cfg.cond_channels != want or (cfg.condition == "semantic" and (cfg.cond_channels < 1 or cfg.semantic_classes < 1)):
+        raise InputError(f"DiT config: condition {cfg.condition!r} with cond_channels={cfg.cond_channels}, semantic_classes="
+                         f"{cfg.semantic_classes}: expected cond_channels={want if cfg.condition != 'semantic' else '≥ 1'}"
+                         f"{' and semantic_classes ≥ 1' if cfg.condition == 'semantic' else ''}")
 
 
 def clean_fqn(name: str) -> str:
