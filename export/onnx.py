@@ -1,13 +1,15 @@
 """ONNX export of the unrolled fixed-step sampler (lfm_fast.export.sampler), or of the velocity net alone.
 
-The graph maps (noise, labels[, condition]) → latents, or → uint8 NHWC images with the decoder; the
+The graph maps (noise, labels[, cond]) → latents, or → uint8 NHWC images with the decoder; the
 batch is dynamic; the graph passes onnx.checker's full check and carries the sampler's metadata.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -50,16 +52,26 @@ def export_onnx(model, out: str, solver: str = "heun", steps: int = 8, cfg: floa
     # torch.export first: handing the exporter an ExportedProgram keeps the batch dimension symbolic.
     # Dim.DYNAMIC, not a fixed range: diffusers' decoder branches at batch 64 on a memory-layout detail
     # that does not change the math, and the ONNX graph is the same on both sides of it.
-    exported = torch.export.export(module, tuple(args), dynamic_shapes=tuple({0: torch.export.Dim.DYNAMIC} for _ in args))
-    with atomic_path(out) as tmp:
-        program = torch.onnx.export(exported, tuple(args), dynamo=True, input_names=names, output_names=[output],
-                                    opset_version=opset, optimize=True, verbose=False)
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not installed…"
+    level = registration.level
+    with warnings.catch_warnings(), atomic_path(out) as tmp:
+        warnings.simplefilter("ignore", FutureWarning)  # torch.export's own deprecations, nothing the user can act on
+        registration.setLevel(logging.ERROR)
+        try:
+            exported = torch.export.export(module, tuple(args), dynamic_shapes=tuple({0: torch.export.Dim.DYNAMIC} for _ in args))
+            program = torch.onnx.export(exported, tuple(args), dynamo=True, input_names=names, output_names=[output],
+                                        opset_version=opset, optimize=True, verbose=False)
+        finally:
+            registration.setLevel(level)
         program.save(tmp)
         proto = onnx.load(tmp)
         for value in list(proto.graph.input) + list(proto.graph.output):
             value.type.tensor_type.shape.dim[0].dim_param = "batch"
         meta = sampler_metadata(sampler, "float16" if fp16 else "float32")
         meta["graph"] = "velocity" if net_only else "sampler"
+        if net_only:  # one network evaluation (CFG batched inside): no solver, steps or grid
+            for key in ("solver", "steps", "grid", "shift", "nfe"):
+                del meta[key]
         for k, v in meta.items():
             proto.metadata_props.add(key=k, value=v)
         onnx.save(proto, tmp)

@@ -96,10 +96,11 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a DiT velocity network on latent shards")
     t.add_argument("--latents", required=True, help="folder written by `lfm-fast prepare`")
-    t.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)} (with --resume: the run's own)")
+    t.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)}; required for a new run (with --resume: "
+                   f"the run's own)")
     t.add_argument("--out", required=True, help="run folder: checkpoints/ (sharded, DCP), metrics.jsonl, grids, and the "
                    "final config.json + model.safetensors (EMA weights)")
-    t.add_argument("--steps", type=int, default=None, help="override train.steps")
+    t.add_argument("--steps", type=int, default=None, help="train.steps (default: the preset's, or with --resume the run's)")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out (any world size), "
                    "with the run's saved config; overrides may change lr, steps, logging and checkpointing, not the "
                    "model, data or batch")
@@ -114,12 +115,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--num", type=int, default=64, help="images to generate")
     s.add_argument("--labels", default=None, help="comma-separated class ids, repeated to --num (default: all classes in turn)")
     s.add_argument("--solver", choices=SOLVERS, default=None, help="default: the checkpoint's preset")
-    s.add_argument("--steps", type=int, default=None, help="fixed-step solvers: number of steps")
-    s.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = off)")
-    s.add_argument("--grid", choices=GRIDS, default=None, help="time grid of fixed-step solvers")
-    s.add_argument("--shift", type=float, default=None, help="shift of the 'shifted' grid")
-    s.add_argument("--atol", type=float, default=None, help="adaptive solvers")
-    s.add_argument("--rtol", type=float, default=None, help="adaptive solvers")
+    s.add_argument("--steps", type=int, default=None, help="fixed-step solvers: number of steps (default: the checkpoint's)")
+    s.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale, 1 = off (default: the checkpoint's)")
+    s.add_argument("--grid", choices=GRIDS, default=None, help="time grid of fixed-step solvers (default: the checkpoint's)")
+    s.add_argument("--shift", type=float, default=None, help="shift of the 'shifted' grid (default: the checkpoint's)")
+    s.add_argument("--atol", type=float, default=None, help="adaptive solvers' absolute tolerance (default: the checkpoint's)")
+    s.add_argument("--rtol", type=float, default=None, help="adaptive solvers' relative tolerance (default: the checkpoint's)")
     s.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     s.add_argument("--batch-size", type=int, default=64, help="images per solver run (per rank)")
     s.add_argument("--ae", default=None, help="autoencoder to decode with (default: the one recorded in the checkpoint)")
@@ -273,7 +274,9 @@ def _cmd_train(args):
         print(f"lfm-fast: {result['stopped_by']}: stopped at step {result['step']} with a checkpoint in {args.out}; "
               f"run the same command with --resume to continue", file=sys.stderr)
     elif is_main_process():
-        print(f"wrote {args.out}: step {result['step']}, loss {result['last'].get('loss', float('nan')):.4f}")
+        unfinished = result["step"] < cfg.train.steps  # --stop-at
+        print(f"wrote {args.out}: step {result['step']}{f' of {cfg.train.steps} (--stop-at)' if unfinished else ''}, "
+              f"loss {result['last'].get('loss', float('nan')):.4f}{'; --resume continues it' if unfinished else ''}")
 
 
 def parse_labels(text: str | None, num: int, num_classes: int):
@@ -330,6 +333,9 @@ def _graph_runner(args, scfg, model):
 
         runner = OrtSampler(args.engine)
         meta = runner.meta
+        if meta.get("graph") == "velocity":
+            raise InputError(f"--engine {args.engine} is the velocity network alone (`export --net-only`); sample needs "
+                             f"the whole sampler: export it without --net-only")
     else:
         from lfm_fast.export.tensorrt import TensorRTSampler
 

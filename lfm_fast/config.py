@@ -231,7 +231,8 @@ def apply_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentCo
         try:
             setattr(owners[0], name, _parse_value(text, current))
         except ValueError:
-            raise InputError(f"override {item!r}: expected a {type(current).__name__} for {key}") from None
+            kind = type(current).__name__
+            raise InputError(f"override {item!r}: expected {'an' if kind == 'int' else 'a'} {kind} for {key}") from None
     return validate(cfg)
 
 

@@ -59,7 +59,54 @@ def test_a_broken_checkpoint_gets_one_line(tiny_pipeline, tmp_path, capsys):
     config["model"]["depth"] = "two"
     (ckpt / "config.json").write_text(json.dumps(config))
     assert_input_error(*run_cli(capsys, "sample", "--ckpt", str(ckpt), "--out", str(tmp_path / "s")), "model.depth='two'")
+    config["model"]["depth"], config["model"]["hidden_size"] = 2, 64  # the right types, the wrong sizes for the weights
+    (ckpt / "config.json").write_text(json.dumps(config))
+    for command in (["sample", "--out", str(tmp_path / "s")], ["export", "--out", str(tmp_path / "x.onnx")]):
+        assert_input_error(*run_cli(capsys, command[0], "--ckpt", str(ckpt), *command[1:]),
+                           "model.safetensors does not match its config.json (size mismatch for")
+    assert not (tmp_path / "s").exists() and not (tmp_path / "x.onnx").exists()
+
+
+def test_sample_refuses_a_velocity_only_graph(tiny_pipeline, tmp_path, capsys):
+    """A graph from `export --net-only` is one network evaluation, not a sampler: one line, not a KeyError."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 8, 8])
+    v = helper.make_tensor_value_info("velocity", TensorProto.FLOAT, ["batch", 4, 8, 8])
+    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["velocity"])], "net", [x], [v]),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    helper.set_model_props(model, {"lfm_fast_version": "0", "graph": "velocity", "cfg": "1.0", "latent_shape": "[4, 8, 8]"})
+    onnx.save(model, tmp_path / "net.onnx")
+    assert_input_error(*run_cli(capsys, "sample", "--ckpt", str(tiny_pipeline / "dit"), "--backend", "onnxruntime",
+                                "--engine", str(tmp_path / "net.onnx"), "--out", str(tmp_path / "s")),
+                       "is the velocity network alone (`export --net-only`)")
     assert not (tmp_path / "s").exists()
+
+
+def test_image_folders_of_mixed_sizes_keep_the_common_size(tmp_path):
+    """A `sample` folder holds grid.png beside the images: as an eval reference it is skipped, with a warning."""
+    import numpy as np
+    from PIL import Image
+
+    from lfm_fast.eval.fid import load_images
+
+    for i in range(3):
+        Image.new("RGB", (32, 32), (i, 0, 0)).save(tmp_path / f"{i:06d}.png")
+    Image.new("RGB", (140, 70)).save(tmp_path / "grid.png")
+    with pytest.warns(UserWarning, match=r"skipped 1 image not of the common size 32×32 \(grid.png\)"):
+        images = load_images(str(tmp_path))
+    assert images.shape == (3, 32, 32, 3) and np.array_equal(images[:, 0, 0, 0], [0, 1, 2])
+
+
+def test_metrics_needing_inception_say_which(tmp_path, capsys, monkeypatch):
+    import numpy as np
+
+    monkeypatch.delenv("LFM_FAST_INCEPTION", raising=False)
+    np.savez(tmp_path / "two.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    assert_input_error(*run_cli(capsys, "eval", "--samples", str(tmp_path / "two.npz"), "--ref", str(tmp_path / "two.npz"),
+                                "--metrics", "pr"), "precision/recall needs the Inception weights file")
 
 
 def test_export_refuses_before_writing_anything(tiny_pipeline, tmp_path, capsys):

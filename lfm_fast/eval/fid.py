@@ -10,6 +10,7 @@ downloaded.
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -161,10 +162,11 @@ class FIDInceptionV3(nn.Module):
         return x.mean(dim=(2, 3))
 
 
-def load_inception(path: str | None = None, device="cpu") -> FIDInceptionV3:
+def load_inception(path: str | None = None, device="cpu", needed_by: str = "FID") -> FIDInceptionV3:
     path = path or os.environ.get(INCEPTION_ENV)
     if not path:
-        raise InputError(f"FID needs the Inception weights file {INCEPTION_FILE}: pass --inception PATH or set ${INCEPTION_ENV}")
+        raise InputError(f"{needed_by} needs the Inception weights file {INCEPTION_FILE}: pass --inception PATH or set "
+                         f"${INCEPTION_ENV}")
     if not os.path.isfile(path):
         raise InputError(f"--inception {path}: no such file (expected pytorch-fid's {INCEPTION_FILE})")
     try:
@@ -209,7 +211,14 @@ def load_images(source: str) -> np.ndarray:
     warn_skipped(source, skipped)
     if not paths:
         raise InputError(f"{source}: no images found")
-    return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    sizes = [im.shape for im in images]
+    common = max(set(sizes), key=sizes.count)  # e.g. a `sample` folder: its grid.png beside the images
+    odd = [os.path.basename(p) for p, s in zip(paths, sizes) if s != common]
+    if odd:
+        warnings.warn(f"{source}: skipped {len(odd)} image{'s' if len(odd) > 1 else ''} not of the common size "
+                      f"{common[1]}×{common[0]} ({', '.join(odd[:3])}{', …' if len(odd) > 3 else ''})", stacklevel=2)
+    return np.stack([im for im, s in zip(images, sizes) if s == common])
 
 
 def reference_stats(path: str) -> tuple[np.ndarray, np.ndarray] | None:

@@ -36,7 +36,8 @@ def evaluate(samples: str, ref: str, metrics: list[str], inception: str | None =
     real = None if stats is not None else load_images(ref)
     result: dict = {"num_samples": int(len(fake)), "num_reference": None if real is None else int(len(real))}
     if "fid" in metrics or "pr" in metrics or save_stats:
-        net = load_inception(inception, device="cuda" if torch.cuda.is_available() else "cpu")
+        needed_by = " and ".join(name for m, name in (("fid", "FID"), ("pr", "precision/recall")) if m in metrics) or "--save-stats"
+        net = load_inception(inception, device="cuda" if torch.cuda.is_available() else "cpu", needed_by=needed_by)
         fake_feats = inception_features(net, fake, batch_size, progress)
         fake_stats = gaussian_stats(fake_feats)
         if save_stats:

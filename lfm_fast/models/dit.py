@@ -274,8 +274,9 @@ class DiT(nn.Module):
             raise InputError(f"checkpoint {folder}: cannot read model.safetensors ({str(e).splitlines()[0]})") from None
         try:
             return cls.from_state_dict(cfg, state)
-        except ValueError as e:
-            raise InputError(f"checkpoint {folder}: weights do not match its config.json ({e})") from None
+        except (ValueError, RuntimeError) as e:  # RuntimeError: load_state_dict's size mismatches
+            first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e).splitlines()[0])
+            raise InputError(f"checkpoint {folder}: model.safetensors does not match its config.json ({first})") from None
 
     @classmethod
     def from_state_dict(cls, cfg: DiTConfig, state: dict[str, torch.Tensor]) -> "DiT":

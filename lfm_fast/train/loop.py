@@ -151,8 +151,8 @@ def train(cfg: ExperimentConfig, latents: str, out: str, resume: bool = False, s
         step, position, nonfinite = trainer["step"], trainer["data_position"], trainer.get("nonfinite_steps", 0)
         scheduler.load_state_dict(trainer["scheduler"])
         _apply_resumed_hyperparameters(optimizer, scheduler, tc, schedule)
-        if d.is_main and changes:
-            print(f"lfm-fast: resuming {out} at step {step} with {'; '.join(changes)}", file=sys.stderr)
+        if d.is_main:
+            print(f"lfm-fast: resuming {out} at step {step}{' with ' + '; '.join(changes) if changes else ''}", file=sys.stderr)
     saved_step = step  # the step of the newest checkpoint (none to write at step 0)
     checkpointer = Checkpointer(out, tc.keep_checkpoints, tc.async_checkpoint == "true" or
                                 (tc.async_checkpoint == "auto" and d.device.type == "cuda"))
