@@ -74,12 +74,12 @@ def test_onnx_sampler_takes_the_condition_as_an_input_and_matches_eager(kind, tm
     torch.manual_seed(0)
     net = perturbed(DiT(DiTConfig(input_size=8, hidden_size=32, depth=2, num_heads=2, **CONDITIONED[kind])))
     path = str(tmp_path / "c.onnx")
-    meta = export_onnx(net, path, "heun", 2, 2.0)
+    meta = export_onnx(net, path, "euler", 2, 2.0)
     assert meta["condition"] == kind and json.loads(meta["cond_shape"]) == list(net.config.cond_shape)
     runner = OrtSampler(path, intra_op_threads=1)
     for b in (1, 3):
         noise, cond = per_image_noise(list(range(b)), (4, 8, 8)), a_condition(kind, b)
-        ref = sample(net, noise, None, solver="heun", steps=2, cfg=2.0, cond=cond).latents
+        ref = sample(net, noise, None, solver="euler", steps=2, cfg=2.0, cond=cond).latents
         assert np.abs(runner(noise.numpy(), np.zeros(b, np.int64), cond.numpy()) - ref.numpy()).max() <= 1e-4
     with pytest.raises(InputError, match="needs a condition"):
         runner(noise.numpy(), np.zeros(3, np.int64))
