@@ -92,6 +92,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--image-size", type=int, default=None, help="default: the AE's sample_size")
     r.add_argument("--num-images", type=int, default=6000, help="shapes only")
     r.add_argument("--batch-size", type=int, default=64, help="images encoded at once")
+    r.add_argument("--inpaint-masks", type=int, default=0, metavar="K",
+                   help="for inpainting: K seeded masks per image, each stored as the latent of the masked image and "
+                        "the mask on the latent grid (0: none)")
+    r.add_argument("--hole-range", default="0.1:0.6", metavar="LO:HI", help="hole ratio range of those masks")
     r.add_argument("--seed", type=int, default=0, help="shapes only: seed of the drawing")
 
     t = sub.add_parser("train", help="train a DiT velocity network on latent shards")
@@ -238,9 +242,17 @@ def _cmd_prepare(args):
 
     for name in ("num_images", "batch_size"):
         _check_positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    _check_positive("--inpaint-masks", args.inpaint_masks, allow_zero=True)
+    try:
+        lo, hi = (float(v) for v in args.hole_range.split(":"))
+    except ValueError:
+        raise InputError(f"--hole-range {args.hole_range}: expected LO:HI, e.g. 0.1:0.6") from None
+    if not 0 <= lo <= hi <= 1 or hi == 0:
+        raise InputError(f"--hole-range {args.hole_range}: expected 0 ≤ LO ≤ HI ≤ 1 and HI > 0")
     meta = prepare_latents(args.ae, args.data, args.out, args.image_size, args.num_images, args.batch_size, args.seed,
-                           overwrite=args.overwrite)
-    print(f"wrote {args.out}: {meta['num_samples']} latents of shape {meta['latent_shape']}, {meta['num_classes']} classes")
+                           overwrite=args.overwrite, inpaint_masks=args.inpaint_masks, hole_range=(lo, hi))
+    print(f"wrote {args.out}: {meta['num_samples']} latents of shape {meta['latent_shape']}, {meta['num_classes']} classes"
+          f"{', conditions: ' + ', '.join(meta['conditions']) if meta['conditions'] else ''}")
 
 
 def _cmd_train(args):

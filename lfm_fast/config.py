@@ -107,6 +107,20 @@ PRESETS: dict[str, ExperimentConfig] = {
 }
 
 
+def _conditional(base: str, name: str, **model_kw) -> ExperimentConfig:
+    """A preset of `base`'s recipe whose model takes a condition (and no class label)."""
+    cfg = copy.deepcopy(PRESETS[base])
+    cfg.name, cfg.model = name, dataclasses.replace(cfg.model, num_classes=0, **model_kw)
+    cfg.sample = dataclasses.replace(cfg.sample, cfg=1.0)  # guidance on the condition: to be measured before it is a default
+    return cfg
+
+
+# Inpainting and semantic-map-to-image on any small image set (latents from `prepare --inpaint-masks K`, or with
+# semantic maps): the small-data recipe; the condition's channel counts come from the latents.
+PRESETS["shapes-inpaint"] = _conditional("small-data", "shapes-inpaint", condition="inpaint")
+PRESETS["shapes-semantic"] = _conditional("small-data", "shapes-semantic", condition="semantic", cond_channels=4)
+
+
 def _choices() -> dict[tuple[str, str], tuple[str, ...]]:
     from lfm_fast.models.cond import CONDITIONS
     from lfm_fast.ops import ATTENTION_BACKENDS, NORM_BACKENDS

@@ -17,32 +17,34 @@ from lfm_fast.sampling import SampleConfig, per_image_noise, sample
 
 @torch.no_grad()
 def generate(run_batch, labels: torch.Tensor | None, seeds: list[int], shape: tuple[int, ...], batch_size: int = 64,
-             device="cpu", dtype=torch.float32, progress: bool = True) -> torch.Tensor:
-    """Outputs of `run_batch(noise, labels)` for each (label, seed), batch by batch; image i depends on
-    seeds[i] and labels[i] only, whatever the batch size or the backend that runs the batch."""
+             device="cpu", dtype=torch.float32, progress: bool = True, conds: torch.Tensor | None = None) -> torch.Tensor:
+    """Outputs of `run_batch(noise, labels[, conds])` for each (label, condition, seed), batch by batch; image i
+    depends on seeds[i], labels[i] and conds[i] only, whatever the batch size or the backend that runs the batch."""
     out = []
     for i in tqdm(range(0, len(seeds), batch_size), desc="sample", disable=not progress, mininterval=1):
         noise = per_image_noise(seeds[i:i + batch_size], shape, device=device, dtype=dtype)
         y = None if labels is None else labels[i:i + batch_size].to(device)
-        out.append(torch.as_tensor(run_batch(noise, y)).cpu())
+        c = None if conds is None else conds[i:i + batch_size].to(device, dtype)
+        out.append(torch.as_tensor(run_batch(noise, y) if c is None else run_batch(noise, y, c)).cpu())
     return torch.cat(out)
 
 
 def generate_latents(model, labels: torch.Tensor | None, seeds: list[int], cfg: SampleConfig, batch_size: int = 64,
-                     progress: bool = True) -> tuple[torch.Tensor, int]:
+                     progress: bool = True, conds: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Eager sampling with any solver. Returns (latents, NFE per batch)."""
     mc = model.config
     p = next(model.parameters())
     nfe = 0
 
-    def run(noise, y):
+    def run(noise, y, c=None):
         nonlocal nfe
-        res = sample(model, noise, y, solver=cfg.solver, steps=cfg.steps, cfg=cfg.cfg, grid=cfg.grid, shift=cfg.shift,
+        res = sample(model, noise, y, solver=cfg.solver, steps=cfg.steps, cfg=cfg.cfg, cond=c, grid=cfg.grid, shift=cfg.shift,
                      atol=cfg.atol, rtol=cfg.rtol)
         nfe = max(nfe, res.nfe)
         return res.latents.float()
 
-    latents = generate(run, labels, seeds, (mc.in_channels, mc.input_size, mc.input_size), batch_size, p.device, p.dtype, progress)
+    latents = generate(run, labels, seeds, (mc.in_channels, mc.input_size, mc.input_size), batch_size, p.device, p.dtype,
+                       progress, conds)
     return latents, nfe
 
 

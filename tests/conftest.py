@@ -27,16 +27,26 @@ def a_condition(kind, n):
     return None
 
 
-def write_random_latents(folder, n=48, shape=(4, 8, 8), num_classes=3, seed=0, shard_size=20, autoencoder=""):
+def write_random_latents(folder, n=48, shape=(4, 8, 8), num_classes=3, seed=0, shard_size=20, autoencoder="",
+                         conditions=False):
+    """Random latent shards; with `conditions`, also random semantic maps (5 classes, at 2× the latent grid) and 2
+    inpainting masks per sample (masked latents and latent-grid masks)."""
     g = torch.Generator().manual_seed(seed)
     os.makedirs(folder, exist_ok=True)
     writer = LatentShardWriter(str(folder), shard_size=shard_size)
     labels = torch.arange(n) % max(1, num_classes)
     # class-dependent means so a conditional model has something to learn
     lat = torch.randn((n, *shape), generator=g) * 0.5 + labels.view(-1, 1, 1, 1).float() - 1
-    writer.add(lat, labels)
-    return writer.close({"latent_shape": list(shape), "num_classes": num_classes, "autoencoder": autoencoder,
-                         "scaling_factor": 1.0, "class_names": [f"c{i}" for i in range(num_classes)]})
+    meta = {"latent_shape": list(shape), "num_classes": num_classes, "autoencoder": autoencoder, "image_size": 2 * shape[1],
+            "scaling_factor": 1.0, "class_names": [f"c{i}" for i in range(num_classes)]}
+    extra = {}
+    if conditions:
+        masks = (torch.rand((n, 2, *shape[1:]), generator=g) < 0.4).to(torch.uint8)
+        extra = {"semantic": torch.randint(0, 5, (n, 2 * shape[1], 2 * shape[2]), generator=g).to(torch.uint8),
+                 "masked_latents": lat[:, None] * (1 - masks[:, :, None].float()), "masks": masks}
+        meta.update(conditions=["semantic", "inpaint"], semantic_classes=5, inpaint_masks=2)
+    writer.add(lat, labels, **extra)
+    return writer.close(meta)
 
 
 @pytest.fixture

@@ -92,3 +92,29 @@ def test_latent_shards_round_trip_across_shards(tmp_path):
     assert torch.equal(xb, expected[[44, 0, 21]]) and yb.tolist() == [2, 0, 0]
     with pytest.raises(IndexError):
         ds[45]
+
+
+def test_prepare_stores_the_conditions_the_data_has(tmp_path):
+    """Shapes keep their semantic maps; `inpaint_masks=K` stores, per image, the latent of the image with mask k's
+    holes grey and mask k max-pooled to the latent grid (a cell is a hole if any of its pixels is)."""
+    import torch.nn.functional as F
+
+    from lfm_fast.autoencoder import encode, load_autoencoder
+    from lfm_fast.data.latents import prepare_latents
+    from lfm_fast.data.masks import make_masks
+    from lfm_fast.data.shapes import ShapesDataset
+
+    meta = prepare_latents("builtin:shapes", "shapes", str(tmp_path / "lat"), 32, 10, batch_size=4, progress=False,
+                           inpaint_masks=3, hole_range=(0.2, 0.4))
+    assert meta["conditions"] == ["semantic", "inpaint"] and meta["semantic_classes"] == len(SHAPE_CLASSES) + 1
+    ds, shapes = LatentShardDataset(str(tmp_path / "lat")), ShapesDataset(10, 32, seed=0)
+    onehot = ds.get_condition([7, 2], "semantic")
+    assert onehot.shape == (2, 7, 32, 32) and torch.equal(onehot.argmax(1), shapes.semantic[[7, 2]].long())
+    cond = ds.get_condition([7, 2], "inpaint", picks=[1, 2])
+    holes = torch.from_numpy(make_masks(30, 32, 0, (0.2, 0.4)))[[7 * 3 + 1, 2 * 3 + 2]]
+    assert torch.equal(cond[:, 4], F.max_pool2d(holes[:, None].float(), 4)[:, 0])
+    ae = load_autoencoder("builtin:shapes")
+    torch.testing.assert_close(cond[:, :4], encode(ae, shapes.images[[7, 2]] * (~holes[:, None]).float()), rtol=1e-4, atol=1e-4)
+    with pytest.raises(InputError, match="no 'inpaint' conditions"):
+        write_random_latents(tmp_path / "plain")
+        LatentShardDataset(str(tmp_path / "plain")).get_condition([0], "inpaint")

@@ -47,3 +47,11 @@ def test_the_semantic_rescaler_maps_to_the_latent_grid_and_is_trained():
     enc(onehot).pow(2).mean().backward()
     opt.step()
     assert all(not torch.equal(a, b) for a, b in zip(before, enc.parameters()))
+
+
+def test_a_target_between_pixel_counts_still_ends():
+    """At 8×8 a pixel is 1/64 of the image: ranges narrower than the pieces end on the range, not the target."""
+    r = make_masks(300, 8, seed=3, hole_range=(0.3, 0.32)).mean(axis=(1, 2))
+    assert r.min() >= 0.3 and r.max() <= 0.32
+    with pytest.raises(ValueError, match="widen the range"):
+        make_masks(1, 8, hole_range=(0.3, 0.301))

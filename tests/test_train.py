@@ -188,3 +188,36 @@ def test_a_checkpoint_commit_is_fsynced_and_never_waits_at_a_barrier(random_late
                     "run/checkpoints/step_00000003.tmp", "run/checkpoints/step_00000003.tmp",
                     "run/checkpoints/.latest.tmp-%d" % os.getpid(), "run/checkpoints"], ckpt
     assert not any(t.startswith("checkpoint-") for t in threads)
+
+
+@pytest.mark.parametrize("condition", ["inpaint", "semantic"])
+def test_conditional_training_resumes_exactly(tmp_path, condition):
+    """The condition (and, for inpainting, which stored mask each sample uses, and the condition drops) comes from
+    the step's seed: a resumed run is the straight one bit for bit. The rescaler is trained with the net."""
+    from tests.conftest import write_random_latents
+
+    latents = str(tmp_path / "latents")
+    write_random_latents(latents, conditions=True)
+
+    def config():
+        cfg = get_preset(f"shapes-{condition}")
+        cfg.model.hidden_size, cfg.model.depth, cfg.model.num_heads = 32, 2, 2
+        cfg.train.steps, cfg.train.batch_size, cfg.train.log_every, cfg.train.ckpt_every = 12, 8, 4, 6
+        cfg.train.cond_dropout = 0.3
+        return cfg
+
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    train(config(), latents, straight, progress=False)
+    train(config(), latents, resumed, stop_at=6, progress=False)
+    train(config(), latents, resumed, resume=True, progress=False)
+    a, b = load_file(os.path.join(straight, "model.safetensors")), load_file(os.path.join(resumed, "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    model = DiT.from_pretrained(straight)
+    assert model.config.condition == condition and model.config.cond_shape == ((5, 8, 8) if condition == "inpaint" else (5, 16, 16))
+    if condition == "semantic":
+        init = DiT(model.config)
+        init.initialize_weights(seed=0)
+        assert not torch.equal(a["cond_encoder.proj.weight"], init.cond_encoder.proj.weight.detach())
+    with pytest.raises(InputError, match="carry no inpaint conditions"):
+        write_random_latents(str(tmp_path / "plain"))
+        train(get_preset("shapes-inpaint"), str(tmp_path / "plain"), str(tmp_path / "x"), progress=False)

@@ -80,6 +80,17 @@ def configure_model_for_data(cfg: ExperimentConfig, ds: LatentShardDataset) -> N
     if h != w:
         raise InputError(f"latents: expected square latents, got {h}×{w}")
     cfg.model.in_channels, cfg.model.input_size = c, h
+    kind = cfg.model.condition
+    if kind != "none" and kind not in ds.conditions:
+        how = "prepare them with --inpaint-masks K" if kind == "inpaint" else "prepare data that has semantic maps (shapes)"
+        raise InputError(f"model.condition={kind}: the latents in {ds.folder} carry no {kind} conditions; {how}")
+    if kind == "inpaint":
+        cfg.model.cond_channels = c + 1
+    if kind == "semantic":
+        stages = math.log2(ds.meta["image_size"] / h)
+        if stages != int(stages):
+            raise InputError(f"model.condition=semantic: image size {ds.meta['image_size']} is not latent size {h} × 2^k")
+        cfg.model.semantic_classes, cfg.model.cond_stages = int(ds.meta["semantic_classes"]), int(stages)
     if cfg.model.num_classes < 0:
         cfg.model.num_classes = ds.num_classes
     if cfg.model.num_classes and cfg.model.num_classes != ds.num_classes:
@@ -168,6 +179,9 @@ def train(cfg: ExperimentConfig, latents: str, out: str, resume: bool = False, s
     ae = _load_preview_autoencoder(ds.autoencoder) if d.is_main else None
     num_preview = max(8, min(64, 8 * max(1, cfg.model.num_classes)))
     preview_labels = torch.arange(num_preview) % cfg.model.num_classes if cfg.model.num_classes else None
+    condition = cfg.model.condition
+    preview_cond = None if condition == "none" else ds.get_condition(list(range(min(num_preview, len(ds)))), condition)
+    num_preview = num_preview if preview_cond is None else len(preview_cond)  # the first samples' conditions
 
     def ema_model() -> DiT | None:  # collective: gathers the EMA shards to rank 0 (None on the others)
         state = full_state(ema)
@@ -175,7 +189,8 @@ def train(cfg: ExperimentConfig, latents: str, out: str, resume: bool = False, s
 
     def write_preview(name: str, net: DiT | None):  # net: the EMA model on rank 0
         if ae is not None and d.is_main:
-            lat, _ = generate_latents(net.to(d.device), preview_labels, list(range(num_preview)), preview_config(cfg.sample), progress=False)
+            lat, _ = generate_latents(net.to(d.device), preview_labels, list(range(num_preview)), preview_config(cfg.sample),
+                                      progress=False, conds=preview_cond)
             images = latents_to_images(ae, lat)
             save_png(os.path.join(out, name), image_grid(images, nrow=8), upscale=max(1, 64 // images.shape[1]))
         d.barrier()
@@ -211,16 +226,22 @@ def train(cfg: ExperimentConfig, latents: str, out: str, resume: bool = False, s
             if due and step != saved_step:
                 checkpoint()
             indices = sampler.indices(position, tc.batch_size)
-            draws = draw_flow(tc.batch_size, ds.latent_shape, cfg.flow, step_generator(tc.seed, 0, step), tc.label_dropout)
+            draws = draw_flow(tc.batch_size, ds.latent_shape, cfg.flow, step_generator(tc.seed, 0, step), tc.label_dropout,
+                              tc.cond_dropout if condition != "none" else 0.0)
+            picks = (torch.randint(ds.meta["inpaint_masks"], (tc.batch_size,), generator=step_generator(tc.seed, 2, step))
+                     if condition == "inpaint" else None)  # which of each sample's stored masks this step uses
             step_loss = torch.zeros((), dtype=torch.float64, device=d.device)  # summed on device: no sync per step
             for k in range(tc.grad_accum):
                 lo = lo_rank + k * micro
                 x0, y = ds.get_batch(indices[lo:lo + micro])
                 x0, y = x0.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+                cond = None if condition == "none" else ds.get_condition(
+                    indices[lo:lo + micro], condition, None if picks is None else picks[lo:lo + micro]).to(d.device)
                 if hasattr(model, "set_requires_gradient_sync"):  # FSDP2-wrapped
                     model.set_requires_gradient_sync(k == tc.grad_accum - 1)
                 loss = flow_matching_loss(model, x0, y if cfg.model.num_classes else None, cfg.flow,
-                                          label_dropout=tc.label_dropout, draws=draws.rows(lo, micro))
+                                          label_dropout=tc.label_dropout, cond=cond, draws=draws.rows(lo, micro),
+                                          cond_dropout=tc.cond_dropout)
                 if fault_active("nan", step + 1):
                     loss = loss * float("nan")
                 (loss / tc.grad_accum).backward()
