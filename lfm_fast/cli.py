@@ -116,7 +116,16 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="generate images from a trained checkpoint")
     s.add_argument("--ckpt", required=True, help="folder with config.json + model.safetensors")
-    s.add_argument("--num", type=int, default=64, help="images to generate")
+    s.add_argument("--num", type=int, default=64, help="images to generate (with --task inpaint|semantic: per input)")
+    s.add_argument("--task", choices=("label", "inpaint", "semantic"), default=None,
+                   help="label: class-conditional (or unconditional) generation; inpaint: fill the holes of --image "
+                        "given by --mask; semantic: an image for each --semantic map (default: what the checkpoint "
+                        "was trained for)")
+    s.add_argument("--image", default=None, help="inpaint: an image, or a folder of images")
+    s.add_argument("--mask", default=None, help="inpaint: the mask (white = hole, same size as the image), or a folder "
+                   "of masks named as the images")
+    s.add_argument("--semantic", default=None, help="semantic: a palette or grey PNG whose pixel values are class ids, "
+                   "or a folder of them")
     s.add_argument("--labels", default=None, help="comma-separated class ids, repeated to --num (default: all classes in turn)")
     s.add_argument("--solver", choices=SOLVERS, default=None, help="default: the checkpoint's preset")
     s.add_argument("--steps", type=int, default=None, help="fixed-step solvers: number of steps (default: the checkpoint's)")
@@ -366,11 +375,11 @@ def _graph_runner(args, scfg, model):
     if json.loads(meta["latent_shape"]) != [c.in_channels, c.input_size, c.input_size]:
         raise InputError(f"--engine {args.engine}: its latent shape {meta['latent_shape']} does not match checkpoint {args.ckpt}")
 
-    def run(noise, y):
+    def run(noise, y, cond=None):
         y = torch.zeros(noise.shape[0], dtype=torch.long) if y is None else y
         if args.backend == "onnxruntime":
-            return torch.from_numpy(runner(noise.cpu().numpy(), y.cpu().numpy()))
-        return runner(noise, y).cpu()
+            return torch.from_numpy(runner(noise.cpu().numpy(), y.cpu().numpy(), None if cond is None else cond.cpu().numpy()))
+        return runner(noise, y, cond).cpu()
 
     return run, int(meta["nfe"]), meta["with_decoder"] == "true"
 
@@ -389,36 +398,92 @@ def _cmd_sample(args):
         _check_positive(f"--{name.replace('_', '-')}", getattr(args, name))
     check_out_dir(args.out, args.overwrite, "sample")
     config = read_checkpoint_config(args.ckpt)
+    task = _check_task(args, config)
     d = init_distributed()
     model = DiT.from_pretrained(args.ckpt, **_backend_overrides(args)).eval().to(d.device)
-    all_labels = parse_labels(args.labels, args.num, model.config.num_classes)
+    c = model.config
+    ae = load_autoencoder(_autoencoder_spec(config, args), device=d.device) if task == "inpaint" else None
+    conds, source, task_inputs = _task_conditions(args, task, model, ae)
+    total = args.num if source is None else len(source)
+    all_labels = parse_labels(args.labels, total, c.num_classes)
     scfg = _sample_config(config, args)
-    mine = rank_indices(args.num, args.batch_size, d.rank, d.world_size)  # this rank's whole batches
+    mine = rank_indices(total, args.batch_size, d.rank, d.world_size)  # this rank's whole batches
     seeds = [args.seed + i for i in mine]
     labels = None if all_labels is None else all_labels[mine]
-    c = model.config
+    conds = None if conds is None else conds[mine]
     shape = (c.in_channels, c.input_size, c.input_size)
     images, progress = None, d.is_main
     if not mine:  # more ranks than batches: this rank has nothing to draw and only joins the collective write
         images, nfe = np.zeros((0, 1, 1, 3), np.uint8), 0
     elif args.backend == "eager":
-        latents, nfe = generate_latents(model, labels, seeds, scfg, args.batch_size, progress=progress)
+        latents, nfe = generate_latents(model, labels, seeds, scfg, args.batch_size, progress=progress, conds=conds)
     elif args.backend == "compile":
         from lfm_fast.export.sampler import compile_sampler
 
         sampler, nfe = compile_sampler(model, scfg)
-        run = (lambda n, y: sampler(n, torch.zeros(n.shape[0], dtype=torch.long, device=n.device) if y is None else y))
-        latents = generate(run, labels, seeds, shape, args.batch_size, d.device, progress=progress)
+        run = (lambda n, y, cond=None: sampler(n, torch.zeros(n.shape[0], dtype=torch.long, device=n.device) if y is None
+                                               else y, cond))
+        latents = generate(run, labels, seeds, shape, args.batch_size, d.device, progress=progress, conds=conds)
     else:
         run, nfe, gives_images = _graph_runner(args, scfg, model)
-        out = generate(run, labels, seeds, shape, args.batch_size, progress=progress)
+        out = generate(run, labels, seeds, shape, args.batch_size, progress=progress, conds=conds)
         images, latents = (out.numpy(), None) if gives_images else (None, out)
     if images is None:
-        images = latents_to_images(load_autoencoder(_autoencoder_spec(config, args), device=d.device), latents.float())
-    save_samples(d, args.out, images, mine, None if all_labels is None else all_labels.numpy(), args.overwrite)
+        ae = ae or load_autoencoder(_autoencoder_spec(config, args), device=d.device)
+        images = latents_to_images(ae, latents.float())
+    grid = None
+    if task != "label":
+        from lfm_fast.tasks import composite, task_grid
+
+        if task == "inpaint" and mine:  # every known pixel is the input's, exactly
+            images = composite(images, task_inputs[0][source[mine]], task_inputs[1][source[mine]])
+        panels = [task_inputs[0], np.repeat(task_inputs[1][..., None] * np.uint8(255), 3, -1)] if task == "inpaint" else task_inputs
+        grid = lambda every: task_grid(every, source, panels)  # noqa: E731
+    save_samples(d, args.out, images, mine, None if all_labels is None else all_labels.numpy(), args.overwrite, source, grid)
     if d.is_main:
-        print(f"wrote {args.num} image{'s' if args.num != 1 else ''} to {args.out} ({args.backend}, {scfg.solver}, NFE {nfe} per batch, cfg {scfg.cfg}, "
-              f"{d.world_size} rank{'s' if d.world_size > 1 else ''})")
+        per = f" ({args.num} for each of {total // args.num} inputs)" if source is not None else ""
+        print(f"wrote {total} image{'s' if total != 1 else ''}{per} to {args.out} ({args.backend}, {scfg.solver}, NFE {nfe} "
+              f"per batch, cfg {scfg.cfg}, {d.world_size} rank{'s' if d.world_size > 1 else ''})")
+
+
+def _check_task(args, config: dict) -> str:
+    """The task: --task, or what the checkpoint was trained for; its inputs present, and only its."""
+    from lfm_fast.tasks import TASKS
+
+    trained = config["model"].get("condition", "none")
+    trained = "label" if trained == "none" else trained
+    task = args.task or trained
+    if task != trained:
+        raise InputError(f"--task {task}: checkpoint {args.ckpt} was trained for {trained}"
+                         f"{'-conditioned generation' if trained == 'label' else ''}, not {task}")
+    need = {"inpaint": ("image", "mask"), "semantic": ("semantic",)}.get(task, ())
+    for name in ("image", "mask", "semantic"):
+        given = getattr(args, name) is not None
+        if given != (name in need):
+            raise InputError(f"--task {task} {'needs' if not given else 'takes no'} --{name}"
+                             f"{'' if task in TASKS else ' (it is for --task inpaint or semantic)'}")
+    return task
+
+
+def _task_conditions(args, task: str, model, ae):
+    """(conditions of every image, the input each image comes from, the input panels of the grid), or Nones."""
+    import numpy as np
+
+    if task == "label":
+        return None, None, None
+    from lfm_fast.autoencoder import downsample_factor
+    from lfm_fast.tasks import inpaint_condition, palette, read_inpaint_inputs, read_semantic_inputs, semantic_condition
+
+    c = model.config
+    if task == "inpaint":
+        factor = downsample_factor(ae)
+        names, pixels, holes = read_inpaint_inputs(args.image, args.mask, c.input_size * factor)
+        conds, panels = inpaint_condition(ae, pixels, holes, factor), [pixels, holes]
+    else:
+        names, maps = read_semantic_inputs(args.semantic, c.input_size << c.cond_stages, c.semantic_classes)
+        conds, panels = semantic_condition(maps, c.semantic_classes), [palette(c.semantic_classes)[maps]]
+    source = np.repeat(np.arange(len(names)), args.num)
+    return conds[source], source, panels
 
 
 def _cmd_export(args):

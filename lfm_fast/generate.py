@@ -61,10 +61,11 @@ def rank_indices(num: int, batch_size: int, rank: int, world_size: int) -> list[
 
 
 def save_samples(d, out: str, images: np.ndarray, indices: list[int], labels: np.ndarray | None,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, source: np.ndarray | None = None, grid=None) -> None:
     """Collective: each rank's `images` (image numbers `indices`) into one folder `out`, which rank 0 commits
     atomically: `{index:06d}_class{label}.png` per image, `grid.png`, and `samples.npz` (arr_0, labels) in the
-    ADM evaluator's layout. Needs a file system all ranks share (one node, or a shared mount)."""
+    ADM evaluator's layout, plus `source` (the input each image was made from) for the conditional tasks, whose
+    grid `grid(all images)` lays out. Needs a file system all ranks share (one node, or a shared mount)."""
     labs = None if labels is None else np.asarray(labels, np.int64)
 
     def write_part(tmp):
@@ -88,7 +89,9 @@ def save_samples(d, out: str, images: np.ndarray, indices: list[int], labels: np
             os.remove(os.path.join(tmp, f".part-{r}.npz"))
         order = np.concatenate([p[0] for p in parts])
         every = np.concatenate([p[1] for p in parts])[np.argsort(order)]
-        save_png(os.path.join(tmp, "grid.png"), image_grid(every[:256]), upscale=max(1, 128 // every.shape[1]))
+        save_png(os.path.join(tmp, "grid.png"), image_grid(every[:256]) if grid is None else grid(every),
+                 upscale=max(1, 128 // every.shape[1]))
+        extra = {} if source is None else {"source": np.asarray(source, np.int64)}
         with open(os.path.join(tmp, "samples.npz"), "wb") as f:
-            np.savez(f, arr_0=every, labels=np.full(len(every), -1, np.int64) if labs is None else labs)
+            np.savez(f, arr_0=every, labels=np.full(len(every), -1, np.int64) if labs is None else labs, **extra)
     d.barrier()

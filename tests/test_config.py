@@ -23,7 +23,7 @@ def test_overrides_convert_types_and_reject_bad_keys():
     assert cfg.train.lr == 3e-4 and cfg.model.qk_norm is True and cfg.train.ema_decay == 0.5 and cfg.sample.solver == "rk4"
     assert get_preset("small-data").train.lr != 3e-4  # presets are copied, never mutated
     for bad, msg in [("train.nope=1", "names no config field"), ("lr", "expected key=value"),
-                     ("train.steps=abc", "expected a int"), ("steps=1", "ambiguous"), ("model.num_tokens=3", "names no")]:
+                     ("train.steps=abc", "expected an int"), ("steps=1", "ambiguous"), ("model.num_tokens=3", "names no")]:
         with pytest.raises(InputError, match=msg):
             apply_overrides(get_preset("small-data"), [bad])
     with pytest.raises(InputError, match="unknown preset"):

@@ -1,0 +1,99 @@
+"""Inpainting and semantic-map-to-image from the command line: inputs, conditions, compositing, outputs, errors."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lfm_fast.cli import main
+from tests.test_cli import assert_input_error, run_cli
+
+
+@pytest.fixture(scope="module")
+def conditional_runs(tmp_path_factory):
+    """Latents of 48 shapes with semantic maps and 2 masks each (the shipped builtin:shapes AE), and an inpainting
+    and a semantic DiT trained a few steps on them."""
+    from lfm_fast.config import get_preset
+    from lfm_fast.data.latents import prepare_latents
+    from lfm_fast.train.loop import train
+
+    root = tmp_path_factory.mktemp("tasks")
+    prepare_latents("builtin:shapes", "shapes", str(root / "latents"), 32, 48, progress=False, inpaint_masks=2)
+    for kind in ("inpaint", "semantic"):
+        cfg = get_preset(f"shapes-{kind}")
+        cfg.model.hidden_size, cfg.model.depth, cfg.model.num_heads = 32, 2, 2
+        cfg.train.steps, cfg.train.batch_size, cfg.train.log_every = 4, 8, 2
+        train(cfg, str(root / "latents"), str(root / kind), progress=False)
+    return root
+
+
+def write_inputs(folder, n=2, seed=99):
+    from lfm_fast.data.masks import make_masks
+    from lfm_fast.data.shapes import make_shapes
+
+    images, _, maps = make_shapes(n, 32, seed=seed)
+    holes = make_masks(n, 32, seed, (0.3, 0.5))
+    for sub in ("img", "mask", "map"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(images[i]).save(folder / "img" / f"s{i}.png")
+        Image.fromarray((holes[i] * 255).astype(np.uint8)).save(folder / "mask" / f"s{i}.png")
+        Image.fromarray(maps[i]).save(folder / "map" / f"s{i}.png")
+    return images, holes, maps
+
+
+def test_inpainting_keeps_every_known_pixel_and_pairs_outputs_with_inputs(conditional_runs, tmp_path, capsys):
+    images, holes, _ = write_inputs(tmp_path)
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "sample", "--ckpt", str(conditional_runs / "inpaint"), "--task", "inpaint", "--image",
+                        str(tmp_path / "img"), "--mask", str(tmp_path / "mask"), "--num", "3", "--solver", "euler",
+                        "--steps", "2", "--out", str(out))
+    assert code == 0, err
+    f = np.load(out / "samples.npz")
+    assert f["arr_0"].shape == (6, 32, 32, 3) and f["source"].tolist() == [0, 0, 0, 1, 1, 1]
+    for k, j in enumerate(f["source"]):
+        known = ~holes[j]
+        assert np.abs(f["arr_0"][k][known].astype(int) - images[j][known]).max() == 0  # known_region_max_abs_err
+        assert (f["arr_0"][k][holes[j]] != images[j][holes[j]]).any()  # the hole is generated
+    assert not np.array_equal(f["arr_0"][0], f["arr_0"][1])  # each sample its own seed
+    grid = np.array(Image.open(out / "grid.png"))
+    assert grid.shape[0] > grid.shape[1] / 5 * 2 * 0.9 and grid.shape[1] == 4 * (5 * (32 + 2) + 2)  # 2 rows of 5 cells
+    single = tmp_path / "one"
+    assert main(["sample", "--ckpt", str(conditional_runs / "inpaint"), "--image", str(tmp_path / "img" / "s1.png"),
+                 "--mask", str(tmp_path / "mask" / "s1.png"), "--num", "3", "--solver", "euler", "--steps", "2",
+                 "--seed", "3", "--out", str(single)]) == 0  # --task from the checkpoint; a pair of files
+    assert np.array_equal(np.load(single / "samples.npz")["arr_0"], f["arr_0"][3:])  # image i: seed + i, as before
+
+
+def test_semantic_maps_give_one_set_per_map(conditional_runs, tmp_path, capsys):
+    write_inputs(tmp_path, n=3)
+    out = tmp_path / "out"
+    assert main(["sample", "--ckpt", str(conditional_runs / "semantic"), "--task", "semantic", "--semantic",
+                 str(tmp_path / "map"), "--num", "2", "--solver", "euler", "--steps", "2", "--out", str(out)]) == 0
+    assert "wrote 6 images (2 for each of 3 inputs)" in capsys.readouterr().out
+    assert np.load(out / "samples.npz")["source"].tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_task_inputs_get_one_line(conditional_runs, tmp_path, capsys):
+    write_inputs(tmp_path)
+    inpaint, semantic = str(conditional_runs / "inpaint"), str(conditional_runs / "semantic")
+    img, mask = str(tmp_path / "img" / "s0.png"), str(tmp_path / "mask" / "s0.png")
+    Image.new("L", (16, 16)).save(tmp_path / "small.png")
+    Image.new("L", (32, 32), 0).save(tmp_path / "black.png")
+    Image.new("L", (32, 32), 255).save(tmp_path / "white.png")
+    Image.new("L", (32, 32), 9).save(tmp_path / "ids9.png")
+    Image.new("RGB", (32, 32)).save(tmp_path / "rgb.png")
+    out = ["--out", str(tmp_path / "o")]
+    cases = [
+        (["--ckpt", inpaint, "--image", img, "--mask", str(tmp_path / "small.png")], "is 16×16; this checkpoint works at 32×32"),
+        (["--ckpt", inpaint, "--image", img, "--mask", str(tmp_path / "black.png")], "has no hole (all black)"),
+        (["--ckpt", inpaint, "--image", img, "--mask", str(tmp_path / "white.png")], "is all hole (all white)"),
+        (["--ckpt", inpaint, "--image", img], "--task inpaint needs --mask"),
+        (["--ckpt", inpaint, "--task", "semantic", "--semantic", img], "was trained for inpaint, not semantic"),
+        (["--ckpt", semantic, "--semantic", str(tmp_path / "ids9.png")], "class id 9 out of range; this checkpoint knows ids 0..6"),
+        (["--ckpt", semantic, "--semantic", str(tmp_path / "rgb.png")], "a RGB image; expected a palette or grey PNG"),
+        (["--ckpt", semantic, "--semantic", str(tmp_path / "map"), "--image", img], "--task semantic takes no --image"),
+        (["--ckpt", inpaint, "--image", str(tmp_path / "img"), "--mask", str(tmp_path / "map" / "s0.png")], "no mask named s1.png"),
+    ]
+    for argv, words in cases:
+        assert_input_error(*run_cli(capsys, "sample", *argv, *out), words)
+    assert not (tmp_path / "o").exists()
