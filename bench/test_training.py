@@ -153,8 +153,6 @@ def test_small_data_step_world_of_one(benchmark, sharding):
     dispatch in clipping, AdamW and EMA)."""
     from lfm_fast.config import get_preset
     from lfm_fast.dist import init_distributed
-    from lfm_fast.train.ema import create_ema, update_ema
-    from lfm_fast.train.loop import make_optimizer
     from lfm_fast.train.parallelize import apply_fsdp, build_parallel_dit
 
     d = init_distributed("cpu")
@@ -163,13 +161,21 @@ def test_small_data_step_world_of_one(benchmark, sharding):
     model = build_parallel_dit(cfg.model, d.mesh, d.device, "fp32", seed=0)
     if sharding == "fsdp2":
         apply_fsdp(model, d.mesh, "fp32")
-    opt, ema = make_optimizer(model, cfg.train), create_ema(model)
     x0, y = torch.randn(32, 4, 8, 8), torch.randint(0, 6, (32,))
     g = torch.Generator().manual_seed(0)
+    run_small_data_steps(benchmark, model, cfg.train, lambda: flow_matching_loss(model, x0, y, cfg.flow, g, 0.1), rounds=30)
+    benchmark.extra_info["images_per_step"] = 32
+
+
+def run_small_data_steps(benchmark, model, tc, loss_fn, rounds: int) -> None:
+    """The trainer's step around `loss_fn()` (backward, clipping, fused AdamW, EMA), warmed up, then benchmarked."""
+    from lfm_fast.train.ema import create_ema, update_ema
+    from lfm_fast.train.loop import make_optimizer
+
+    opt, ema = make_optimizer(model, tc), create_ema(model)
 
     def step():
-        loss = flow_matching_loss(model, x0, y, cfg.flow, g, 0.1)
-        loss.backward()
+        loss_fn().backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -177,8 +183,7 @@ def test_small_data_step_world_of_one(benchmark, sharding):
 
     for _ in range(3):
         step()
-    benchmark.pedantic(step, rounds=30, iterations=1)
-    benchmark.extra_info["images_per_step"] = 32
+    benchmark.pedantic(step, rounds=rounds, iterations=1)
 
 
 @pytest.mark.parametrize("source", ["stored", "encoded"])
@@ -194,15 +199,12 @@ def test_inpaint_condition_stored_vs_encoded(benchmark, source):
     from lfm_fast.data.masks import make_masks
     from lfm_fast.dist import init_distributed
     from lfm_fast.models.dit import DiTConfig
-    from lfm_fast.train.ema import create_ema, update_ema
-    from lfm_fast.train.loop import make_optimizer
     from lfm_fast.train.parallelize import build_parallel_dit
 
     d = init_distributed("cpu")
     cfg = get_preset("shapes-inpaint")
     cfg.model = DiTConfig(**{**cfg.model.__dict__, "cond_channels": 5})
     model = build_parallel_dit(cfg.model, d.mesh, d.device, "fp32", seed=0)
-    opt, ema = make_optimizer(model, cfg.train), create_ema(model)
     ae = load_autoencoder("builtin:shapes")
     images = torch.rand(32, 3, 32, 32) * 2 - 1
     holes = torch.from_numpy(make_masks(32, 32, 0, (0.1, 0.6)))
@@ -210,20 +212,13 @@ def test_inpaint_condition_stored_vs_encoded(benchmark, source):
     x0 = encode(ae, images)
     g = torch.Generator().manual_seed(0)
 
-    def step():
+    def loss():
         if source == "stored":
             cond = stored[torch.randperm(32, generator=g)]  # a gather, as from the memory-mapped shards
         else:
             with torch.no_grad():
                 cond = torch.cat([encode(ae, images * (~holes[:, None]).float()), F.max_pool2d(holes[:, None].float(), 4)], 1)
-        loss = flow_matching_loss(model, x0, None, cfg.flow, g, cond=cond, cond_dropout=0.1)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        update_ema(ema, model, 0.99)
+        return flow_matching_loss(model, x0, None, cfg.flow, g, cond=cond, cond_dropout=0.1)
 
-    for _ in range(3):
-        step()
-    benchmark.pedantic(step, rounds=20, iterations=1)
+    run_small_data_steps(benchmark, model, cfg.train, loss, rounds=20)
     benchmark.extra_info.update(kind=f"inpaint_{source}", img_per_s=32 / benchmark.stats.stats.mean)
