@@ -129,5 +129,5 @@ def test_help_shows_the_defaults(capsys):
     assert "training steps (builtin:shapes was trained 2,500) (default: 800)" in text and "(default: 0.0)" in text
     assert main(["sample", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "images to generate (default: 64)" in text and "--out OUT folder for the PNGs" in text  # no default: none shown
+    assert "images to generate (with --task inpaint|semantic: per input) (default: 64)" in text and "--out OUT folder for the PNGs" in text  # no default: none shown
     assert "(default: None)" not in text
