@@ -192,11 +192,9 @@ def test_inpaint_condition_stored_vs_encoded(benchmark, source):
     builtin:shapes AE): `stored` gathers them from what `prepare --inpaint-masks K` cached (our choice); `encoded`
     runs the AE encoder on the masked images every step, as LFM's code does (masks drawn ahead, as data-loader
     workers would)."""
-    import torch.nn.functional as F
-
     from lfm_fast.autoencoder import encode, load_autoencoder
     from lfm_fast.config import get_preset
-    from lfm_fast.data.masks import make_masks
+    from lfm_fast.data.masks import make_masks, masked_image_condition
     from lfm_fast.dist import init_distributed
     from lfm_fast.models.dit import DiTConfig
     from lfm_fast.train.parallelize import build_parallel_dit
@@ -208,7 +206,7 @@ def test_inpaint_condition_stored_vs_encoded(benchmark, source):
     ae = load_autoencoder("builtin:shapes")
     images = torch.rand(32, 3, 32, 32) * 2 - 1
     holes = torch.from_numpy(make_masks(32, 32, 0, (0.1, 0.6)))
-    stored = torch.cat([encode(ae, images * (~holes[:, None]).float()), F.max_pool2d(holes[:, None].float(), 4)], dim=1)
+    stored = torch.cat(masked_image_condition(ae, images, holes, 4), dim=1)
     x0 = encode(ae, images)
     g = torch.Generator().manual_seed(0)
 
@@ -216,8 +214,7 @@ def test_inpaint_condition_stored_vs_encoded(benchmark, source):
         if source == "stored":
             cond = stored[torch.randperm(32, generator=g)]  # a gather, as from the memory-mapped shards
         else:
-            with torch.no_grad():
-                cond = torch.cat([encode(ae, images * (~holes[:, None]).float()), F.max_pool2d(holes[:, None].float(), 4)], 1)
+            cond = torch.cat(masked_image_condition(ae, images, holes, 4), dim=1)
         return flow_matching_loss(model, x0, None, cfg.flow, g, cond=cond, cond_dropout=0.1)
 
     run_small_data_steps(benchmark, model, cfg.train, loss, rounds=20)

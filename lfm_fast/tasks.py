@@ -85,13 +85,10 @@ def read_semantic_inputs(semantic: str, size: int, num_classes: int) -> tuple[li
 @torch.no_grad()
 def inpaint_condition(ae, images: np.ndarray, holes: np.ndarray, factor: int, batch_size: int = 64) -> torch.Tensor:
     """[latent of the image with its holes grey, hole mask max-pooled to the latent grid], as `prepare` stores it."""
-    from lfm_fast.autoencoder import encode
+    from lfm_fast.data.masks import masked_image_condition
     from lfm_fast.data.shapes import to_tensor
 
-    hole = torch.from_numpy(holes)
-    masked = to_tensor(images) * (~hole[:, None]).float()
-    latents = encode(ae, masked, batch_size)
-    return torch.cat([latents, F.max_pool2d(hole[:, None].float(), factor)], dim=1)
+    return torch.cat(masked_image_condition(ae, to_tensor(images), torch.from_numpy(holes), factor, batch_size), dim=1)
 
 
 def semantic_condition(maps: np.ndarray, num_classes: int) -> torch.Tensor:

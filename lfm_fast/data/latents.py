@@ -168,12 +168,11 @@ def prepare_latents(ae_spec: str, data_spec: str, out: str, image_size: int | No
     seeded masks (LaMa-style, hole ratio in `hole_range`): the latents of the masked image (holes grey) and the
     mask on the latent grid (a latent cell is a hole if any of its pixels is), so inpainting trains without
     running the encoder (the masked image's latent is what the model is conditioned on)."""
-    import torch.nn.functional as F
     from tqdm.auto import tqdm
 
     from lfm_fast.autoencoder import downsample_factor, encode, load_autoencoder
     from lfm_fast.data import open_image_dataset
-    from lfm_fast.data.masks import make_masks
+    from lfm_fast.data.masks import make_masks, masked_image_condition
     from lfm_fast.data.shapes import NUM_SEMANTIC
     from lfm_fast.fileio import atomic_dir, check_out_dir, portable_path
 
@@ -204,10 +203,9 @@ def prepare_latents(ae_spec: str, data_spec: str, out: str, image_size: int | No
             if inpaint_masks:  # mask k of image i is mask i·K + k of the seeded sequence
                 holes = torch.from_numpy(make_masks(len(idx) * inpaint_masks, size, seed, hole_range, start=lo * inpaint_masks))
                 holes = holes.view(len(idx), inpaint_masks, size, size)
-                masked = images[:, None] * (~holes[:, :, None]).float()  # holes grey (0 in [-1, 1])
-                lat = encode(ae, masked.flatten(0, 1), batch_size)
+                lat, grid = masked_image_condition(ae, images.repeat_interleave(inpaint_masks, 0), holes.flatten(0, 1), f,
+                                                   batch_size)
                 conditions["masked_latents"] = lat.view(len(idx), inpaint_masks, *lat.shape[1:])
-                conditions["masks"] = F.max_pool2d(holes.flatten(0, 1)[:, None].float(), f).view(
-                    len(idx), inpaint_masks, size // f, size // f).to(torch.uint8)
+                conditions["masks"] = grid.view(len(idx), inpaint_masks, size // f, size // f).to(torch.uint8)
             writer.add(encode(ae, images, batch_size), labels, **conditions)
         return writer.close(meta)

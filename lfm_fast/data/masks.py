@@ -55,6 +55,20 @@ def random_mask(size: int, rng: np.random.Generator, hole_range: tuple[float, fl
     raise ValueError(f"no {size}×{size} mask has a hole ratio in {hole_range}: widen the range")
 
 
+def masked_image_condition(ae, images, holes, factor: int, batch_size: int = 64):
+    """Inpainting's condition, the one way `prepare` stores it and `sample` builds it: images in [-1, 1] (B, 3, H, W)
+    with their holes (B, H, W bool) grey → (latent of the masked image (B, C, h, w), the holes max-pooled to the
+    latent grid (B, 1, h, w) float: a cell is a hole if any of its pixels is)."""
+    import torch
+    import torch.nn.functional as F
+
+    from lfm_fast.autoencoder import encode
+
+    with torch.no_grad():
+        latents = encode(ae, images * (~holes[:, None]).float(), batch_size)
+    return latents, F.max_pool2d(holes[:, None].float(), factor)
+
+
 def make_masks(num: int, size: int, seed: int = 0, hole_range: tuple[float, float] = (0.1, 0.6),
                kind: str = "mixed", start: int = 0) -> np.ndarray:
     """Masks start … start + num − 1 of a seed's sequence, (num, size, size) bool; mask i is drawn from a generator

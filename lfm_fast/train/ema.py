@@ -31,12 +31,12 @@ def update_ema(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: floa
     torch._foreach_lerp_(ema_t, params, 1.0 - decay)
 
 
-def full_state(ema: dict[str, torch.Tensor], everywhere: bool = False) -> dict[str, torch.Tensor]:
-    """Collective: the whole EMA weights on the CPU of rank 0 ({} on the other ranks, or on every rank with
-    `everywhere`). Shards are gathered one tensor at a time, so no rank holds a second full copy on its device."""
+def full_state(ema: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Collective: the whole EMA weights on the CPU of rank 0 ({} on the other ranks). Shards are gathered one
+    tensor at a time, so no rank holds a second full copy on its device."""
     import torch.distributed as dist
 
-    keep = everywhere or not dist.is_initialized() or dist.get_rank() == 0
+    keep = not dist.is_initialized() or dist.get_rank() == 0
     out = {}
     for k, v in ema.items():
         full = v.full_tensor() if hasattr(v, "full_tensor") else v
