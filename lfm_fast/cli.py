@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import warnings
 
 from lfm_fast.errors import InputError, RunError
@@ -57,11 +59,16 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("demo", help="end to end on the embedded shapes data: AE → latents → DiT → samples → report")
-    d.add_argument("--out", default="runs/demo", help="output folder (new or empty; see --overwrite)")
+    d.add_argument("--task", choices=("label", "inpaint", "semantic"), default="label",
+                   help="label: class-conditional generation with CFG; inpaint: fill a hole over the shape (known pixels "
+                        "kept exactly); semantic: draw an image from a semantic map")
+    d.add_argument("--out", default=None, help="output folder, new or empty; see --overwrite (default: runs/demo, or "
+                   "runs/demo-TASK for --task inpaint|semantic)")
     _add_overwrite_flag(d)
     length = d.add_mutually_exclusive_group()
     length.add_argument("--quick", action="store_true", help="a ≤2-minute run with tiny budgets (what the tests use)")
-    length.add_argument("--long", action="store_true", help="the DiT trains 20,000 steps instead of 6,000 (≤ 30 minutes)")
+    length.add_argument("--long", action="store_true", help="the DiT trains 20,000 steps (instead of 6,000; 8,000 "
+                        "for --task inpaint): ≤ 30 minutes")
     d.add_argument("--train-ae", action="store_true", help="train the autoencoder here (≈ 20 minutes more on 2 cores) instead of "
                    "using the pretrained builtin:shapes one")
     d.add_argument("--seed", type=int, default=0, help="seed of every stage (data, training, sampling)")
@@ -95,8 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--inpaint-masks", type=int, default=0, metavar="K",
                    help="for inpainting: K seeded masks per image, each stored as the latent of the masked image and "
                         "the mask on the latent grid (0: none)")
-    r.add_argument("--hole-range", default="0.1:0.6", metavar="LO:HI", help="hole ratio range of those masks")
-    r.add_argument("--seed", type=int, default=0, help="shapes only: seed of the drawing")
+    r.add_argument("--hole-range", default="0.1:0.6", metavar="LO:HI", help="hole ratio range of those masks (the "
+                   "inpainting demo trains with 0.3:0.7)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the shapes drawing and of the inpainting masks")
 
     t = sub.add_parser("train", help="train a DiT velocity network on latent shards")
     t.add_argument("--latents", required=True, help="folder written by `lfm-fast prepare`")
@@ -122,10 +130,10 @@ def _parser() -> argparse.ArgumentParser:
                         "given by --mask; semantic: an image for each --semantic map (default: what the checkpoint "
                         "was trained for)")
     s.add_argument("--image", default=None, help="inpaint: an image, or a folder of images")
-    s.add_argument("--mask", default=None, help="inpaint: the mask (white = hole, same size as the image), or a folder "
-                   "of masks named as the images")
-    s.add_argument("--semantic", default=None, help="semantic: a palette or grey PNG whose pixel values are class ids, "
-                   "or a folder of them")
+    s.add_argument("--mask", default=None, help="inpaint: the mask (white = hole, same size as the image; one mask "
+                   "serves every image of an --image folder), or a folder of masks named as the images")
+    s.add_argument("--semantic", default=None, help="semantic: a palette or grey PNG whose pixel values are class ids "
+                   "(shapes: 0 background, 1 circle, 2 square, 3 triangle, 4 diamond, 5 cross, 6 ring), or a folder of them")
     s.add_argument("--labels", default=None, help="comma-separated class ids, repeated to --num (default: all classes in turn)")
     s.add_argument("--solver", choices=SOLVERS, default=None, help="default: the checkpoint's preset")
     s.add_argument("--steps", type=int, default=None, help="fixed-step solvers: number of steps (default: the checkpoint's)")
@@ -204,11 +212,18 @@ def _cmd_demo(args):
     from lfm_fast.demo import run_demo
 
     budget = "quick" if args.quick else "long" if args.long else "full"
-    report = run_demo(args.out, budget=budget, seed=args.seed, train_ae=args.train_ae, overwrite=args.overwrite)
-    print(f"wrote {args.out}/report.json, report.md, samples.png: shape_accuracy={report['shape_accuracy']:.3f} "
-          f"class_accuracy={report['class_accuracy']:.3f} ae_shape_accuracy={report['ae_shape_accuracy']:.3f} "
-          f"shape_fd={report['shape_fd']:.2f} (real-vs-real {report['shape_fd_real_vs_real']:.2f}) "
-          f"nfe={report['nfe']} seconds_total={report['seconds_total']:.0f}")
+    out = args.out or ("runs/demo" if args.task == "label" else f"runs/demo-{args.task}")
+    r = run_demo(out, task=args.task, budget=budget, seed=args.seed, train_ae=args.train_ae, overwrite=args.overwrite)
+    if args.task == "label":
+        headline = (f"shape_accuracy={r['shape_accuracy']:.3f} class_accuracy={r['class_accuracy']:.3f} ae_shape_accuracy="
+                    f"{r['ae_shape_accuracy']:.3f} shape_fd={r['shape_fd']:.2f} (real-vs-real {r['shape_fd_real_vs_real']:.2f})")
+    elif args.task == "inpaint":
+        headline = (f"hole_label_consistency={r['hole_label_consistency']:.3f} (mean-colour fill "
+                    f"{r['hole_label_consistency_mean_fill']:.3f}) fd_hole={r['fd_hole']:.2f} "
+                    f"known_region_max_abs_err={r['known_region_max_abs_err']}")
+    else:
+        headline = f"miou={r['miou']:.3f} (real images {r['miou_real']:.3f}, AE reconstructions {r['miou_ae_reconstruction']:.3f})"
+    print(f"wrote {out}/report.json, report.md, samples.png: {headline} nfe={r['nfe']} seconds_total={r['seconds_total']:.0f}")
 
 
 def _check_sampler_flags(args):
@@ -305,7 +320,7 @@ def parse_labels(text: str | None, num: int, num_classes: int):
 
     if num_classes == 0:
         if text:
-            raise InputError("--labels: this checkpoint is unconditional (no classes)")
+            raise InputError("--labels: this checkpoint takes no class labels")
         return None
     if text is None:
         return torch.arange(num) % num_classes
@@ -374,6 +389,10 @@ def _graph_runner(args, scfg, model):
     c = model.config
     if json.loads(meta["latent_shape"]) != [c.in_channels, c.input_size, c.input_size]:
         raise InputError(f"--engine {args.engine}: its latent shape {meta['latent_shape']} does not match checkpoint {args.ckpt}")
+    graph = (meta.get("condition", "none"), int(meta.get("num_classes", 0)), json.loads(meta.get("cond_shape", "[]")))
+    if graph != (c.condition, c.num_classes, list(c.cond_shape)):
+        raise InputError(f"--engine {args.engine} was exported from a model {_trained_for(*graph[:2])}, checkpoint "
+                         f"{args.ckpt} is one {_trained_for(c.condition, c.num_classes)}: export this checkpoint")
 
     def run(noise, y, cond=None):
         y = torch.zeros(noise.shape[0], dtype=torch.long) if y is None else y
@@ -382,6 +401,12 @@ def _graph_runner(args, scfg, model):
         return runner(noise, y, cond).cpu()
 
     return run, int(meta["nfe"]), meta["with_decoder"] == "true"
+
+
+def _trained_for(condition: str, num_classes: int) -> str:
+    if condition != "none":
+        return {"inpaint": "for inpainting", "semantic": "for semantic maps"}.get(condition, f"for {condition}")
+    return f"of {num_classes} classes" if num_classes else "without conditions"
 
 
 def _cmd_sample(args):
@@ -441,7 +466,8 @@ def _cmd_sample(args):
         grid = lambda every: task_grid(every, source, panels)  # noqa: E731
     save_samples(d, args.out, images, mine, None if all_labels is None else all_labels.numpy(), args.overwrite, source, grid)
     if d.is_main:
-        per = f" ({args.num} for each of {total // args.num} inputs)" if source is not None else ""
+        inputs = total // args.num
+        per = f" ({args.num} for each of {inputs} input{'s' if inputs != 1 else ''})" if source is not None else ""
         print(f"wrote {total} image{'s' if total != 1 else ''}{per} to {args.out} ({args.backend}, {scfg.solver}, NFE {nfe} "
               f"per batch, cfg {scfg.cfg}, {d.world_size} rank{'s' if d.world_size > 1 else ''})")
 
@@ -611,6 +637,15 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
 _python_format_warning = warnings.formatwarning
 
 
+class Terminated(BaseException):
+    """SIGTERM outside training (which checkpoints on it): unwinds like Ctrl-C, so every half-written output (the
+    temporary folders of `fileio.atomic_dir`) is removed on the way out."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 @_record
 def main(argv: list[str] | None = None) -> int:
     from lfm_fast.dist import is_main_process, launched_by_torchrun, shutdown
@@ -627,6 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if nproc and not launched_by_torchrun():
         return _relaunch(argv, nproc)
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
     try:
         COMMANDS[args.command](args)
     except InputError as e:
@@ -640,7 +676,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lfm-fast: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("lfm-fast: terminated (SIGTERM); nothing half-written is left", file=sys.stderr)
+        return 128 + signal.SIGTERM
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         shutdown()
     return 0
 

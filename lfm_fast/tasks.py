@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import colorsys
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -21,14 +22,20 @@ TASKS = ("inpaint", "semantic")
 
 
 def _files(flag: str, path: str) -> dict[str, str]:
-    """{name: path}: one file, or every image of a folder (sorted by name)."""
+    """{name: path}: one file, or every image of a folder (sorted by name; other files skipped with a warning)."""
     if os.path.isfile(path):
         return {os.path.basename(path): path}
     if not os.path.isdir(path):
         raise InputError(f"{flag} {path}: no such file or folder")
-    files = {f: os.path.join(path, f) for f in sorted(os.listdir(path)) if f.lower().endswith(IMAGE_EXTENSIONS)}
+    names = sorted(f for f in os.listdir(path) if os.path.isfile(os.path.join(path, f)))
+    files = {f: os.path.join(path, f) for f in names if f.lower().endswith(IMAGE_EXTENSIONS)}
     if not files:
         raise InputError(f"{flag} {path}: no images in this folder")
+    skipped = [f for f in names if f not in files]
+    if skipped:
+        warnings.warn(f"{flag} {path}: skipped {len(skipped)} file{'s' if len(skipped) > 1 else ''} that "
+                      f"{'are' if len(skipped) > 1 else 'is'} not an image ({', '.join(skipped[:3])}"
+                      f"{', …' if len(skipped) > 3 else ''})")
     return files
 
 
@@ -37,8 +44,8 @@ def _read(flag: str, path: str, mode: str | None, size: int) -> np.ndarray:
         with Image.open(path) as img:
             if mode == "ids":  # class ids: palette indices or grey values, not colours
                 if img.mode not in ("P", "L", "I", "I;16"):
-                    raise InputError(f"{flag} {path}: a {img.mode} image; expected a palette or grey PNG whose pixel values "
-                                     f"are class ids")
+                    raise InputError(f"{flag} {path}: an image of mode {img.mode}; expected a palette or grey PNG whose "
+                                     f"pixel values are class ids")
                 arr = np.array(img).astype(np.int64)
             else:
                 arr = np.array(img.convert(mode))
@@ -54,12 +61,16 @@ def _read(flag: str, path: str, mode: str | None, size: int) -> np.ndarray:
 def read_inpaint_inputs(image: str, mask: str, size: int) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(names, images uint8 (N, H, W, 3), holes bool (N, H, W)): MASK white = hole; folders pair files by name."""
     images, masks = _files("--image", image), _files("--mask", mask)
-    if len(images) == 1 and len(masks) == 1 and os.path.isfile(image) and os.path.isfile(mask):
-        masks = {next(iter(images)): next(iter(masks.values()))}
+    if os.path.isfile(mask):  # one mask for every image
+        masks = dict.fromkeys(images, mask)
     missing = [n for n in images if n not in masks]
     if missing:
         raise InputError(f"--mask {mask}: no mask named {missing[0]} for --image {images[missing[0]]} (folders pair files "
                          f"by name)")
+    unused = [n for n in masks if n not in images]
+    if unused:
+        warnings.warn(f"--mask {mask}: {len(unused)} mask{'s' if len(unused) > 1 else ''} without an image of the same "
+                      f"name, not used ({', '.join(unused[:3])}{', …' if len(unused) > 3 else ''})")
     names = list(images)
     pixels = np.stack([_read("--image", images[n], "RGB", size) for n in names])
     holes = np.stack([_read("--mask", masks[n], "L", size) > 127 for n in names])
@@ -77,8 +88,9 @@ def read_semantic_inputs(semantic: str, size: int, num_classes: int) -> tuple[li
     files = _files("--semantic", semantic)
     maps = np.stack([_read("--semantic", p, "ids", size) for p in files.values()])
     for (n, p), m in zip(files.items(), maps):
-        if m.max() >= num_classes:
-            raise InputError(f"--semantic {p}: class id {m.max()} out of range; this checkpoint knows ids 0..{num_classes - 1}")
+        if m.max() >= num_classes or m.min() < 0:
+            bad = m.max() if m.max() >= num_classes else m.min()
+            raise InputError(f"--semantic {p}: class id {bad} out of range; this checkpoint knows ids 0..{num_classes - 1}")
     return list(files), maps
 
 

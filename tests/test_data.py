@@ -5,6 +5,7 @@ from PIL import Image
 
 from lfm_fast.data.folder import ImageFolderDataset
 from lfm_fast.data.latents import LatentShardDataset
+from lfm_fast.data.masks import masked_image_condition
 from lfm_fast.data.shapes import SHAPE_CLASSES, SHAPE_COLORS, make_shapes
 from lfm_fast.errors import InputError
 from tests.conftest import write_random_latents
@@ -112,8 +113,11 @@ def test_prepare_stores_the_conditions_the_data_has(tmp_path):
     assert onehot.shape == (2, 7, 32, 32) and torch.equal(onehot.argmax(1), shapes.semantic[[7, 2]].long())
     cond = ds.get_condition([7, 2], "inpaint", picks=[1, 2])
     holes = torch.from_numpy(make_masks(30, 32, 0, (0.2, 0.4)))[[7 * 3 + 1, 2 * 3 + 2]]
-    assert torch.equal(cond[:, 4], F.max_pool2d(holes[:, None].float(), 4)[:, 0])
+    share = F.avg_pool2d(holes[:, None].float(), 4)[:, 0]  # each latent cell's share of hole pixels (k / 16)
+    assert torch.allclose(cond[:, 4], share, atol=0.5 / 255) and ((cond[:, 4] > 0) & (cond[:, 4] < 1)).any()
     ae = load_autoencoder("builtin:shapes")
+    # training reads the very values sampling builds (the stored uint8 levels), not a float that sampling would differ from
+    assert torch.equal(cond[:, 4:], masked_image_condition(ae, shapes.images[[7, 2]], holes, 4)[1])
     torch.testing.assert_close(cond[:, :4], encode(ae, shapes.images[[7, 2]] * (~holes[:, None]).float()), rtol=1e-4, atol=1e-4)
     with pytest.raises(InputError, match="no 'inpaint' conditions"):
         write_random_latents(tmp_path / "plain")

@@ -68,3 +68,59 @@ def test_builtin_shapes_autoencoder_quality_is_pinned(judges):
 def test_unknown_builtin_autoencoder_names_the_known_ones():
     with pytest.raises(InputError, match="builtin:shapes"):
         load_autoencoder("builtin:faces")
+
+
+def test_shape_centred_holes_keep_their_ratio_and_sit_on_the_shape():
+    from lfm_fast.eval.domain import shape_centred_holes
+
+    _, _, semantic = make_shapes(200, 32, seed=1)
+    holes = shape_centred_holes(semantic, seed=5)
+    ratios = holes.mean(axis=(1, 2))
+    assert ratios.min() >= 0.3 and ratios.max() <= 0.5
+    assert np.array_equal(holes, shape_centred_holes(semantic, seed=5))
+    assert not np.array_equal(holes, shape_centred_holes(semantic, seed=6))
+    shape = semantic > 0
+    hidden = (holes & shape).sum((1, 2)) / shape.sum((1, 2))
+    # centred on the shape: it hides far more of the shape than of the image (a random placement hides ~the ratio)
+    assert hidden.mean() > 0.7 > ratios.mean() + 0.2
+    # the hole's cyclic centre of mass is the shape's centre, to the pixel
+    angles = 2 * np.pi * (np.arange(32) + 0.5) / 32
+    for h, s in zip(holes[:50], shape[:50]):
+        for axis in (0, 1):
+            hc = np.angle((h.sum(axis) * np.exp(1j * angles)).sum()) % (2 * np.pi) / (2 * np.pi) * 32
+            sc = ((np.arange(32) + 0.5) * s.sum(axis)).sum() / s.sum()
+            assert abs((hc - sc + 16) % 32 - 16) <= 0.5 + 1e-6
+
+
+def test_mean_colour_fill_changes_only_the_hole():
+    from lfm_fast.eval.domain import mean_colour_fill
+
+    images, _, _ = make_shapes(4, 32, seed=2)
+    holes = np.zeros((4, 32, 32), bool)
+    holes[:, 8:20, 4:30] = True
+    out = mean_colour_fill(images, holes)
+    assert np.array_equal(out[~holes], images[~holes])
+    for o, img, h in zip(out, images, holes):
+        assert np.abs(o[h].astype(float) - img[~h].mean(0)).max() <= 0.5
+
+
+def test_semantic_colour_rule_recovers_real_maps_and_fails_on_wrong_colours():
+    from lfm_fast.eval.domain import mean_iou, semantic_from_colours
+
+    images, labels, semantic = make_shapes(300, 32, seed=1)
+    miou, per_class = mean_iou(semantic_from_colours(images), semantic, 7)
+    assert miou >= 0.95 and min(per_class) >= 0.9  # the rule's own mIoU on real images
+    x, _ = recoloured(300, 1, 1)  # the right outline in another class's colour: that class is recovered instead
+    wrong = semantic_from_colours(((x.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8))
+    assert mean_iou(wrong, semantic, 7)[0] < 0.25
+    assert mean_iou(semantic_from_colours(images), semantic[np.roll(np.arange(300), 1)], 7)[0] < 0.45  # another map
+
+
+def test_mean_iou_counts_pixels_over_the_whole_set():
+    from lfm_fast.eval.domain import mean_iou
+
+    target = np.array([[[0, 0, 1, 1]], [[0, 2, 2, 2]]])
+    pred = np.array([[[0, 1, 1, 1]], [[0, 2, 2, 0]]])
+    miou, per = mean_iou(pred, target, 4)
+    # class 0: ∩ 2 of ∪ 4; class 1: 2 of 3; class 2: 2 of 3; class 3 absent from both
+    assert np.allclose(per[:3], [2 / 4, 2 / 3, 2 / 3]) and np.isnan(per[3]) and np.isclose(miou, (0.5 + 4 / 3) / 3)

@@ -130,3 +130,24 @@ def test_export_never_replaces_a_file_without_overwrite(tiny_pipeline, tmp_path,
     assert_input_error(*run_cli(capsys, *args, "--out", str(tmp_path), "--overwrite"), "is a folder")
     assert mine.read_text() == "mine"
     assert run_cli(capsys, *args, "--out", str(mine), "--overwrite")[0] == 0 and mine.read_bytes() != b"mine"
+
+
+def test_sigterm_leaves_nothing_half_written(tmp_path):
+    """SIGTERM (what a scheduler or `kill` sends) unwinds like Ctrl-C: the temporary output folder is removed."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "latents"
+    proc = subprocess.Popen([sys.executable, "-m", "lfm_fast", "prepare", "--ae", "builtin:shapes", "--data", "shapes",
+                             "--num-images", "20000", "--out", str(out)], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not any(p.name.startswith(".latents.tmp-") for p in tmp_path.iterdir()) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # well inside the encoding loop
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "lfm-fast: terminated" in err and "Traceback" not in err
+    assert os.listdir(tmp_path) == []  # neither --out nor its temporary folder

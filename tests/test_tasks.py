@@ -73,6 +73,44 @@ def test_semantic_maps_give_one_set_per_map(conditional_runs, tmp_path, capsys):
     assert np.load(out / "samples.npz")["source"].tolist() == [0, 0, 1, 1, 2, 2]
 
 
+def test_one_mask_serves_a_folder_of_images_and_stray_files_are_named(conditional_runs, tmp_path):
+    images, holes, _ = write_inputs(tmp_path, n=3)
+    (tmp_path / "img" / "notes.txt").write_text("x")
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match=r"--image .*: skipped 1 file that is not an image \(notes.txt\)"):
+        assert main(["sample", "--ckpt", str(conditional_runs / "inpaint"), "--image", str(tmp_path / "img"), "--mask",
+                     str(tmp_path / "mask" / "s0.png"), "--num", "1", "--solver", "euler", "--steps", "1", "--out", str(out)]) == 0
+    arr = np.load(out / "samples.npz")["arr_0"]
+    assert len(arr) == 3 and all(np.array_equal(a[~holes[0]], img[~holes[0]]) for a, img in zip(arr, images))
+
+
+def test_an_engine_of_another_task_is_refused_in_one_line(conditional_runs, tmp_path, capsys):
+    engine = str(tmp_path / "inpaint.onnx")
+    assert main(["export", "--ckpt", str(conditional_runs / "inpaint"), "--solver", "euler", "--steps", "1",
+                 "--out", engine]) == 0
+    write_inputs(tmp_path)
+    assert_input_error(*run_cli(capsys, "sample", "--ckpt", str(conditional_runs / "semantic"), "--semantic",
+                                str(tmp_path / "map"), "--backend", "onnxruntime", "--engine", engine, "--out",
+                                str(tmp_path / "o")),
+                       "was exported from a model for inpainting, checkpoint", "is one for semantic maps")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("task", ["inpaint", "semantic"])
+def test_compile_backend_takes_the_condition_as_eager_does(conditional_runs, tmp_path, task):
+    write_inputs(tmp_path)
+    inputs = (["--image", str(tmp_path / "img"), "--mask", str(tmp_path / "mask")] if task == "inpaint"
+              else ["--semantic", str(tmp_path / "map")])
+    outs = {}
+    for backend in ("eager", "compile"):
+        outs[backend] = tmp_path / backend
+        assert main(["sample", "--ckpt", str(conditional_runs / task), *inputs, "--num", "2", "--solver", "euler", "--steps",
+                     "2", "--cfg", "2", "--backend", backend, "--out", str(outs[backend])]) == 0
+    eager, compiled = (np.load(outs[b] / "samples.npz")["arr_0"].astype(int) for b in ("eager", "compile"))
+    assert np.abs(eager - compiled).max() <= 1  # the same latents to float rounding; uint8 may round either way
+    assert not np.array_equal(eager[0], eager[1])  # each sample its own seed, each input its own condition
+
+
 def test_task_inputs_get_one_line(conditional_runs, tmp_path, capsys):
     write_inputs(tmp_path)
     inpaint, semantic = str(conditional_runs / "inpaint"), str(conditional_runs / "semantic")
@@ -81,7 +119,10 @@ def test_task_inputs_get_one_line(conditional_runs, tmp_path, capsys):
     Image.new("L", (32, 32), 0).save(tmp_path / "black.png")
     Image.new("L", (32, 32), 255).save(tmp_path / "white.png")
     Image.new("L", (32, 32), 9).save(tmp_path / "ids9.png")
+    Image.fromarray(np.full((32, 32), -1, np.int32)).save(tmp_path / "negative.tif")  # mode I: signed ids
     Image.new("RGB", (32, 32)).save(tmp_path / "rgb.png")
+    (tmp_path / "one-mask").mkdir()
+    Image.open(mask).save(tmp_path / "one-mask" / "s0.png")
     out = ["--out", str(tmp_path / "o")]
     cases = [
         (["--ckpt", inpaint, "--image", img, "--mask", str(tmp_path / "small.png")], "is 16×16; this checkpoint works at 32×32"),
@@ -90,10 +131,37 @@ def test_task_inputs_get_one_line(conditional_runs, tmp_path, capsys):
         (["--ckpt", inpaint, "--image", img], "--task inpaint needs --mask"),
         (["--ckpt", inpaint, "--task", "semantic", "--semantic", img], "was trained for inpaint, not semantic"),
         (["--ckpt", semantic, "--semantic", str(tmp_path / "ids9.png")], "class id 9 out of range; this checkpoint knows ids 0..6"),
-        (["--ckpt", semantic, "--semantic", str(tmp_path / "rgb.png")], "a RGB image; expected a palette or grey PNG"),
+        (["--ckpt", semantic, "--semantic", str(tmp_path / "negative.tif")], "class id -1 out of range"),
+        (["--ckpt", semantic, "--semantic", str(tmp_path / "rgb.png")], "an image of mode RGB; expected a palette or grey PNG"),
         (["--ckpt", semantic, "--semantic", str(tmp_path / "map"), "--image", img], "--task semantic takes no --image"),
-        (["--ckpt", inpaint, "--image", str(tmp_path / "img"), "--mask", str(tmp_path / "map" / "s0.png")], "no mask named s1.png"),
+        (["--ckpt", inpaint, "--image", str(tmp_path / "img"), "--mask", str(tmp_path / "one-mask")], "no mask named s1.png"),
     ]
     for argv, words in cases:
         assert_input_error(*run_cli(capsys, "sample", *argv, *out), words)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["inpaint", "semantic"])
+def test_quick_task_demo_end_to_end(tmp_path, task):
+    import json
+
+    from lfm_fast.demo import GRID_INPUTS, GRID_SAMPLES, run_demo
+
+    report = run_demo(str(tmp_path / task), task=task, budget="quick", progress=False)
+    assert json.loads((tmp_path / task / "report.json").read_text()) == report
+    assert report["task"] == task and report["nfe"] == 32  # 16 Heun steps, CFG batched
+    assert set(report["seconds"]) == {"data", "prepare", "train_dit", "sample", "evaluate"} and report["seconds_total"] < 180
+    if task == "inpaint":
+        assert report["known_region_max_abs_err"] == 0
+        assert 0.3 <= report["hole_ratio_mean"] <= 0.5 and report["shape_hidden_mean"] > 0.5  # centred on the shape
+        # the floor hides the shape from the colour-blind judge, while the context still shows the class's colour
+        assert report["hole_label_consistency_mean_fill"] < 0.4 and report["context_class_accuracy"] > 0.8
+        assert 0 <= report["hole_label_consistency"] <= 1 and report["fd_hole"] > report["fd_hole_real_vs_real"] > 0
+    else:
+        assert report["miou_real"] >= 0.95 and report["miou_ae_reconstruction"] >= 0.93  # the recovery rule's ceiling
+        assert 0 <= report["miou_other_map"] < 0.6 and 0 <= report["miou"] <= 1
+        assert "colour rule" in report["map_recovery"] and len(report["per_class_iou"]) == 7
+    grid = Image.open(tmp_path / task / "samples.png")
+    assert grid.size == (2 * ((2 + GRID_SAMPLES) * 34 + 2), 2 * (GRID_INPUTS * 34 + 2))  # a row per input, ×2
+    assert ("hole_label_consistency" if task == "inpaint" else "miou") in (tmp_path / task / "report.md").read_text()

@@ -3,7 +3,7 @@
 A folder with `meta.json` and `shard-XXXXX.safetensors` files, each holding `latents` (N, C, H, W;
 already multiplied by the AE's scaling factor) and `labels` (N,) int64, and the conditions the data has:
 `semantic` (N, H_img, W_img) uint8 class maps; `masked_latents` (N, K, C, H, W) and `masks` (N, K, H, W)
-uint8 for inpainting. Shards are memory-mapped and a
+uint8 for inpainting (the hole share of each latent cell × `mask_levels`, 255, in meta.json). Shards are memory-mapped and a
 batch is gathered with one fancy index per shard, so a dataset larger than memory trains fine and reading
 a batch costs no per-item Python work.
 """
@@ -155,8 +155,8 @@ class LatentShardDataset(Dataset):
         picks = np.zeros(len(indices), np.int64) if picks is None else np.asarray(picks)
         rows = np.arange(len(indices))
         masked = self._gather("masked_latents", indices)[rows, picks]
-        masks = self._gather("masks", indices)[rows, picks]
-        return torch.cat([torch.from_numpy(masked), torch.from_numpy(masks[:, None].astype(np.float32))], dim=1)
+        masks = self._gather("masks", indices)[rows, picks][:, None].astype(np.float32) / self.meta.get("mask_levels", 1)
+        return torch.cat([torch.from_numpy(masked), torch.from_numpy(masks)], dim=1)
 
 
 def prepare_latents(ae_spec: str, data_spec: str, out: str, image_size: int | None = None, num_images: int = 6000,
@@ -166,13 +166,13 @@ def prepare_latents(ae_spec: str, data_spec: str, out: str, image_size: int | No
 
     Semantic maps are stored where the data has them (`shapes`). With `inpaint_masks=K`, each image also gets K
     seeded masks (LaMa-style, hole ratio in `hole_range`): the latents of the masked image (holes grey) and the
-    mask on the latent grid (a latent cell is a hole if any of its pixels is), so inpainting trains without
+    mask on the latent grid (the share of each latent cell's pixels that are hole), so inpainting trains without
     running the encoder (the masked image's latent is what the model is conditioned on)."""
     from tqdm.auto import tqdm
 
     from lfm_fast.autoencoder import downsample_factor, encode, load_autoencoder
     from lfm_fast.data import open_image_dataset
-    from lfm_fast.data.masks import make_masks, masked_image_condition
+    from lfm_fast.data.masks import MASK_LEVELS, make_masks, masked_image_condition
     from lfm_fast.data.shapes import NUM_SEMANTIC
     from lfm_fast.fileio import atomic_dir, check_out_dir, portable_path
 
@@ -191,7 +191,7 @@ def prepare_latents(ae_spec: str, data_spec: str, out: str, image_size: int | No
     if semantic is not None:
         meta["semantic_classes"] = NUM_SEMANTIC
     if inpaint_masks:
-        meta.update(inpaint_masks=inpaint_masks, hole_range=list(hole_range), mask_seed=seed)
+        meta.update(inpaint_masks=inpaint_masks, hole_range=list(hole_range), mask_seed=seed, mask_levels=MASK_LEVELS)
     with atomic_dir(out, "prepare", overwrite) as tmp:
         writer = LatentShardWriter(tmp)
         for lo in tqdm(range(0, len(ds), batch_size), desc="prepare", disable=not progress, mininterval=1):
@@ -206,6 +206,7 @@ def prepare_latents(ae_spec: str, data_spec: str, out: str, image_size: int | No
                 lat, grid = masked_image_condition(ae, images.repeat_interleave(inpaint_masks, 0), holes.flatten(0, 1), f,
                                                    batch_size)
                 conditions["masked_latents"] = lat.view(len(idx), inpaint_masks, *lat.shape[1:])
-                conditions["masks"] = grid.view(len(idx), inpaint_masks, size // f, size // f).to(torch.uint8)
+                grid = grid.view(len(idx), inpaint_masks, size // f, size // f)
+                conditions["masks"] = (grid * MASK_LEVELS).round().to(torch.uint8)
             writer.add(encode(ae, images, batch_size), labels, **conditions)
         return writer.close(meta)

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 MASK_KINDS = ("mixed", "strokes", "boxes")
+MASK_LEVELS = 255  # a latent cell's hole share is stored in uint8, in steps of 1/255
 
 
 def _stroke(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int, scale: float) -> None:
@@ -57,8 +58,9 @@ def random_mask(size: int, rng: np.random.Generator, hole_range: tuple[float, fl
 
 def masked_image_condition(ae, images, holes, factor: int, batch_size: int = 64):
     """Inpainting's condition, the one way `prepare` stores it and `sample` builds it: images in [-1, 1] (B, 3, H, W)
-    with their holes (B, H, W bool) grey → (latent of the masked image (B, C, h, w), the holes max-pooled to the
-    latent grid (B, 1, h, w) float: a cell is a hole if any of its pixels is)."""
+    with their holes (B, H, W bool) grey → (latent of the masked image (B, C, h, w), the holes average-pooled to the
+    latent grid (B, 1, h, w) float: the share of each cell's pixels that are hole, so a cell crossed by a thin stroke
+    still says how much of it is known; in steps of 1/MASK_LEVELS, as `prepare` stores it in uint8)."""
     import torch
     import torch.nn.functional as F
 
@@ -66,7 +68,7 @@ def masked_image_condition(ae, images, holes, factor: int, batch_size: int = 64)
 
     with torch.no_grad():
         latents = encode(ae, images * (~holes[:, None]).float(), batch_size)
-    return latents, F.max_pool2d(holes[:, None].float(), factor)
+    return latents, (F.avg_pool2d(holes[:, None].float(), factor) * MASK_LEVELS).round() / MASK_LEVELS
 
 
 def make_masks(num: int, size: int, seed: int = 0, hole_range: tuple[float, float] = (0.1, 0.6),

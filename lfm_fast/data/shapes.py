@@ -21,6 +21,7 @@ SHAPE_COLORS = np.array([
     (0.20, 0.90, 0.95),  # cyan
 ])
 NUM_SEMANTIC = len(SHAPE_CLASSES) + 1  # + background
+SEMANTIC_PALETTE = np.round(255 * np.vstack([(0, 0, 0), SHAPE_COLORS])).astype(np.uint8)  # map id → its class's colour
 
 
 def _box_sdf(px, py, hx, hy):

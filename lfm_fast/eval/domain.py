@@ -12,6 +12,7 @@ import argparse
 import os
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -125,6 +126,60 @@ def embed(clf: ShapesClassifier, images: torch.Tensor, batch_size: int = 256) ->
 @torch.no_grad()
 def classify(clf: ShapesClassifier, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     return torch.cat([clf(images[i:i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)])
+
+
+def shape_centred_holes(semantic: np.ndarray, seed: int, hole_range: tuple[float, float] = (0.3, 0.5),
+                        kind: str = "mixed") -> np.ndarray:
+    """The inpainting demo's test holes, (N, H, W) bool: mask i of the training generator's style (LaMa strokes and
+    boxes, hole ratio in `hole_range`, drawn from (seed, i)), shifted cyclically so that the hole's centre of mass
+    lands on the centre of the shape in semantic map i. A cyclic shift keeps the hole ratio exactly."""
+    from lfm_fast.data.masks import random_mask
+
+    n, size = semantic.shape[0], semantic.shape[-1]
+    angles = 2 * np.pi * (np.arange(size) + 0.5) / size
+
+    def cyclic_centre(weights):  # the circular mean of a cyclic axis, in pixels
+        return float(np.angle((weights * np.exp(1j * angles)).sum()) % (2 * np.pi) / (2 * np.pi) * size)
+
+    coords = np.arange(size) + 0.5
+    holes = np.empty((n, size, size), bool)
+    for i in range(n):
+        mask = random_mask(size, np.random.default_rng([seed, i]), hole_range, kind)
+        shape = semantic[i] > 0
+        cy, cx = (coords[:, None] * shape).sum() / shape.sum(), (coords[None, :] * shape).sum() / shape.sum()
+        shift = (round(cy - cyclic_centre(mask.sum(1))), round(cx - cyclic_centre(mask.sum(0))))
+        holes[i] = np.roll(mask, shift, axis=(0, 1))
+    return holes
+
+
+def mean_colour_fill(images: np.ndarray, holes: np.ndarray) -> np.ndarray:
+    """The inpainting floor: each hole filled with the mean colour of its image's known pixels (uint8 NHWC)."""
+    out = images.copy()
+    for img, hole in zip(out, holes):
+        img[hole] = np.round(img[~hole].reshape(-1, 3).mean(0)).astype(np.uint8)
+    return out
+
+
+def semantic_from_colours(images: np.ndarray) -> np.ndarray:
+    """The semantic demo's map recovery, an exact colour rule for `shapes` (no learnt net): a pixel whose brightest
+    channel passes 0.55 is shape (backgrounds stay below 0.35, shape colours above 0.85), of the class whose colour
+    is nearest; every other pixel is background. Class ids as the data's maps (0 background, k + 1 shape k)."""
+    from lfm_fast.data.shapes import SHAPE_COLORS
+
+    x = images.astype(np.float32) / 255
+    nearest = ((x[..., None, :] - SHAPE_COLORS) ** 2).sum(-1).argmin(-1)
+    return np.where(x.max(-1) > 0.55, nearest + 1, 0)
+
+
+def mean_iou(predicted: np.ndarray, target: np.ndarray, num_classes: int) -> tuple[float, list[float]]:
+    """mIoU over a set of maps: per class, intersection over union summed over every pixel of every map (classes
+    absent from both are left out), then the mean over classes. Returns (mIoU, per-class IoU, NaN where absent)."""
+    ious = []
+    for k in range(num_classes):
+        p, t = predicted == k, target == k
+        union = int((p | t).sum())
+        ious.append(int((p & t).sum()) / union if union else float("nan"))
+    return float(np.nanmean(ious)), ious
 
 
 if __name__ == "__main__":
