@@ -486,8 +486,9 @@ def _check_task(args, config: dict) -> str:
     for name in ("image", "mask", "semantic"):
         given = getattr(args, name) is not None
         if given != (name in need):
-            raise InputError(f"--task {task} {'needs' if not given else 'takes no'} --{name}"
-                             f"{'' if task in TASKS else ' (it is for --task inpaint or semantic)'}")
+            why = " (it is for --task inpaint or semantic)" if task not in TASKS else (
+                "" if args.task else f" (checkpoint {args.ckpt} was trained for {task})")
+            raise InputError(f"--task {task} {'needs' if not given else 'takes no'} --{name}{why}")
     return task
 
 

@@ -128,7 +128,7 @@ def test_task_inputs_get_one_line(conditional_runs, tmp_path, capsys):
         (["--ckpt", inpaint, "--image", img, "--mask", str(tmp_path / "small.png")], "is 16×16; this checkpoint works at 32×32"),
         (["--ckpt", inpaint, "--image", img, "--mask", str(tmp_path / "black.png")], "has no hole (all black)"),
         (["--ckpt", inpaint, "--image", img, "--mask", str(tmp_path / "white.png")], "is all hole (all white)"),
-        (["--ckpt", inpaint, "--image", img], "--task inpaint needs --mask"),
+        (["--ckpt", inpaint, "--image", img], "--task inpaint needs --mask (checkpoint"),
         (["--ckpt", inpaint, "--task", "semantic", "--semantic", img], "was trained for inpaint, not semantic"),
         (["--ckpt", semantic, "--semantic", str(tmp_path / "ids9.png")], "class id 9 out of range; this checkpoint knows ids 0..6"),
         (["--ckpt", semantic, "--semantic", str(tmp_path / "negative.tif")], "class id -1 out of range"),
