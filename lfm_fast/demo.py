@@ -134,8 +134,8 @@ def run_demo(out: str, task: str = "label", budget: str = "full", seed: int = 0,
     return report
 
 
-def _sample_seeds(seed: int, n: int, first: int = 0) -> list[int]:
-    return [seed * 100_003 + i for i in range(first, first + n)]
+def _sample_seeds(seed: int, n: int) -> list[int]:
+    return [seed * 100_003 + i for i in range(n)]
 
 
 def _label_demo(model, ae, sample_cfg, train_set, test_set, b, seed, progress, lap):

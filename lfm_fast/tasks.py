@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lfm_fast.data.folder import IMAGE_EXTENSIONS
+from lfm_fast.data.folder import list_images
 from lfm_fast.errors import InputError
 from lfm_fast.fileio import image_grid
 
@@ -27,11 +27,11 @@ def _files(flag: str, path: str) -> dict[str, str]:
         return {os.path.basename(path): path}
     if not os.path.isdir(path):
         raise InputError(f"{flag} {path}: no such file or folder")
-    names = sorted(f for f in os.listdir(path) if os.path.isfile(os.path.join(path, f)))
-    files = {f: os.path.join(path, f) for f in names if f.lower().endswith(IMAGE_EXTENSIONS)}
+    paths, others = list_images(path)
+    files = {os.path.basename(p): p for p in paths}
     if not files:
         raise InputError(f"{flag} {path}: no images in this folder")
-    skipped = [f for f in names if f not in files]
+    skipped = [os.path.basename(p) for p in others]
     if skipped:
         warnings.warn(f"{flag} {path}: skipped {len(skipped)} file{'s' if len(skipped) > 1 else ''} that "
                       f"{'are' if len(skipped) > 1 else 'is'} not an image ({', '.join(skipped[:3])}"
