@@ -25,13 +25,16 @@ test: install
 
 # CPU suite (≈ 10 minutes): each bench file in a fresh process (in one long-lived process the demo's
 # eager sampling measured 4.6× slower after the other files), merged into bench/results/<date>-<host>.json
-# with the FSDP scaling rows and the derived ratios, then bench/REPORT.md (tables, PNG plots) from it
+# with the FSDP scaling rows and the derived ratios, then the reduced NFE sweep on the demo checkpoint (≤ 3 minutes;
+# the demo is trained first where runs/demo has none), then bench/REPORT.md (tables, PNG plots) from it all
 bench: install
 	@run=bench/results/$$(date +%Y%m%d-%H%M)-$$(hostname); parts=$$(mktemp -d); \
 	for f in bench/test_*.py; do \
 	  $(PY) -m pytest -q $$f --benchmark-only --benchmark-json=$$parts/$$(basename $$f .py).json || exit 1; \
 	done; \
 	$(PY) bench/fsdp_scaling.py --out $$run-fsdp.json && \
+	{ test -f runs/demo/dit/config.json || .venv/bin/lfm-fast demo --out runs/demo --overwrite; } && \
+	$(PY) bench/nfe_sweep.py --quick && \
 	$(PY) bench/report.py $$parts/*.json --fsdp $$run-fsdp.json --save $$run.json && rm -rf $$parts
 
 clean:

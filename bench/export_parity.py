@@ -15,7 +15,7 @@ from lfm_fast.export.onnx import export_onnx
 from lfm_fast.export.ort import OrtSampler
 from lfm_fast.fileio import resolve_path, write_json
 from lfm_fast.models.dit import DiT, read_checkpoint_config
-from lfm_fast.sampling import per_image_noise, sample
+from lfm_fast.sampling import SampleConfig, per_image_noise, sample
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
@@ -29,7 +29,7 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as tmp:
         for variant in ("fp32", "fp16", "fp32+decoder"):
             path = os.path.join(tmp, f"{variant}.onnx")
-            export_onnx(model, path, "heun", 8, 2.0, ae=ae if "decoder" in variant else None, fp16=variant == "fp16")
+            export_onnx(model, path, SampleConfig("heun", 8, 2.0), ae=ae if "decoder" in variant else None, fp16=variant == "fp16")
             runner = OrtSampler(path)
             for batch in (1, 7):
                 noise = per_image_noise(list(range(batch)), (c.in_channels, c.input_size, c.input_size))

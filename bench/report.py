@@ -54,6 +54,16 @@ def sampling_table(run: dict) -> str:
     return "\n".join(lines)
 
 
+def solver_cost_table(run: dict) -> str:
+    rows = {b["extra_info"]["solver_cost"]: b["extra_info"] for b in run["benchmarks"] if "solver_cost" in b.get("extra_info", {})}
+    base = rows.get("heun × 8")
+    lines = ["| solver | NFE | ms / image | vs Heun × 8 |", "|---|---|---|---|"]
+    for name, e in rows.items():
+        ratio = f"{e['ms_per_image'] / base['ms_per_image']:.2f}×" if base else "–"
+        lines.append(f"| {name} | {e['nfe']} | {e['ms_per_image']:.3f} | {ratio} |")
+    return "\n".join(lines)
+
+
 def _plt():
     try:
         import matplotlib
@@ -119,35 +129,52 @@ def training_table(run: dict) -> str:
     return "\n".join(lines)
 
 
+def _setting(r: dict) -> str:
+    if r["grid"] is None:
+        return f"{r['solver']} tol {r['tol']:g}"
+    return f"{r['solver']} {r['grid']}" + (f":{r['shift']:g}" if r["grid"] == "shifted" else "")
+
+
 def nfe_section(path: str, out_dir: str) -> str:
+    """The NFE sweep (bench/nfe_sweep.py): the table, the fewest NFE per setting for an error target, and two plots
+    (error and classifier FD against NFE, a curve per solver and grid)."""
+    if not os.path.isfile(path):  # the full sweep, else the reduced one of `make bench`
+        path = path.replace("nfe_sweep.json", "nfe_sweep_quick.json")
     if not os.path.isfile(path):
         return "(run `python bench/nfe_sweep.py` for this section)"
     sweep = json.load(open(path))
-    lines = ["| solver | setting | NFE | rel. error | class accuracy | latent FD |", "|---|---|---|---|---|---|"]
+    lines = [f"{sweep['num_samples']} samples per setting (FD), {sweep['ref_samples']} with a reference ({sweep['reference']}), "
+             f"CFG {sweep['cfg']:g}; FD floors (real vs real): shape judge {sweep['shape_judge_fd_real_vs_real']:.3f}, classifier "
+             f"{sweep['classifier_fd_real_vs_real']:.3f}. NFE per image "
+             f"(mean over images, as LFM counts), network rows per image (2 per guided evaluation).", "",
+             "| setting | NFE | rel. error | shape-judge FD [95 % CI] | classifier FD [95 % CI] | class acc. | shape acc. | ms / image |",
+             "|---|---|---|---|---|---|---|---|"]
     curves = defaultdict(list)
     for r in sweep["rows"]:
-        setting = ", ".join(f"{k}={r[k]}" for k in ("steps", "grid", "shift", "atol") if k in r)
-        lines.append(f"| {r['solver']} | {setting} | {r['nfe']} | {r['rel_rms_error']:.2e} | {r['class_accuracy']:.3f} | {r['latent_fd']:.2f} |")
-        if not r.get("reference"):
-            curves[r["solver"] + (" shifted" + str(r["shift"]) if "grid" in r else "")].append((r["nfe"], r["rel_rms_error"]))
-    lines += ["", "NFE needed for a relative RMS error of 1e-2 and 1e-3 (fewest NFE among the measured settings):", "",
-              "| solver | NFE at ≤ 1e-2 | NFE at ≤ 1e-3 |", "|---|---|---|"]
+        fd = lambda k: f"{r[k]:.3f} [{r[k + '_ci95'][0]:.3f}, {r[k + '_ci95'][1]:.3f}]"  # noqa: E731
+        lines.append(f"| {_setting(r)} | {r['nfe']:g} | {r['rel_rms_error']:.2e} | {fd('shape_judge_fd')} | {fd('classifier_fd')} | "
+                     f"{r['class_accuracy']:.3f} | {r['shape_accuracy']:.3f} | {r['ms_per_image']:.1f} |")
+        curves["adaptive " + r["solver"] if r["grid"] is None else _setting(r)].append((r["nfe"], r["rel_rms_error"], r["shape_judge_fd"]))
+    lines += ["", "Fewest NFE for a relative error of 1e-2 / 3e-2:", "", "| setting | NFE at ≤ 1e-2 | NFE at ≤ 3e-2 |", "|---|---|---|"]
     for name, pts in sorted(curves.items()):
-        need = [min((n for n, err in pts if err <= tol), default=None) for tol in (1e-2, 1e-3)]
-        lines.append(f"| {name} | " + " | ".join(str(n) if n else "not reached" for n in need) + " |")
+        need = [min((n for n, err, _ in pts if err <= tol), default=None) for tol in (1e-2, 3e-2)]
+        lines.append(f"| {name} | " + " | ".join(f"{n:g}" if n else "not reached" for n in need) + " |")
     plt = _plt()
     if plt is not None:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for name, pts in sorted(curves.items()):
             pts.sort()
-            ax.loglog([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-        ax.set_xlabel("NFE")
-        ax.set_ylabel("relative RMS error vs dopri5 1e-7 (fp64)")
-        ax.legend(fontsize=7)
+            axes[0].loglog([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            axes[1].semilogx([p[0] for p in pts], [p[2] for p in pts], marker="o", label=name)
+        axes[0].set_ylabel("relative RMS error vs dopri5 1e-7 (fp64)")
+        axes[1].set_ylabel("shape-judge feature FD")
+        for ax in axes:
+            ax.set_xlabel("NFE per image")
+        axes[1].legend(fontsize=6)
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, "nfe_error.png"), dpi=120)
         plt.close(fig)
-        lines.append("\n![NFE vs error](nfe_error.png)")
+        lines.append("\n![NFE vs error and FD](nfe_error.png)")
     return "\n".join(lines)
 
 
@@ -223,6 +250,10 @@ Python {info.get('python_version', '?')}, torch {extra.get('torch', '?')}, {extr
 ## Sampling latency, 8-step Heun with CFG (16 NFE)
 
 {sampling_table(run)}{lat_plot}
+
+## Solver cost at equal NFE (16, CFG 1.5, demo model, batch 32, eager)
+
+{solver_cost_table(run)}
 
 ## NFE against accuracy (demo checkpoint)
 

@@ -47,13 +47,13 @@ def onnx_runner(name, tmp_dir):
         model = model_for(name)
         path = str(tmp_dir / f"{name}.onnx")
         if name == "demo":
-            export_onnx(model, path, "heun", STEPS, CFG)
+            export_onnx(model, path, SampleConfig("heun", STEPS, CFG))
             from lfm_fast.export.ort import OrtSampler
 
             runner = OrtSampler(path)
             _cache[key] = lambda noise, y: runner(noise.numpy(), y.numpy())
         else:
-            export_onnx(model, path, "euler", 1, CFG, net_only=True)
+            export_onnx(model, path, SampleConfig("euler", 1, CFG), net_only=True)
             _cache[key] = _velocity_loop(path)
     return _cache[key]
 
@@ -109,3 +109,18 @@ def test_sampling_latency(benchmark, tmp_path_factory, name, backend, batch):
     s = benchmark.stats.stats.mean
     benchmark.extra_info.update(model=name, backend=backend, batch=batch, nfe=NFE, graph=graph,
                                 ms_per_image=1e3 * s / batch, img_per_s=batch / s, ms_per_nfe=1e3 * s / NFE)
+
+
+@pytest.mark.parametrize("solver,steps", [("heun", 8), ("dpm++2m", 16), ("ab2", 16)])
+def test_solver_cost_at_16_nfe(benchmark, solver, steps):
+    """Eager cost of the solvers at the same NFE (16, CFG), demo model, batch 32: a multistep step is one network
+    evaluation plus a few axpys, so dpm++2m × 16 and ab2 × 16 should cost what Heun × 8 costs."""
+    model = model_for("demo")
+    c = model.config
+    noise = per_image_noise(list(range(32)), (c.in_channels, c.input_size, c.input_size))
+    y = torch.arange(32) % c.num_classes
+    run = lambda: sample(model, noise, y, solver=solver, steps=steps, cfg=CFG)  # noqa: E731
+    assert run().nfe == 16
+    benchmark.pedantic(run, rounds=5, iterations=1)
+    s = benchmark.stats.stats.mean
+    benchmark.extra_info.update(solver_cost=f"{solver} × {steps}", nfe=16, ms_per_image=1e3 * s / 32)

@@ -16,14 +16,16 @@ from torch import nn
 
 from lfm_fast.errors import InputError
 from lfm_fast.export.sampler import UnrolledSampler, sampler_metadata
+from lfm_fast.sampling import Field, SampleConfig
 from lfm_fast.fileio import atomic_path
 
-def export_onnx(model, out: str, solver: str = "heun", steps: int = 8, cfg: float = 1.0, grid: str = "uniform",
-                shift: float = 1.0, ae=None, fp16: bool = False, opset: int = 18, net_only: bool = False) -> dict:
-    """Export the unrolled sampler (or, with net_only, the velocity network alone) and check it.
+def export_onnx(model, out: str, cfg: SampleConfig, ae=None, fp16: bool = False, opset: int = 18, net_only: bool = False,
+                sigma_min: float = 1e-5) -> dict:
+    """Export the unrolled sampler of `cfg` (or, with net_only, the velocity network alone) and check it.
 
-    Inputs `noise` (B, C, H, W) / `labels` (B,) int64 [/ `condition`]; output `latents` or `images`;
-    a dynamic batch. Returns the metadata written into the graph."""
+    Inputs `noise` (B, C, H, W) fp32 / `labels` (B,) int64 [/ `cond` fp32]; output `latents` (fp32) or `images`;
+    a dynamic batch. With fp16 the network (and decoder) run in fp16, the ODE state and times stay fp32. The
+    velocity graph takes and gives the network's dtype. Returns the metadata written into the graph."""
     import onnx
 
     from lfm_fast.models.dit import set_backends
@@ -32,20 +34,19 @@ def export_onnx(model, out: str, solver: str = "heun", steps: int = 8, cfg: floa
     model = set_backends(copy.deepcopy(model).eval().cpu(), attn="reference", norm="reference")
     decoder = copy.deepcopy(ae).eval().cpu() if ae is not None else None
     scaling = float(ae.config.scaling_factor) if ae is not None else 1.0
-    sampler = UnrolledSampler(model, solver, steps, cfg, grid, shift, decoder, scaling)
     dtype = torch.float16 if fp16 else torch.float32
-    sampler = sampler.to(dtype).eval()
+    sampler = UnrolledSampler(model.to(dtype), cfg, None if decoder is None else decoder.to(dtype), scaling, sigma_min).eval()
     c = model.config
-    noise = torch.randn(2, c.in_channels, c.input_size, c.input_size, dtype=dtype)
+    noise = torch.randn(2, c.in_channels, c.input_size, c.input_size)
     labels = torch.zeros(2, dtype=torch.long)
     args = [noise, labels]
     names = ["noise", "labels"]
     if c.condition != "none":
-        args.append(torch.zeros(2, *c.cond_shape, dtype=dtype))
+        args.append(torch.zeros(2, *c.cond_shape))
         names.append("cond")
     if net_only:
         module, names = _VelocityGraph(sampler), ["x", "t", "labels"] + names[2:]
-        args = [noise, torch.full((2,), 0.5, dtype=dtype)] + args[1:]
+        args = [a.to(dtype) if a.is_floating_point() else a for a in [noise, torch.full((2,), 0.5)] + args[1:]]
         output = "velocity"
     else:
         module, output = sampler, "images" if decoder is not None else "latents"
@@ -70,7 +71,7 @@ def export_onnx(model, out: str, solver: str = "heun", steps: int = 8, cfg: floa
         meta = sampler_metadata(sampler, "float16" if fp16 else "float32")
         meta["graph"] = "velocity" if net_only else "sampler"
         if net_only:  # one network evaluation (CFG batched inside): no solver, steps or grid
-            for key in ("solver", "steps", "grid", "shift", "nfe"):
+            for key in ("solver", "steps", "grid", "shift", "times", "cfg_interval", "nfe", "state_dtype"):
                 del meta[key]
         for k, v in meta.items():
             proto.metadata_props.add(key=k, value=v)
@@ -87,7 +88,9 @@ class _VelocityGraph(nn.Module):
         self.sampler = sampler
 
     def forward(self, x, t, labels, condition=None):
-        return self.sampler.velocity(x, t, labels, condition)
+        c = self.sampler.model.config
+        field = Field(self.sampler.model, x.shape[0], labels if c.num_classes else None, condition, self.sampler.config.cfg)
+        return field(x, t, 0.0)  # guided wherever a scale is given: the graph has no guidance interval
 
 
 def read_metadata(path: str) -> dict:

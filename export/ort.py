@@ -36,7 +36,8 @@ class OrtSampler:
             raise InputError(f"--engine {path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]})") from None
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output = self.session.get_outputs()[0].name
-        self.dtype = np.float16 if self.meta.get("dtype") == "float16" else np.float32
+        # the graph's own input type: fp32 state in graphs of this version, the network's dtype in older fp16 ones
+        self.dtype = np.float16 if self.inputs["noise"].type == "tensor(float16)" else np.float32
 
     @property
     def nfe(self) -> int:

@@ -1,4 +1,4 @@
-"""`lfm-fast` command line: demo | train-ae | prepare | train | sample | export | eval.
+"""`lfm-fast` command line: demo | train-ae | prepare | train | sample | export | calibrate | eval.
 
 A bad input ends with one line `lfm-fast: error: …` on stderr, exit code 2, and no partial output.
 """
@@ -24,6 +24,8 @@ EXAMPLES = """examples:
   lfm-fast sample --ckpt runs/dit --num 64 --labels 0,3 --solver heun --steps 16 --cfg 2 --seed 0 --out runs/samples
   lfm-fast export --ckpt runs/dit --format onnx --solver heun --steps 8 --cfg 2 --with-decoder --out runs/sampler.onnx
   lfm-fast sample --ckpt runs/dit --backend onnxruntime --engine runs/sampler.onnx --num 64 --out runs/samples-ort
+  lfm-fast calibrate --ckpt runs/dit --solver dpm++2m --nfe 16 --cfg 2
+  lfm-fast sample --ckpt runs/dit --solver dpm++2m --steps 16 --cfg 2 --grid calibrated --out runs/samples-cal
 """
 
 
@@ -52,7 +54,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     from lfm_fast.config import PRESETS
-    from lfm_fast.sampling import GRIDS, SOLVERS
+    from lfm_fast.sampling import FIXED_SOLVERS, SOLVERS
 
     p = _Parser(prog="lfm-fast", description="Latent flow matching: train and sample DiT velocity networks "
                                 "in an autoencoder's latent space.", epilog=EXAMPLES)
@@ -137,9 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--labels", default=None, help="comma-separated class ids, repeated to --num (default: all classes in turn)")
     s.add_argument("--solver", choices=SOLVERS, default=None, help="default: the checkpoint's preset")
     s.add_argument("--steps", type=int, default=None, help="fixed-step solvers: number of steps (default: the checkpoint's)")
-    s.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale, 1 = off (default: the checkpoint's)")
-    s.add_argument("--grid", choices=GRIDS, default=None, help="time grid of fixed-step solvers (default: the checkpoint's)")
-    s.add_argument("--shift", type=float, default=None, help="shift of the 'shifted' grid (default: the checkpoint's)")
+    _add_grid_flags(s)
     s.add_argument("--atol", type=float, default=None, help="adaptive solvers' absolute tolerance (default: the checkpoint's)")
     s.add_argument("--rtol", type=float, default=None, help="adaptive solvers' relative tolerance (default: the checkpoint's)")
     s.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
@@ -157,12 +157,22 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export the fixed-step sampler (N steps, CFG inside) as ONNX or a TensorRT engine")
     e.add_argument("--ckpt", required=True, help="folder with config.json + model.safetensors")
     e.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx", help="what --out holds")
-    e.add_argument("--solver", choices=("euler", "midpoint", "heun"), default=None,
+    e.add_argument("--solver", choices=FIXED_SOLVERS, default=None,
                    help="the fixed-step solver to unroll; default: the checkpoint's")
     e.add_argument("--steps", type=int, default=None, help="solver steps to unroll (default: the checkpoint's)")
-    e.add_argument("--cfg", type=float, default=None, help="guidance scale baked into the graph (default: the checkpoint's)")
-    e.add_argument("--grid", choices=GRIDS, default=None, help="time grid (default: the checkpoint's)")
-    e.add_argument("--shift", type=float, default=None, help="shift of the 'shifted' grid (default: the checkpoint's)")
+    _add_grid_flags(e)
+
+    k = sub.add_parser("calibrate", help="fit the time grid of a fixed-step solver to a checkpoint (for --grid calibrated)",
+                       description="Fit the N-step time grid that minimises the solver's error against per-image "
+                       "dopri5 (1e-7, float64) on a calibration batch, by gradient descent on the grid, and store it in "
+                       "the checkpoint folder (calibrated_grids.json), where `sample/export --grid calibrated` find it.")
+    k.add_argument("--ckpt", required=True, help="folder with config.json + model.safetensors (the grid is stored here)")
+    k.add_argument("--nfe", type=int, required=True, help="network evaluations of the grid: steps × the solver's NFE per step")
+    k.add_argument("--solver", choices=FIXED_SOLVERS, default="ab3", help="the fixed-step solver")
+    k.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the checkpoint's)")
+    k.add_argument("--cfg-interval", default=None, metavar="LO:HI", help="guidance interval (default: the checkpoint's)")
+    k.add_argument("--num", type=int, default=64, help="calibration images (seeds 10⁶, 10⁶ + 1, …)")
+    k.add_argument("--iters", type=int, default=60, help="gradient steps on the grid")
     e.add_argument("--with-decoder", action="store_true", help="end the graph with the AE decoder: outputs uint8 NHWC images")
     e.add_argument("--ae", default=None, help="autoencoder for --with-decoder (default: the checkpoint's)")
     e.add_argument("--fp16", action="store_true", help="fp16 weights and activations (TensorRT: fp16 kernels)")
@@ -182,6 +192,20 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--save-stats", default=None, help="also write the samples' Inception mu/sigma to this .npz")
     v.add_argument("--out", default=None, help="write the metrics JSON here (it is printed either way)")
     return p
+
+
+def _add_grid_flags(p):
+    from lfm_fast.sampling import GRIDS
+
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale, 1 = off (default: the checkpoint's)")
+    p.add_argument("--cfg-interval", default=None, metavar="LO:HI",
+                   help="apply CFG only where LO ≤ t ≤ HI (t = 1 noise, 0 data); elsewhere the conditional half alone "
+                        "(default: the checkpoint's, 0:1 = everywhere)")
+    p.add_argument("--grid", choices=GRIDS, default=None,
+                   help="time grid of fixed-step solvers: uniform; shifted (SD3's shift); power (t_i = (1 − i/N)^ρ, ρ = "
+                        "--shift); calibrated (fitted by `lfm-fast calibrate`, stored with the checkpoint) "
+                        "(default: the checkpoint's)")
+    p.add_argument("--shift", type=float, default=None, help="the shifted grid's shift, or the power grid's ρ (default: the checkpoint's)")
 
 
 def _add_overwrite_flag(p):
@@ -337,14 +361,46 @@ def parse_labels(text: str | None, num: int, num_classes: int):
 def _sample_config(config: dict, args):
     import dataclasses
 
-    from lfm_fast.sampling import SampleConfig
+    from lfm_fast.sampling import NFE_PER_STEP, SampleConfig, time_grid
 
     preset = config.get("meta", {}).get("experiment", {}).get("sample", {})
     scfg = SampleConfig(**{**dataclasses.asdict(SampleConfig()), **preset})
     for name in ("solver", "steps", "cfg", "grid", "shift", "atol", "rtol"):
         if getattr(args, name, None) is not None:
             setattr(scfg, name, getattr(args, name))
+    if getattr(args, "nfe", None) is not None:  # calibrate: --nfe, in whole steps of the solver
+        per = NFE_PER_STEP[scfg.solver]
+        if args.nfe % per:
+            raise InputError(f"--nfe {args.nfe}: {scfg.solver} takes {per} NFE a step; pass a multiple of {per}")
+        scfg.steps = args.nfe // per
+    if getattr(args, "cfg_interval", None) is not None:
+        scfg.cfg_lo, scfg.cfg_hi = _parse_interval(args.cfg_interval)
+    if getattr(args, "grid", None) == "calibrated" and scfg.solver not in NFE_PER_STEP:
+        raise InputError(f"--grid calibrated: {scfg.solver} is adaptive and takes no time grid; pass a fixed-step solver")
+    if scfg.grid == "calibrated" and scfg.solver in NFE_PER_STEP:
+        from lfm_fast.calibrate import load_times
+
+        scfg.times = load_times(args.ckpt, scfg)
+    if scfg.solver in NFE_PER_STEP:
+        try:
+            time_grid(scfg.steps, scfg.grid, scfg.shift, scfg.times)
+        except ValueError as e:
+            raise InputError(f"--grid {scfg.grid}: {e}") from None
     return scfg
+
+
+def _parse_interval(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise InputError(f"--cfg-interval {text}: expected LO:HI, two numbers in [0, 1] (e.g. 0.1:0.7)") from None
+    if not 0 <= lo <= hi <= 1:
+        raise InputError(f"--cfg-interval {text}: expected 0 ≤ LO ≤ HI ≤ 1")
+    return lo, hi
+
+
+def _sigma_min(config: dict) -> float:
+    return float(config.get("meta", {}).get("experiment", {}).get("flow", {}).get("sigma_min", 1e-5))
 
 
 def _autoencoder_spec(config: dict, args) -> str:
@@ -415,7 +471,7 @@ def _cmd_sample(args):
 
     from lfm_fast.autoencoder import load_autoencoder
     from lfm_fast.dist import init_distributed
-    from lfm_fast.generate import generate, generate_latents, latents_to_images, rank_indices, save_samples
+    from lfm_fast.generate import NfeCount, generate, generate_latents, latents_to_images, rank_indices, save_samples
     from lfm_fast.models.dit import DiT, read_checkpoint_config
 
     _check_sampler_flags(args)
@@ -441,11 +497,12 @@ def _cmd_sample(args):
     if not mine:  # more ranks than batches: this rank has nothing to draw and only joins the collective write
         images, nfe = np.zeros((0, 1, 1, 3), np.uint8), 0
     elif args.backend == "eager":
-        latents, nfe = generate_latents(model, labels, seeds, scfg, args.batch_size, progress=progress, conds=conds)
+        latents, nfe = generate_latents(model, labels, seeds, scfg, args.batch_size, progress=progress, conds=conds,
+                                        sigma_min=_sigma_min(config))
     elif args.backend == "compile":
         from lfm_fast.export.sampler import compile_sampler
 
-        sampler, nfe = compile_sampler(model, scfg)
+        sampler, nfe = compile_sampler(model, scfg, sigma_min=_sigma_min(config))
         run = (lambda n, y, cond=None: sampler(n, torch.zeros(n.shape[0], dtype=torch.long, device=n.device) if y is None
                                                else y, cond))
         latents = generate(run, labels, seeds, shape, args.batch_size, d.device, progress=progress, conds=conds)
@@ -468,8 +525,9 @@ def _cmd_sample(args):
     if d.is_main:
         inputs = total // args.num
         per = f" ({args.num} for each of {inputs} input{'s' if inputs != 1 else ''})" if source is not None else ""
-        print(f"wrote {total} image{'s' if total != 1 else ''}{per} to {args.out} ({args.backend}, {scfg.solver}, NFE {nfe} "
-              f"per batch, cfg {scfg.cfg}, {d.world_size} rank{'s' if d.world_size > 1 else ''})")
+        nfe = nfe if isinstance(nfe, NfeCount) else f"NFE {nfe}"
+        print(f"wrote {total} image{'s' if total != 1 else ''}{per} to {args.out} ({args.backend}, {scfg.solver}, {nfe}, "
+              f"cfg {scfg.cfg}, {d.world_size} rank{'s' if d.world_size > 1 else ''})")
 
 
 def _check_task(args, config: dict) -> str:
@@ -539,15 +597,13 @@ def _cmd_export(args):
                          f"sampler unrolls the steps of {', '.join(EXPORT_SOLVERS)}; pass one of them")
     ae = load_autoencoder(_autoencoder_spec(config, args), device="cpu") if args.with_decoder else None
     if args.format == "onnx":
-        meta = export_onnx(model, args.out, scfg.solver, scfg.steps, scfg.cfg, scfg.grid, scfg.shift, ae, args.fp16,
-                           net_only=args.net_only)
+        meta = export_onnx(model, args.out, scfg, ae, args.fp16, net_only=args.net_only, sigma_min=_sigma_min(config))
     else:
         from lfm_fast.export.tensorrt import build_engine, parse_batch_range
 
         batch_range = parse_batch_range(args.batch_range)
         onnx_path = args.out + ".onnx"
-        meta = export_onnx(model, onnx_path, scfg.solver, scfg.steps, scfg.cfg, scfg.grid, scfg.shift, ae, args.fp16,
-                           net_only=args.net_only)
+        meta = export_onnx(model, onnx_path, scfg, ae, args.fp16, net_only=args.net_only, sigma_min=_sigma_min(config))
         try:
             build_engine(onnx_path, args.out, fp16=args.fp16, bf16=args.bf16, batch_range=batch_range,
                          timing_cache=args.out + ".timing")
@@ -556,6 +612,26 @@ def _cmd_export(args):
             raise
         write_json(args.out + ".json", meta)
     print(f"wrote {args.out} ({args.format}): {json.dumps(meta)}")
+
+
+def _cmd_calibrate(args):
+    from lfm_fast.calibrate import GRIDS_FILE, calibrate
+    from lfm_fast.models.dit import DiT, read_checkpoint_config
+
+    _check_positive("--nfe", args.nfe)
+    _check_positive("--num", args.num)
+    _check_positive("--iters", args.iters)
+    if args.cfg is not None:
+        _check_positive("--cfg", args.cfg, allow_zero=True)
+    config = read_checkpoint_config(args.ckpt)
+    args.grid = "uniform"  # the fit's own starting grids; a stored calibrated grid is replaced, not read
+    scfg = _sample_config(config, args)
+    model = DiT.from_pretrained(args.ckpt).eval()
+    r = calibrate(model, args.ckpt, scfg, args.num, args.iters, _sigma_min(config))
+    print(f"wrote {os.path.join(args.ckpt, GRIDS_FILE)}: {scfg.solver} × {scfg.steps} steps ({args.nfe} NFE), cfg "
+          f"{float(scfg.cfg):g}: relative error {r['error']:.4f} on {args.num} calibration images (start: {r['start']} "
+          f"grid, {r['start_error']:.4f}); use it with `--grid calibrated --solver {scfg.solver} --steps {scfg.steps}`")
+    return 0
 
 
 def _cmd_eval(args):
@@ -572,7 +648,7 @@ def _cmd_eval(args):
 
 
 COMMANDS = {"demo": _cmd_demo, "train-ae": _cmd_train_ae, "prepare": _cmd_prepare, "train": _cmd_train, "sample": _cmd_sample,
-            "export": _cmd_export, "eval": _cmd_eval}
+            "export": _cmd_export, "calibrate": _cmd_calibrate, "eval": _cmd_eval}
 
 
 def _relaunch(argv: list[str], nproc: int) -> int:

@@ -4,6 +4,7 @@ of `lfm-fast sample` (one PNG per image, grid.png, samples.npz in the ADM evalua
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -12,40 +13,59 @@ from tqdm.auto import tqdm
 from lfm_fast.autoencoder import decode
 from lfm_fast.data.shapes import to_uint8
 from lfm_fast.fileio import atomic_dir, image_grid, save_png
-from lfm_fast.sampling import SampleConfig, per_image_noise, sample
+from lfm_fast.sampling import SampleConfig, per_image_noise, sample_with
 
 
 @torch.no_grad()
 def generate(run_batch, labels: torch.Tensor | None, seeds: list[int], shape: tuple[int, ...], batch_size: int = 64,
-             device="cpu", dtype=torch.float32, progress: bool = True, conds: torch.Tensor | None = None) -> torch.Tensor:
+             device="cpu", progress: bool = True, conds: torch.Tensor | None = None) -> torch.Tensor:
     """Outputs of `run_batch(noise, labels[, conds])` for each (label, condition, seed), batch by batch; image i
     depends on seeds[i], labels[i] and conds[i] only, whatever the batch size or the backend that runs the batch."""
     out = []
     for i in tqdm(range(0, len(seeds), batch_size), desc="sample", disable=not progress, mininterval=1):
-        noise = per_image_noise(seeds[i:i + batch_size], shape, device=device, dtype=dtype)
+        noise = per_image_noise(seeds[i:i + batch_size], shape, device=device)
         y = None if labels is None else labels[i:i + batch_size].to(device)
-        c = None if conds is None else conds[i:i + batch_size].to(device, dtype)
+        c = None if conds is None else conds[i:i + batch_size].to(device, torch.float32)
         out.append(torch.as_tensor(run_batch(noise, y) if c is None else run_batch(noise, y, c)).cpu())
     return torch.cat(out)
 
 
+@dataclass
+class NfeCount:
+    """NFE of a sampling run: per batch (network calls, the most of any batch) and per image (the evaluations an
+    image took part in: LFM's count, which is the batch count for fixed-step solvers), and network rows per image
+    (2 per guided evaluation, 1 per unguided one: what the FLOPs scale with)."""
+    per_batch: int = 0
+    per_image_mean: float = 0.0
+    per_image_max: int = 0
+    rows_per_image: float = 0.0
+
+    def __str__(self):
+        rows = f", {self.rows_per_image:g} network rows per image"
+        if self.per_image_max == self.per_batch and self.per_image_mean == self.per_batch:
+            return f"NFE {self.per_batch}{rows}"
+        return f"NFE per image {self.per_image_mean:.1f} (max {self.per_image_max}), {self.per_batch} per batch{rows}"
+
+
 def generate_latents(model, labels: torch.Tensor | None, seeds: list[int], cfg: SampleConfig, batch_size: int = 64,
-                     progress: bool = True, conds: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-    """Eager sampling with any solver. Returns (latents, NFE per batch)."""
+                     progress: bool = True, conds: torch.Tensor | None = None,
+                     sigma_min: float = 1e-5) -> tuple[torch.Tensor, NfeCount]:
+    """Eager sampling with any solver: fp32 noise and state, the network in its own dtype."""
     mc = model.config
     p = next(model.parameters())
-    nfe = 0
+    image_nfe, rows, calls = [], 0, 0
 
     def run(noise, y, c=None):
-        nonlocal nfe
-        res = sample(model, noise, y, solver=cfg.solver, steps=cfg.steps, cfg=cfg.cfg, cond=c, grid=cfg.grid, shift=cfg.shift,
-                     atol=cfg.atol, rtol=cfg.rtol)
-        nfe = max(nfe, res.nfe)
+        nonlocal rows, calls
+        res = sample_with(model, noise, y, cfg, c, sigma_min)
+        image_nfe.append(res.image_nfe)
+        rows, calls = rows + res.net_rows, max(calls, res.nfe)
         return res.latents.float()
 
-    latents = generate(run, labels, seeds, (mc.in_channels, mc.input_size, mc.input_size), batch_size, p.device, p.dtype,
+    latents = generate(run, labels, seeds, (mc.in_channels, mc.input_size, mc.input_size), batch_size, p.device,
                        progress, conds)
-    return latents, nfe
+    per_image = torch.cat(image_nfe) if image_nfe else torch.zeros(1)
+    return latents, NfeCount(calls, float(per_image.float().mean()), int(per_image.max()), rows / max(len(seeds), 1))
 
 
 def latents_to_images(ae, latents: torch.Tensor, batch_size: int = 64) -> np.ndarray:

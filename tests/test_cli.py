@@ -85,7 +85,7 @@ def test_sample_writes_pngs_grid_and_npz_reproducibly(tiny_pipeline, tmp_path, c
 
 def test_sample_defaults_come_from_the_checkpoint(tiny_pipeline, tmp_path, capsys):
     assert main(["sample", "--ckpt", str(tiny_pipeline / "dit"), "--num", "2", "--steps", "2", "--out", str(tmp_path / "s")]) == 0
-    assert "heun, NFE 4 per batch, cfg 3.0" in capsys.readouterr().out
+    assert "heun, NFE 4, 8 network rows per image, cfg 3.0" in capsys.readouterr().out
 
 
 def test_training_run_has_metrics_and_grid(tiny_pipeline):

@@ -12,7 +12,7 @@ from lfm_fast.export.onnx import export_onnx, read_metadata
 from lfm_fast.export.ort import OrtSampler
 from lfm_fast.export.sampler import UnrolledSampler, compile_sampler
 from lfm_fast.models.dit import DiT, DiTConfig
-from lfm_fast.sampling import SampleConfig, per_image_noise, sample
+from lfm_fast.sampling import FIXED_SOLVERS, SampleConfig, per_image_noise, sample, sample_with
 from tests.conftest import CONDITIONED, a_condition, perturbed
 
 pytest.importorskip("onnxruntime")
@@ -30,16 +30,30 @@ def inputs(b, size=8):
 
 def test_unrolled_sampler_is_the_eager_sampler(model):
     noise, y = inputs(3)
-    for solver in ("euler", "midpoint", "heun"):
-        ref = sample(model, noise, y, solver=solver, steps=3, cfg=2.0, grid="shifted", shift=2.0)
-        unrolled = UnrolledSampler(model, solver, 3, 2.0, "shifted", 2.0)
-        torch.testing.assert_close(unrolled(noise, y), ref.latents, rtol=1e-6, atol=1e-6)
-        assert unrolled.nfe == ref.nfe
+    for solver in FIXED_SOLVERS:
+        for grid, shift in (("shifted", 2.0), ("power", 1.5)):
+            cfg = SampleConfig(solver=solver, steps=4, cfg=2.0, grid=grid, shift=shift, cfg_lo=0.2, cfg_hi=0.8)
+            ref = sample_with(model, noise, y, cfg)
+            unrolled = UnrolledSampler(model, cfg)
+            torch.testing.assert_close(unrolled(noise, y), ref.latents, rtol=1e-6, atol=1e-6)
+            assert unrolled.nfe == ref.nfe
+
+
+@pytest.mark.parametrize("solver", ["dpm++2m", "abm3"])
+def test_onnx_multistep_sampler_on_a_calibrated_grid_matches_eager(model, tmp_path, solver):
+    """The multistep weights of an uneven grid are constants of the graph (computed in float64 at export)."""
+    times = (1.0, 0.9, 0.7, 0.45, 0.2, 0.0)
+    cfg = SampleConfig(solver=solver, steps=5, cfg=2.0, grid="calibrated", times=times)
+    meta = export_onnx(model, str(tmp_path / "m.onnx"), cfg)
+    assert json.loads(meta["times"]) == list(times) and meta["nfe"] == "5"
+    noise, y = inputs(4)
+    out = OrtSampler(str(tmp_path / "m.onnx"), intra_op_threads=1)(noise.numpy(), y.numpy())
+    assert np.abs(out - sample_with(model, noise, y, cfg).latents.numpy()).max() <= 1e-4
 
 
 def test_onnx_sampler_matches_eager_fp32_and_fp16_with_dynamic_batch(model, tmp_path):
     path = str(tmp_path / "s.onnx")
-    meta = export_onnx(model, path, "heun", 3, 2.0)
+    meta = export_onnx(model, path, SampleConfig("heun", 3, 2.0))
     assert read_metadata(path) == meta
     assert (meta["solver"], meta["steps"], meta["cfg"], meta["nfe"], meta["latent_shape"]) == ("heun", "3", "2.0", "6", "[4, 8, 8]")
     runner = OrtSampler(path, intra_op_threads=1)
@@ -47,16 +61,18 @@ def test_onnx_sampler_matches_eager_fp32_and_fp16_with_dynamic_batch(model, tmp_
         noise, y = inputs(b)
         ref = sample(model, noise, y, solver="heun", steps=3, cfg=2.0).latents
         assert np.abs(runner(noise.numpy(), y.numpy()) - ref.numpy()).max() <= 1e-4
-    export_onnx(model, str(tmp_path / "h.onnx"), "heun", 3, 2.0, fp16=True)
+    export_onnx(model, str(tmp_path / "h.onnx"), SampleConfig("heun", 3, 2.0), fp16=True)
     noise, y = inputs(7)
-    out = OrtSampler(str(tmp_path / "h.onnx"))(noise.numpy(), y.numpy())
+    runner = OrtSampler(str(tmp_path / "h.onnx"))
+    out = runner(noise.numpy(), y.numpy())
     ref = sample(model, noise, y, solver="heun", steps=3, cfg=2.0).latents
-    assert out.dtype == np.float16 and np.abs(out.astype(np.float32) - ref.numpy()).max() <= 1e-2
+    # an fp16 network, the ODE state and the time grid fp32: fp32 in, fp32 out
+    assert runner.dtype == np.float32 and out.dtype == np.float32 and np.abs(out - ref.numpy()).max() <= 1e-2
 
 
 def test_onnx_velocity_network_alone(model, tmp_path):
     path = str(tmp_path / "v.onnx")
-    export_onnx(model, path, "euler", 1, 1.5, net_only=True)
+    export_onnx(model, path, SampleConfig("euler", 1, 1.5), net_only=True)
     import onnxruntime as ort
 
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
@@ -74,7 +90,7 @@ def test_onnx_sampler_takes_the_condition_as_an_input_and_matches_eager(kind, tm
     torch.manual_seed(0)
     net = perturbed(DiT(DiTConfig(input_size=8, hidden_size=32, depth=2, num_heads=2, **CONDITIONED[kind])))
     path = str(tmp_path / "c.onnx")
-    meta = export_onnx(net, path, "euler", 2, 2.0)
+    meta = export_onnx(net, path, SampleConfig("euler", 2, 2.0))
     assert meta["condition"] == kind and json.loads(meta["cond_shape"]) == list(net.config.cond_shape)
     runner = OrtSampler(path, intra_op_threads=1)
     for b in (1, 3):
@@ -89,7 +105,7 @@ def test_onnx_with_decoder_gives_the_same_images(tiny_pipeline, tmp_path):
     model = DiT.from_pretrained(str(tiny_pipeline / "dit")).eval()
     ae = load_autoencoder(str(tiny_pipeline / "ae"), device="cpu")
     path = str(tmp_path / "d.onnx")
-    export_onnx(model, path, "euler", 2, 2.0, ae=ae)
+    export_onnx(model, path, SampleConfig("euler", 2, 2.0), ae=ae)
     noise, y = inputs(7, model.config.input_size)
     out = OrtSampler(path)(noise.numpy(), y.numpy())
     ref = to_uint8(decode(ae, sample(model, noise, y, solver="euler", steps=2, cfg=2.0).latents))
@@ -143,7 +159,7 @@ def test_tensorrt_engine_matches_onnxruntime(tiny_pipeline, tmp_path):
 
     model = DiT.from_pretrained(str(tiny_pipeline / "dit")).eval()
     onnx_path, engine = str(tmp_path / "s.onnx"), str(tmp_path / "s.plan")
-    export_onnx(model, onnx_path, "heun", 4, 2.0)
+    export_onnx(model, onnx_path, SampleConfig("heun", 4, 2.0))
     build_engine(onnx_path, engine, fp16=False, batch_range=(1, 4, 8), timing_cache=str(tmp_path / "cache"))
     noise, y = inputs(3, model.config.input_size)
     ref = OrtSampler(onnx_path)(noise.numpy(), y.numpy())

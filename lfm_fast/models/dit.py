@@ -50,6 +50,10 @@ class DiTConfig:
     mlp_ratio: float = 4.0
     num_classes: int = 0  # 0 = unconditional; otherwise label `num_classes` is the null class (-1 in a preset: from the data)
     qk_norm: bool = False
+    # t ∈ [0, 1] enters the sinusoidal embedding as time_scale·t: DiT's 1000 (discrete steps), or LFM's 1. At 1000 the
+    # embedding's frequencies reach 1000 rad per unit of t and the learnt field wiggles in t on a scale of ~0.01,
+    # which no ODE solver with fewer steps can follow (measured: bench/REPORT.md, NFE sweep)
+    time_scale: float = 1000.0
     attn_backend: str = "auto"
     norm_backend: str = "auto"
 
@@ -98,17 +102,17 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
 
 
 class TimestepEmbedder(nn.Module):
-    """t ∈ [0, 1] → sinusoid of 1000·t (DiT's frequency range) → 2-layer MLP."""
+    """t ∈ [0, 1] → sinusoid of scale·t (1000: DiT's frequency range; 1: LFM's) → 2-layer MLP."""
 
-    def __init__(self, hidden_size: int, freq_dim: int = 256):
+    def __init__(self, hidden_size: int, freq_dim: int = 256, scale: float = 1000.0):
         super().__init__()
-        self.freq_dim = freq_dim
+        self.freq_dim, self.scale = freq_dim, scale
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = 1000 * t.float()[:, None] * freqs[None]
+        args = self.scale * t.float()[:, None] * freqs[None]
         return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1).to(self.mlp[0].weight.dtype))
 
 
@@ -177,7 +181,7 @@ class DiT(nn.Module):
         self.cond_encoder = (SpatialRescaler(cfg.semantic_classes, cfg.cond_channels, cfg.cond_stages)
                              if cfg.condition == "semantic" else None)
         self.x_embedder = nn.Conv2d(cfg.in_channels + cfg.cond_channels, D, kernel_size=p, stride=p)
-        self.t_embedder = TimestepEmbedder(D)
+        self.t_embedder = TimestepEmbedder(D, scale=cfg.time_scale)
         self.y_embedder = LabelEmbedder(cfg.num_classes, D) if cfg.num_classes > 0 else None
         self.register_buffer("pos_embed", sincos_pos_embed_2d(D, cfg.input_size // p)[None], persistent=False)
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
@@ -230,18 +234,23 @@ class DiT(nn.Module):
             h = block(h, c)
         return self.unpatchify(self.final_layer(h, c))
 
-    def forward_with_cfg(self, x, t, y, cfg_scale: float, cond=None) -> torch.Tensor:
+    def forward_with_cfg(self, x, t, y, cfg_scale: float, cond=None, guided: torch.Tensor | None = None) -> torch.Tensor:
         """Classifier-free guidance in one batch: v = v_u + s·(v_c − v_u), one network evaluation. The unconditional
-        half has the null label and the null condition (each trained by dropout)."""
+        half has the null label and the null condition (each trained by dropout). `guided` (B,) bool: only those
+        rows are guided, the others are v_c (a guidance interval when each row has its own time)."""
         by_label = self.y_embedder is not None and y is not None
         by_cond = self.config.condition != "none" and cond is not None
         if cfg_scale == 1.0 or not (by_label or by_cond):
             return self(x, t, y, cond)
-        y2 = None if y is None else torch.cat([y, torch.full_like(y, self.config.num_classes) if by_label else y])
-        c2 = None if cond is None else torch.cat([cond, null_condition(self.config.condition, cond) if by_cond else cond])
-        both = self(torch.cat([x, x]), torch.cat([t, t]), y2, c2)
-        v_c, v_u = both[: x.shape[0]], both[x.shape[0]:]  # slices, not chunk(2): keeps the batch symbolic for export
-        return v_u + cfg_scale * (v_c - v_u)
+        rows = slice(None) if guided is None else guided.nonzero()[:, 0]
+        n = x.shape[0]
+        y2 = None if y is None else torch.cat([y, torch.full_like(y[rows], self.config.num_classes) if by_label else y[rows]])
+        c2 = None if cond is None else torch.cat([cond, null_condition(self.config.condition, cond[rows]) if by_cond else cond[rows]])
+        both = self(torch.cat([x, x[rows]]), torch.cat([t, t[rows]]), y2, c2)
+        v_c, v_u = both[:n], both[n:]  # slices, not chunk(2): keeps the batch symbolic for export
+        if guided is None:
+            return v_u + cfg_scale * (v_c - v_u)
+        return v_c.index_copy(0, rows, v_u + cfg_scale * (v_c[rows] - v_u))
 
     def save_pretrained(self, folder: str, meta: dict | None = None, state_dict: dict | None = None):
         """Write `config.json` + `model.safetensors` (diffusers' habit); `meta` carries e.g. the AE path."""
