@@ -26,7 +26,7 @@ import time
 import torch
 
 from lfm_fast.autoencoder import load_autoencoder
-from lfm_fast.calibrate import GRIDS_FILE, calibrate, grid_key, load_times, reference_solution, rel_error
+from lfm_fast.calibrate import calibrate, grid_key, load_times, read_grids, reference_solution, rel_error
 from lfm_fast.data.shapes import ShapesDataset, to_tensor
 from lfm_fast.eval.domain import classify, embed, load_judges
 from lfm_fast.eval.frechet import fd_with_interval, latent_fd
@@ -103,7 +103,7 @@ def main():
         scfg = _config(solver, grid, nfe, cfg_scale)
         calib = None
         if scfg.grid == "calibrated":
-            stored = os.path.isfile(os.path.join(a.ckpt, GRIDS_FILE)) and grid_key(scfg) in json.load(open(os.path.join(a.ckpt, GRIDS_FILE)))
+            stored = grid_key(scfg) in read_grids(a.ckpt)
             calib = None if stored else calibrate(model, a.ckpt, scfg, num=32 if a.quick else 64, iters=30 if a.quick else 60,
                                                   progress=False, sigma_min=sigma_min)
             scfg.times = load_times(a.ckpt, scfg)

@@ -36,8 +36,10 @@ class OrtSampler:
             raise InputError(f"--engine {path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]})") from None
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output = self.session.get_outputs()[0].name
-        # the graph's own input type: fp32 state in graphs of this version, the network's dtype in older fp16 ones
-        self.dtype = np.float16 if self.inputs["noise"].type == "tensor(float16)" else np.float32
+        # the graph's own input type (its first input: the noise, or x in a velocity-only graph): fp32 state in graphs
+        # of this version, the network's dtype in older fp16 ones
+        first = self.session.get_inputs()[0]
+        self.dtype = np.float16 if first.type == "tensor(float16)" else np.float32
 
     @property
     def nfe(self) -> int:

@@ -49,8 +49,17 @@ def fit_grid(model, noise, y, ref, cfg: SampleConfig, sigma_min: float = 1e-5, i
     """Fit cfg.steps + 1 times for cfg.solver. Returns {times, error, start, start_error, iters}."""
     if cfg.solver not in NFE_PER_STEP:
         raise InputError(f"--solver {cfg.solver}: calibration fits the grid of a fixed-step solver")
-    model = model.eval().requires_grad_(False)
+    flags, training = [p.requires_grad for p in model.parameters()], model.training
+    model.eval().requires_grad_(False)  # gradients flow to the grid alone; the caller's flags come back at the end
+    try:
+        return _fit(model, noise, y, ref, cfg, sigma_min, iters, lr, progress)
+    finally:
+        model.train(training)
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
 
+
+def _fit(model, noise, y, ref, cfg, sigma_min, iters, lr, progress) -> dict:
     def error(times) -> torch.Tensor:
         field = Field(model, len(noise), y, None, cfg.cfg, (cfg.cfg_lo, cfg.cfg_hi))
         return rel_error(integrate_fixed(field, noise.float(), times, cfg.solver, sigma_min), ref)
@@ -95,7 +104,7 @@ def calibrate(model, folder: str, cfg: SampleConfig, num: int = 64, iters: int =
         raise InputError(f"calibrate fits grids of label-conditioned or unconditional checkpoints; {folder} is "
                          f"conditioned on a {c.condition} input, which calibration would need examples of")
     path = os.path.join(folder, GRIDS_FILE)
-    grids = _read(path)  # a broken file stops here, before any work
+    grids = read_grids(folder)  # a broken file stops here, before any work
     start = time.time()
     y = torch.arange(num) % c.num_classes if c.num_classes else None
     noise = per_image_noise(list(range(CALIBRATION_SEED, CALIBRATION_SEED + num)), (c.in_channels, c.input_size, c.input_size))
@@ -111,8 +120,9 @@ def calibrate(model, folder: str, cfg: SampleConfig, num: int = 64, iters: int =
     return entry
 
 
-def _read(path: str) -> dict:
-    """The grids file: {key: {"times": [floats], …}}, or a one-line error naming the file."""
+def read_grids(folder: str) -> dict:
+    """`folder`'s grids file: {key: {"times": [floats], …}}, or a one-line error naming the file."""
+    path = os.path.join(folder, GRIDS_FILE)
     if not os.path.isfile(path):
         return {}
     try:
@@ -128,7 +138,7 @@ def _read(path: str) -> dict:
 
 def load_times(folder: str, cfg: SampleConfig) -> tuple[float, ...]:
     """The calibrated times stored in `folder` for `cfg` (solver, steps, CFG, interval), or a one-line error."""
-    grids = _read(os.path.join(folder, GRIDS_FILE))
+    grids = read_grids(folder)
     key = grid_key(cfg)
     if key not in grids:
         have = ", ".join(sorted(grids)) or "none"

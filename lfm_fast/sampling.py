@@ -99,13 +99,12 @@ class Field:
         conditioned = (y is not None and getattr(getattr(model, "config", None), "num_classes", 0)) or cond is not None
         self.guides = self.scale != 1.0 and hasattr(model, "forward_with_cfg") and bool(conditioned)
         self.batch, self.calls, self.net_rows = batch, 0, 0
-        self._row_calls = None  # per-image counts of the calls made for some of the images (adaptive solving)
+        self._each = None  # (B,) calls per image, kept from the first call that names its rows (adaptive solving)
 
     @property
     def image_nfe(self) -> torch.Tensor:
         """(B,) int64: the evaluations each image took part in."""
-        full = self.calls - (0 if self._row_calls is None else int(self._row_calls[1]))
-        return torch.full((self.batch,), full, dtype=torch.int64) + (0 if self._row_calls is None else self._row_calls[0])
+        return torch.full((self.batch,), self.calls, dtype=torch.int64) if self._each is None else self._each.clone()
 
     def in_interval(self, t: float) -> bool:
         return self.guides and self.interval[0] <= t <= self.interval[1]
@@ -117,12 +116,13 @@ class Field:
         cond = self.cond if self.cond is None or rows is None else self.cond[rows]
         xin = x if self.net_dtype is None else x.to(self.net_dtype)
         cin = cond if cond is None or self.net_dtype is None else cond.to(self.net_dtype)
-        self.calls += 1
         if rows is not None:
-            if self._row_calls is None:
-                self._row_calls = [torch.zeros(self.batch, dtype=torch.int64), 0]
-            self._row_calls[0][rows.cpu()] += 1
-            self._row_calls[1] += 1
+            if self._each is None:
+                self._each = torch.full((self.batch,), self.calls, dtype=torch.int64)
+            self._each[rows.cpu()] += 1
+        elif self._each is not None:
+            self._each += 1
+        self.calls += 1
         if t_float is not None:
             guided = self.in_interval(t_float)
         else:  # a time per image: guide those inside the interval, in one batch with the rest

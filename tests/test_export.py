@@ -42,10 +42,10 @@ def test_unrolled_sampler_is_the_eager_sampler(model):
 @pytest.mark.parametrize("solver", ["dpm++2m", "abm3"])
 def test_onnx_multistep_sampler_on_a_calibrated_grid_matches_eager(model, tmp_path, solver):
     """The multistep weights of an uneven grid are constants of the graph (computed in float64 at export)."""
-    times = (1.0, 0.9, 0.7, 0.45, 0.2, 0.0)
-    cfg = SampleConfig(solver=solver, steps=5, cfg=2.0, grid="calibrated", times=times)
+    times = (1.0, 0.85, 0.5, 0.2, 0.0)
+    cfg = SampleConfig(solver=solver, steps=4, cfg=2.0, grid="calibrated", times=times)
     meta = export_onnx(model, str(tmp_path / "m.onnx"), cfg)
-    assert json.loads(meta["times"]) == list(times) and meta["nfe"] == "5"
+    assert json.loads(meta["times"]) == list(times) and meta["nfe"] == "4"
     noise, y = inputs(4)
     out = OrtSampler(str(tmp_path / "m.onnx"), intra_op_threads=1)(noise.numpy(), y.numpy())
     assert np.abs(out - sample_with(model, noise, y, cfg).latents.numpy()).max() <= 1e-4
@@ -53,19 +53,19 @@ def test_onnx_multistep_sampler_on_a_calibrated_grid_matches_eager(model, tmp_pa
 
 def test_onnx_sampler_matches_eager_fp32_and_fp16_with_dynamic_batch(model, tmp_path):
     path = str(tmp_path / "s.onnx")
-    meta = export_onnx(model, path, SampleConfig("heun", 3, 2.0))
+    meta = export_onnx(model, path, SampleConfig("heun", 2, 2.0))
     assert read_metadata(path) == meta
-    assert (meta["solver"], meta["steps"], meta["cfg"], meta["nfe"], meta["latent_shape"]) == ("heun", "3", "2.0", "6", "[4, 8, 8]")
+    assert (meta["solver"], meta["steps"], meta["cfg"], meta["nfe"], meta["latent_shape"]) == ("heun", "2", "2.0", "4", "[4, 8, 8]")
     runner = OrtSampler(path, intra_op_threads=1)
     for b in (1, 7):
         noise, y = inputs(b)
-        ref = sample(model, noise, y, solver="heun", steps=3, cfg=2.0).latents
+        ref = sample(model, noise, y, solver="heun", steps=2, cfg=2.0).latents
         assert np.abs(runner(noise.numpy(), y.numpy()) - ref.numpy()).max() <= 1e-4
-    export_onnx(model, str(tmp_path / "h.onnx"), SampleConfig("heun", 3, 2.0), fp16=True)
+    export_onnx(model, str(tmp_path / "h.onnx"), SampleConfig("heun", 2, 2.0), fp16=True)
     noise, y = inputs(7)
     runner = OrtSampler(str(tmp_path / "h.onnx"))
     out = runner(noise.numpy(), y.numpy())
-    ref = sample(model, noise, y, solver="heun", steps=3, cfg=2.0).latents
+    ref = sample(model, noise, y, solver="heun", steps=2, cfg=2.0).latents
     # an fp16 network, the ODE state and the time grid fp32: fp32 in, fp32 out
     assert runner.dtype == np.float32 and out.dtype == np.float32 and np.abs(out - ref.numpy()).max() <= 1e-2
 

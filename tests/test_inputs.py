@@ -113,8 +113,8 @@ def test_export_refuses_before_writing_anything(tiny_pipeline, tmp_path, capsys)
     ckpt = str(tiny_pipeline / "dit")
     out = tmp_path / "x.onnx"
     assert_input_error(*run_cli(capsys, "export", "--ckpt", ckpt, "--steps", "0", "--out", str(out)), "--steps 0")
-    assert_input_error(*run_cli(capsys, "export", "--ckpt", ckpt, "--solver", "rk4", "--out", str(out)),
-                       "--solver: invalid choice: 'rk4'", "'euler', 'midpoint', 'heun'")
+    assert_input_error(*run_cli(capsys, "export", "--ckpt", ckpt, "--solver", "dopri5", "--out", str(out)),
+                       "--solver: invalid choice: 'dopri5'", "'euler', 'midpoint', 'heun'")
     code, err = run_cli(capsys, "export", "--ckpt", ckpt, "--format", "tensorrt", "--out", str(tmp_path / "x.plan"))
     assert code == 2 and "TensorRT" in err and len(err.splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
