@@ -55,12 +55,17 @@ def sampling_table(run: dict) -> str:
 
 
 def solver_cost_table(run: dict) -> str:
-    rows = {b["extra_info"]["solver_cost"]: b["extra_info"] for b in run["benchmarks"] if "solver_cost" in b.get("extra_info", {})}
+    """The interleaved solver-cost benchmark (bench/test_sampling.py): median and best ms per image per solver."""
+    costs = next((b["extra_info"] for b in run["benchmarks"] if "solver_cost" in b.get("extra_info", {})), None)
+    if costs is None:
+        return ""
+    rows = costs["solver_cost"]
     base = rows.get("heun × 8")
-    lines = ["| solver | NFE | ms / image | vs Heun × 8 |", "|---|---|---|---|"]
+    lines = [f"| solver (NFE {costs['nfe']}, batch {costs['batch']}) | ms / image, median | best | median vs Heun × 8 |",
+             "|---|---|---|---|"]
     for name, e in rows.items():
-        ratio = f"{e['ms_per_image'] / base['ms_per_image']:.2f}×" if base else "–"
-        lines.append(f"| {name} | {e['nfe']} | {e['ms_per_image']:.3f} | {ratio} |")
+        ratio = f"{e['ms_per_image_median'] / base['ms_per_image_median']:.2f}×" if base else "–"
+        lines.append(f"| {name} | {e['ms_per_image_median']:.2f} | {e['ms_per_image_min']:.2f} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -161,16 +166,25 @@ def nfe_section(path: str, out_dir: str) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{n:g}" if n else "not reached" for n in need) + " |")
     plt = _plt()
     if plt is not None:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+        solvers = sorted({name.split()[-1] if name.startswith("adaptive") else name.split()[0] for name in curves})
+        colour = {sv: plt.get_cmap("tab10")(i % 10) for i, sv in enumerate(solvers)}
+        style = {"uniform": ("-", "o"), "shifted": ("--", "s"), "power": ("-.", "^"), "calibrated": (":", "D")}
         for name, pts in sorted(curves.items()):
             pts.sort()
-            axes[0].loglog([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-            axes[1].semilogx([p[0] for p in pts], [p[2] for p in pts], marker="o", label=name)
+            words = name.split()
+            solver, grid = (words[1], None) if words[0] == "adaptive" else (words[0], words[1].split(":")[0])
+            line, marker = style.get(grid, ("-", "*"))
+            kw = dict(marker=marker, linestyle=line, color=colour[solver], label=name, markersize=5)
+            axes[0].loglog([p[0] for p in pts], [p[1] for p in pts], **kw)
+            axes[1].loglog([p[0] for p in pts], [p[2] for p in pts], **kw)
+        axes[0].axhline(1e-2, color="grey", linewidth=0.8)
+        axes[1].axhline(sweep["shape_judge_fd_real_vs_real"], color="grey", linewidth=0.8)
         axes[0].set_ylabel("relative RMS error vs dopri5 1e-7 (fp64)")
-        axes[1].set_ylabel("shape-judge feature FD")
+        axes[1].set_ylabel("shape-judge feature FD (grey: real vs real)")
         for ax in axes:
             ax.set_xlabel("NFE per image")
-        axes[1].legend(fontsize=6)
+        axes[1].legend(fontsize=6, ncol=2)
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, "nfe_error.png"), dpi=120)
         plt.close(fig)

@@ -107,7 +107,7 @@ class Field:
         return torch.full((self.batch,), self.calls, dtype=torch.int64) if self._each is None else self._each.clone()
 
     def in_interval(self, t: float) -> bool:
-        return self.guides and self.interval[0] <= t <= self.interval[1]
+        return self.guides and self.interval[0] <= min(max(t, 0.0), 1.0) <= self.interval[1]
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, t_float: float | None = None, rows=None) -> torch.Tensor:
         n = x.shape[0]
@@ -125,8 +125,11 @@ class Field:
         self.calls += 1
         if t_float is not None:
             guided = self.in_interval(t_float)
-        else:  # a time per image: guide those inside the interval, in one batch with the rest
-            g = (tb >= self.interval[0]) & (tb <= self.interval[1]) if self.guides else torch.zeros(n, dtype=torch.bool)
+        else:  # a time per image: guide those inside the interval, in one batch with the rest. An adaptive
+            # solver's last step runs past t = 0 and interpolates back: beyond [0, 1] the field continues the one at
+            # the end it passed (unguided stages there made the field jump at t = 0 and cost ~20 rejected evaluations)
+            tc = tb.clamp(0.0, 1.0)
+            g = (tc >= self.interval[0]) & (tc <= self.interval[1]) if self.guides else torch.zeros(n, dtype=torch.bool)
             guided = bool(g.all()) or (g.nonzero()[:, 0] if g.any() else False)
         if guided is True:
             self.net_rows += 2 * n

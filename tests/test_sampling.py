@@ -216,6 +216,14 @@ def test_adaptive_sampling_is_batch_invariant():
     assert batch.net_rows < 2 * int(batch.image_nfe.sum())  # rows outside the interval ran unguided
 
 
+def test_adaptive_overshoot_past_t0_keeps_the_guidance():
+    """dopri5's last step runs past t = 0 and interpolates back: with CFG on all of [0, 1] every evaluation is
+    guided, those beyond t = 0 too (unguided ones there made the field jump at t = 0: more rejected steps)."""
+    model = _tiny_dit()
+    res = sample(model, per_image_noise([1, 2, 3], (4, 8, 8)), torch.arange(3), solver="dopri5", cfg=2.0)
+    assert res.net_rows == 2 * int(res.image_nfe.sum())
+
+
 def test_same_seed_same_samples_and_batch_independence():
     from lfm_fast.models.dit import DiT, DiTConfig
 
