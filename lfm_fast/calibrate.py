@@ -97,14 +97,19 @@ _REFERENCES: dict = {}
 
 
 def calibrate(model, folder: str, cfg: SampleConfig, num: int = 64, iters: int = 60, sigma_min: float = 1e-5,
-              progress: bool = True) -> dict:
-    """Fit the grid of `cfg` for the checkpoint in `folder` and store it in `folder`/calibrated_grids.json."""
+              progress: bool = True, overwrite: bool = False) -> dict:
+    """Fit the grid of `cfg` for the checkpoint in `folder` and store it in `folder`/calibrated_grids.json (a grid
+    stored there for the same solver, steps, CFG and interval is replaced only with `overwrite`)."""
     c = model.config
     if c.condition != "none":
         raise InputError(f"calibrate fits grids of label-conditioned or unconditional checkpoints; {folder} is "
                          f"conditioned on a {c.condition} input, which calibration would need examples of")
     path = os.path.join(folder, GRIDS_FILE)
     grids = read_grids(folder)  # a broken file stops here, before any work
+    old = grids.get(grid_key(cfg))
+    if old is not None and not overwrite:
+        fitted = f" (fitted on {old['num']} images)" if isinstance(old.get("num"), int) else ""
+        raise InputError(f"{path} already has a grid for {grid_key(cfg)}{fitted}; pass --overwrite to replace it")
     start = time.time()
     y = torch.arange(num) % c.num_classes if c.num_classes else None
     noise = per_image_noise(list(range(CALIBRATION_SEED, CALIBRATION_SEED + num)), (c.in_channels, c.input_size, c.input_size))

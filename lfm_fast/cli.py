@@ -173,6 +173,8 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--cfg-interval", default=None, metavar="LO:HI", help="guidance interval (default: the checkpoint's)")
     k.add_argument("--num", type=int, default=64, help="calibration images (seeds 10⁶, 10⁶ + 1, …)")
     k.add_argument("--iters", type=int, default=60, help="gradient steps on the grid")
+    k.add_argument("--overwrite", action="store_true", help="replace a grid already stored for the same solver, steps, "
+                   "cfg and interval")
     e.add_argument("--with-decoder", action="store_true", help="end the graph with the AE decoder: outputs uint8 NHWC images")
     e.add_argument("--ae", default=None, help="autoencoder for --with-decoder (default: the checkpoint's)")
     e.add_argument("--fp16", action="store_true", help="fp16 weights and activations (TensorRT: fp16 kernels)")
@@ -257,6 +259,9 @@ def _check_sampler_flags(args):
             _check_positive(f"--{name}", getattr(args, name))
     if args.cfg is not None:
         _check_positive("--cfg", args.cfg, allow_zero=True)
+    if getattr(args, "engine", None) and args.backend in ("eager", "compile"):
+        raise InputError(f"--engine {args.engine}: engines run with --backend onnxruntime or --backend tensorrt "
+                         f"(this run's backend is {args.backend})")
 
 
 def _check_positive(name: str, value, allow_zero: bool = False):
@@ -375,8 +380,8 @@ def _sample_config(config: dict, args):
         scfg.steps = args.nfe // per
     if getattr(args, "cfg_interval", None) is not None:
         scfg.cfg_lo, scfg.cfg_hi = _parse_interval(args.cfg_interval)
-    if getattr(args, "grid", None) == "calibrated" and scfg.solver not in NFE_PER_STEP:
-        raise InputError(f"--grid calibrated: {scfg.solver} is adaptive and takes no time grid; pass a fixed-step solver")
+    if getattr(args, "backend", "eager") in ("eager", "compile"):  # a graph's own: checked by _graph_runner
+        _check_flags_apply(args, scfg)
     if scfg.grid == "calibrated" and scfg.solver in NFE_PER_STEP:
         from lfm_fast.calibrate import load_times
 
@@ -387,6 +392,28 @@ def _sample_config(config: dict, args):
         except ValueError as e:
             raise InputError(f"--grid {scfg.grid}: {e}") from None
     return scfg
+
+
+def _check_flags_apply(args, scfg):
+    """Flags given on the command line that the chosen solver or grid would ignore are refused, not ignored."""
+    from lfm_fast.sampling import NFE_PER_STEP, SOLVERS
+
+    given = [n for n in ("steps", "grid", "shift", "atol", "rtol") if getattr(args, n, None) is not None]
+    if scfg.solver not in NFE_PER_STEP:
+        for name in ("steps", "grid", "shift"):
+            if name in given:
+                raise InputError(f"--{name} {getattr(args, name)}: {scfg.solver} is adaptive (its steps follow --atol/"
+                                 f"--rtol) and takes no {'steps' if name == 'steps' else 'time grid'}; pass a fixed-step solver")
+        return
+    for name in ("atol", "rtol"):
+        if name in given:
+            adaptive = ", ".join(s for s in SOLVERS if s not in NFE_PER_STEP)
+            raise InputError(f"--{name} {getattr(args, name)}: {scfg.solver} is a fixed-step solver; tolerances are for "
+                             f"the adaptive ones ({adaptive})")
+    if "shift" in given and scfg.grid in ("uniform", "calibrated"):
+        raise InputError(f"--shift {args.shift}: the {scfg.grid} grid takes no shift; pass --grid shifted or --grid power")
+    if "grid" in given and scfg.grid in ("shifted", "power") and scfg.shift == 1.0:
+        warnings.warn(f"--grid {scfg.grid} with shift 1 is the uniform grid; pass --shift (e.g. 3 for shifted, 2 for power)")
 
 
 def _parse_interval(text: str) -> tuple[float, float]:
@@ -437,11 +464,17 @@ def _graph_runner(args, scfg, model):
         with open(side) as f:
             meta = json.load(f)
         runner = TensorRTSampler(args.engine)
-    for name, kind in (("solver", str), ("steps", int), ("cfg", float)):
+    interval = lambda text: tuple(float(v) for v in text.split(":"))  # noqa: E731
+    for name, kind in (("solver", str), ("steps", int), ("cfg", float), ("grid", str), ("shift", float),
+                       ("cfg_interval", interval)):
         asked = getattr(args, name)
-        if asked is not None and asked != kind(meta[name]):
-            raise InputError(f"--{name} {asked}: the graph {args.engine} was exported with {name}={meta[name]}")
-        setattr(scfg, name, kind(meta[name]))
+        if name in meta and asked is not None and kind(asked) != kind(meta[name]):
+            raise InputError(f"--{name.replace('_', '-')} {asked}: the graph {args.engine} was exported with "
+                             f"{name}={meta[name]}")
+        if name == "cfg_interval" and name in meta:
+            scfg.cfg_lo, scfg.cfg_hi = kind(meta[name])
+        elif name in meta:
+            setattr(scfg, name, kind(meta[name]))
     c = model.config
     if json.loads(meta["latent_shape"]) != [c.in_channels, c.input_size, c.input_size]:
         raise InputError(f"--engine {args.engine}: its latent shape {meta['latent_shape']} does not match checkpoint {args.ckpt}")
@@ -526,8 +559,8 @@ def _cmd_sample(args):
         inputs = total // args.num
         per = f" ({args.num} for each of {inputs} input{'s' if inputs != 1 else ''})" if source is not None else ""
         nfe = nfe if isinstance(nfe, NfeCount) else f"NFE {nfe}"
-        print(f"wrote {total} image{'s' if total != 1 else ''}{per} to {args.out} ({args.backend}, {scfg.solver}, {nfe}, "
-              f"cfg {scfg.cfg}, {d.world_size} rank{'s' if d.world_size > 1 else ''})")
+        print(f"wrote {total} image{'s' if total != 1 else ''}{per} to {args.out} ({args.backend}, {scfg.describe()}, "
+              f"{nfe}, {d.world_size} rank{'s' if d.world_size > 1 else ''})")
 
 
 def _check_task(args, config: dict) -> str:
@@ -627,10 +660,12 @@ def _cmd_calibrate(args):
     args.grid = "uniform"  # the fit's own starting grids; a stored calibrated grid is replaced, not read
     scfg = _sample_config(config, args)
     model = DiT.from_pretrained(args.ckpt).eval()
-    r = calibrate(model, args.ckpt, scfg, args.num, args.iters, _sigma_min(config))
+    r = calibrate(model, args.ckpt, scfg, args.num, args.iters, _sigma_min(config), overwrite=args.overwrite)
+    interval = "" if (scfg.cfg_lo, scfg.cfg_hi) == (0.0, 1.0) else f" --cfg-interval {scfg.cfg_lo:g}:{scfg.cfg_hi:g}"
     print(f"wrote {os.path.join(args.ckpt, GRIDS_FILE)}: {scfg.solver} × {scfg.steps} steps ({args.nfe} NFE), cfg "
-          f"{float(scfg.cfg):g}: relative error {r['error']:.4f} on {args.num} calibration images (start: {r['start']} "
-          f"grid, {r['start_error']:.4f}); use it with `--grid calibrated --solver {scfg.solver} --steps {scfg.steps}`")
+          f"{float(scfg.cfg):g}{interval.replace(' --cfg-interval', ', interval')}: relative error {r['error']:.4f} on "
+          f"{args.num} calibration images (start: {r['start']} grid, {r['start_error']:.4f}); use it with `--grid "
+          f"calibrated --solver {scfg.solver} --steps {scfg.steps} --cfg {float(scfg.cfg):g}{interval}`")
     return 0
 
 

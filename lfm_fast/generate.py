@@ -14,6 +14,7 @@ from lfm_fast.autoencoder import decode
 from lfm_fast.data.shapes import to_uint8
 from lfm_fast.fileio import atomic_dir, image_grid, save_png
 from lfm_fast.sampling import SampleConfig, per_image_noise, sample_with
+from lfm_fast.train.throughput import forward_flops_per_image
 
 
 @torch.no_grad()
@@ -34,14 +35,15 @@ def generate(run_batch, labels: torch.Tensor | None, seeds: list[int], shape: tu
 class NfeCount:
     """NFE of a sampling run: per batch (network calls, the most of any batch) and per image (the evaluations an
     image took part in: LFM's count, which is the batch count for fixed-step solvers), and network rows per image
-    (2 per guided evaluation, 1 per unguided one: what the FLOPs scale with)."""
+    (2 per guided evaluation, 1 per unguided one) with the network FLOPs they take."""
     per_batch: int = 0
     per_image_mean: float = 0.0
     per_image_max: int = 0
     rows_per_image: float = 0.0
+    flops_per_image: float = 0.0
 
     def __str__(self):
-        rows = f", {self.rows_per_image:g} network rows per image"
+        rows = f", {self.rows_per_image:g} network rows per image ({self.flops_per_image / 1e9:.3g} GFLOP)"
         if self.per_image_max == self.per_batch and self.per_image_mean == self.per_batch:
             return f"NFE {self.per_batch}{rows}"
         return f"NFE per image {self.per_image_mean:.1f} (max {self.per_image_max}), {self.per_batch} per batch{rows}"
@@ -65,7 +67,9 @@ def generate_latents(model, labels: torch.Tensor | None, seeds: list[int], cfg: 
     latents = generate(run, labels, seeds, (mc.in_channels, mc.input_size, mc.input_size), batch_size, p.device,
                        progress, conds)
     per_image = torch.cat(image_nfe) if image_nfe else torch.zeros(1)
-    return latents, NfeCount(calls, float(per_image.float().mean()), int(per_image.max()), rows / max(len(seeds), 1))
+    rows_per_image = rows / max(len(seeds), 1)
+    return latents, NfeCount(calls, float(per_image.float().mean()), int(per_image.max()), rows_per_image,
+                             rows_per_image * forward_flops_per_image(mc))
 
 
 def latents_to_images(ae, latents: torch.Tensor, batch_size: int = 64) -> np.ndarray:

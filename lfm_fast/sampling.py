@@ -46,6 +46,16 @@ class SampleConfig:
         """NFE of a fixed-step run (None for the adaptive solvers)."""
         return NFE_PER_STEP[self.solver] * self.steps if self.solver in NFE_PER_STEP else None
 
+    def describe(self) -> str:
+        """One line: 'ab3 × 16 steps, calibrated grid, cfg 3 on t in [0.2, 0.8]'."""
+        if self.solver in NFE_PER_STEP:
+            shift = f" {self.shift:g}" if self.grid in ("shifted", "power") else ""
+            what = f"{self.solver} × {self.steps} steps, {self.grid}{shift} grid"
+        else:
+            what = f"{self.solver} atol {self.atol:g} rtol {self.rtol:g}"
+        interval = "" if (self.cfg_lo, self.cfg_hi) == (0.0, 1.0) else f" on t in [{self.cfg_lo:g}, {self.cfg_hi:g}]"
+        return f"{what}, cfg {float(self.cfg):g}{interval}"
+
 
 class SampleResult(NamedTuple):
     latents: torch.Tensor

@@ -50,6 +50,10 @@ def test_cli_calibrate_then_sample_and_export_on_the_calibrated_grid(ckpt, tiny_
     assert not (tmp_path / "s").exists()
     code, _ = run_cli(capsys, "calibrate", "--ckpt", ckpt, "--solver", "dpm++2m", "--nfe", "2", "--num", "4", "--iters", "3")
     assert code == 0
+    before = open(f"{ckpt}/{GRIDS_FILE}").read()  # a stored grid is replaced only with --overwrite
+    code, err = run_cli(capsys, "calibrate", "--ckpt", ckpt, "--solver", "dpm++2m", "--nfe", "2", "--num", "4", "--iters", "2")
+    assert_input_error(code, err, "already has a grid for dpm++2m/2/cfg", "(fitted on 4 images)", "--overwrite")
+    assert open(f"{ckpt}/{GRIDS_FILE}").read() == before
     stored = json.load(open(f"{ckpt}/{GRIDS_FILE}"))
     cfg = json.load(open(f"{ckpt}/config.json"))["meta"]["experiment"]["sample"]["cfg"]
     scfg = SampleConfig("dpm++2m", 2, cfg, "calibrated")
@@ -87,9 +91,27 @@ def test_cli_sampler_flag_errors(ckpt, tmp_path, capsys):
                         (["sample", "--cfg-interval", "0.8:0.2", "--out", out], ("--cfg-interval 0.8:0.2", "LO ≤ HI")),
                         (["sample", "--cfg-interval", "half", "--out", out], ("expected LO:HI",)),
                         (["sample", "--grid", "shifted", "--shift", "0", "--out", out], ("--shift 0",)),
-                        (["export", "--grid", "power", "--shift", "-2", "--out", str(tmp_path / "x.onnx")], ("--shift -2",))):
+                        (["export", "--grid", "power", "--shift", "-2", "--out", str(tmp_path / "x.onnx")], ("--shift -2",)),
+                        # flags the chosen solver or grid would ignore are refused
+                        (["sample", "--solver", "dopri5", "--steps", "8", "--out", out], ("--steps 8", "adaptive")),
+                        (["sample", "--solver", "bosh3", "--grid", "shifted", "--out", out], ("--grid shifted", "adaptive")),
+                        (["sample", "--solver", "heun", "--atol", "1e-3", "--out", out], ("--atol 0.001", "fixed-step")),
+                        (["sample", "--grid", "uniform", "--shift", "3", "--out", out], ("--shift 3.0", "takes no shift"))):
         code, err = run_cli(capsys, argv[0], "--ckpt", ckpt, *argv[1:])
         assert_input_error(code, err, *words)
+
+
+def test_a_shifted_grid_with_shift_1_warns_that_it_is_uniform(ckpt):
+    import argparse
+
+    from lfm_fast.cli import _sample_config
+    from lfm_fast.models.dit import read_checkpoint_config
+
+    args = argparse.Namespace(ckpt=ckpt, solver="heun", steps=4, cfg=None, grid="shifted", shift=None, atol=None, rtol=None,
+                              cfg_interval=None, backend="eager")
+    with pytest.warns(UserWarning, match="--grid shifted with shift 1 is the uniform grid"):
+        scfg = _sample_config(read_checkpoint_config(ckpt), args)
+    assert time_grid(4, scfg.grid, scfg.shift) == time_grid(4)
 
 
 def test_a_broken_grids_file_is_one_line(ckpt, capsys, tmp_path):

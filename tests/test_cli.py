@@ -84,8 +84,13 @@ def test_sample_writes_pngs_grid_and_npz_reproducibly(tiny_pipeline, tmp_path, c
 
 
 def test_sample_defaults_come_from_the_checkpoint(tiny_pipeline, tmp_path, capsys):
+    from lfm_fast.models.dit import DiT
+    from lfm_fast.train.throughput import forward_flops_per_image
+
     assert main(["sample", "--ckpt", str(tiny_pipeline / "dit"), "--num", "2", "--steps", "2", "--out", str(tmp_path / "s")]) == 0
-    assert "heun, NFE 4, 8 network rows per image, cfg 3.0" in capsys.readouterr().out
+    gflop = 8 * forward_flops_per_image(DiT.from_pretrained(str(tiny_pipeline / "dit")).config) / 1e9  # 2 rows × 4 NFE
+    assert (f"(eager, heun × 2 steps, uniform grid, cfg 3, NFE 4, 8 network rows per image ({gflop:.3g} GFLOP), 1 rank)"
+            in capsys.readouterr().out)
 
 
 def test_training_run_has_metrics_and_grid(tiny_pipeline):

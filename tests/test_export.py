@@ -142,6 +142,11 @@ def test_cli_export_then_sample_with_onnxruntime(tiny_pipeline, tmp_path, capsys
     capsys.readouterr()
     for extra, words in [(["--backend", "onnxruntime"], "needs --engine"),
                          (["--backend", "onnxruntime", "--engine", onnx_path, "--steps", "4"], "exported with steps=2"),
+                         (["--backend", "onnxruntime", "--engine", onnx_path, "--grid", "power", "--shift", "2"],
+                          "exported with grid=uniform"),
+                         (["--backend", "onnxruntime", "--engine", onnx_path, "--cfg-interval", "0.2:0.8"],
+                          "exported with cfg_interval=0.0:1.0"),
+                         (["--engine", onnx_path], "engines run with --backend onnxruntime or --backend tensorrt"),
                          (["--backend", "onnxruntime", "--engine", str(tmp_path / "none.onnx")], "no such file")]:
         assert main(common + extra + ["--out", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err.strip()
