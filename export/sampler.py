@@ -16,8 +16,6 @@ from lfm_fast import __version__
 from lfm_fast.errors import InputError
 from lfm_fast.sampling import FIXED_SOLVERS, NFE_PER_STEP, Field, SampleConfig, integrate_fixed, time_grid
 
-EXPORT_SOLVERS = FIXED_SOLVERS
-
 
 class UnrolledSampler(nn.Module):
     """The N steps of a fixed-step solver, unrolled. The state and the time grid are fp32 whatever the network's
@@ -25,8 +23,8 @@ class UnrolledSampler(nn.Module):
 
     def __init__(self, model, cfg: SampleConfig, decoder=None, scaling_factor: float = 1.0, sigma_min: float = 1e-5):
         super().__init__()
-        if cfg.solver not in EXPORT_SOLVERS:
-            raise InputError(f"--solver {cfg.solver}: the exported sampler unrolls fixed steps; expected one of {', '.join(EXPORT_SOLVERS)}")
+        if cfg.solver not in FIXED_SOLVERS:
+            raise InputError(f"--solver {cfg.solver}: the exported sampler unrolls fixed steps; expected one of {', '.join(FIXED_SOLVERS)}")
         self.model, self.config, self.sigma_min = model, cfg, sigma_min
         self.decoder, self.scaling_factor = decoder, scaling_factor
         self.times = time_grid(cfg.steps, cfg.grid, cfg.shift, cfg.times)  # Python floats: constants of the graph

@@ -609,7 +609,7 @@ def _cmd_export(args):
 
     from lfm_fast.autoencoder import load_autoencoder
     from lfm_fast.export.onnx import export_onnx
-    from lfm_fast.export.sampler import EXPORT_SOLVERS
+    from lfm_fast.sampling import FIXED_SOLVERS
     from lfm_fast.fileio import write_json
     from lfm_fast.models.dit import DiT, read_checkpoint_config
 
@@ -625,9 +625,9 @@ def _cmd_export(args):
     config = read_checkpoint_config(args.ckpt)
     model = DiT.from_pretrained(args.ckpt).eval()
     scfg = _sample_config(config, args)
-    if scfg.solver not in EXPORT_SOLVERS:
+    if scfg.solver not in FIXED_SOLVERS:
         raise InputError(f"--solver {scfg.solver}{' (the checkpoint default)' if args.solver is None else ''}: the exported "
-                         f"sampler unrolls the steps of {', '.join(EXPORT_SOLVERS)}; pass one of them")
+                         f"sampler unrolls the steps of {', '.join(FIXED_SOLVERS)}; pass one of them")
     ae = load_autoencoder(_autoencoder_spec(config, args), device="cpu") if args.with_decoder else None
     if args.format == "onnx":
         meta = export_onnx(model, args.out, scfg, ae, args.fp16, net_only=args.net_only, sigma_min=_sigma_min(config))

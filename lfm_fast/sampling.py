@@ -102,7 +102,7 @@ class Field:
     decides guidance statically, as an exported graph must) or field(x, t, rows=idx) by the adaptive one (a
     time per image, for the images `rows` of the batch)."""
 
-    def __init__(self, model, batch: int, y=None, cond=None, scale: float = 1.0, interval=(0.0, 1.0), device=None):
+    def __init__(self, model, batch: int, y=None, cond=None, scale: float = 1.0, interval=(0.0, 1.0)):
         self.model, self.y, self.cond, self.scale, self.interval = model, y, cond, float(scale), interval
         p = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
         self.net_dtype = None if p is None else p.dtype
