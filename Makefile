@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml setup.py requirements/torch.txt
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements/torch.txt
-	$(PY) -m pip install -q -c requirements/torch.txt -e ".[dev,export]"
+	$(PY) -m pip install -q -c requirements/torch.txt -e ".[dev,export,lmdb]"
 	# pytorch-fid, for the FID parity test only: without its torchvision dependency, since no torchvision
 	# wheel in reach loads with torch 2.13+cpu and a broken torchvision would break diffusers' imports
 	$(PY) -m pip install -q --no-deps pytorch-fid==0.3.0

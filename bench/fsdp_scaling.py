@@ -32,7 +32,9 @@ def write_latents(folder: str, n: int, size: int) -> None:
     g = torch.Generator().manual_seed(0)
     os.makedirs(folder, exist_ok=True)
     writer = LatentShardWriter(folder, shard_size=n)
-    writer.add(torch.randn((n, 4, size, size), generator=g), torch.arange(n) % 1000)
+    lat = torch.randn((n, 4, size, size), generator=g)
+    std = torch.full_like(lat, 0.05).half()  # the preset flips and samples the posterior
+    writer.add(lat, torch.arange(n) % 1000, latents_flip=lat.flip(-1), latents_std=std, latents_flip_std=std)
     writer.close({"latent_shape": [4, size, size], "num_classes": 1000, "autoencoder": "", "scaling_factor": 1.0})
 
 

@@ -12,6 +12,8 @@ FLOPs: `lfm_fast.train.throughput.train_flops_per_image` (training = 3 × forwar
 attention included); the VAE's encode is not counted as model FLOPs.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -219,3 +221,49 @@ def test_inpaint_condition_stored_vs_encoded(benchmark, source):
 
     run_small_data_steps(benchmark, model, cfg.train, loss, rounds=20)
     benchmark.extra_info.update(kind=f"inpaint_{source}", img_per_s=32 / benchmark.stats.stats.mean)
+
+
+@pytest.fixture(scope="module")
+def shapes_latents(tmp_path_factory):
+    from lfm_fast.data.latents import prepare_latents
+
+    out = tmp_path_factory.mktemp("aug") / "latents"
+    prepare_latents("builtin:shapes", "shapes", str(out), num_images=1024, progress=False)
+    return str(out)
+
+
+@pytest.mark.parametrize("augment", ["mean", "flip+posterior"])
+def test_augmentation_cost(benchmark, shapes_latents, augment):
+    """The paper's augmentation at the demo's recipe (small-data, batch 32, fp32), reading `prepare`'s shards as the
+    trainer does: `mean` gathers the posterior means; `flip+posterior` draws a flip and ε per sample from the step's
+    generator and gathers the mirror images' means and both stds (data.flip=true data.posterior=sample)."""
+    from lfm_fast.config import get_preset
+    from lfm_fast.data.latents import LatentShardDataset
+    from lfm_fast.dist import init_distributed
+    from lfm_fast.train.loop import EpochSampler, draw_augmentation, step_generator
+    from lfm_fast.train.parallelize import build_parallel_dit
+
+    d = init_distributed("cpu")
+    cfg = get_preset("small-data")
+    cfg.model.num_classes = 6
+    cfg.data.flip, cfg.data.posterior = (True, "sample") if augment != "mean" else (False, "mean")
+    ds = LatentShardDataset(shapes_latents)
+    cfg.model.in_channels, cfg.model.input_size = ds.latent_shape[0], ds.latent_shape[1]
+    model = build_parallel_dit(cfg.model, d.mesh, d.device, "fp32", seed=0)
+    sampler, g, step = EpochSampler(len(ds), 0), torch.Generator().manual_seed(0), [0]
+
+    def loss():
+        idx = sampler.indices(32 * step[0], 32)
+        flips, eps = draw_augmentation(32, ds.latent_shape, cfg.data, step_generator(0, 3, step[0]))
+        x0, y = ds.get_batch(idx, flips, eps)
+        step[0] += 1
+        return flow_matching_loss(model, x0, y, cfg.flow, g, 0.1)
+
+    run_small_data_steps(benchmark, model, cfg.train, loss, rounds=40)
+    shard = os.path.join(shapes_latents, ds.meta["shards"][0]["file"])
+    from lfm_fast.data.latents import mmap_safetensors
+
+    tensors = mmap_safetensors(shard)
+    per_image = {k: v[0].nbytes for k, v in tensors.items() if k.startswith("latents")}
+    benchmark.extra_info.update(kind=f"augment_{augment}", img_per_s=32 / benchmark.stats.stats.mean,
+                                latent_bytes_per_image=sum(per_image.values()) if augment != "mean" else per_image["latents"])

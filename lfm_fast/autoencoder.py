@@ -71,11 +71,15 @@ def downsample_factor(ae) -> int:
 
 
 @torch.no_grad()
-def encode(ae, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Images in [-1, 1] → scaled latents (the posterior mean: deterministic, as cached latents should be)."""
+def encode(ae, images: torch.Tensor, batch_size: int = 64, std: bool = False):
+    """Images in [-1, 1] → scaled latents: the posterior mean (deterministic, as cached latents should be), and with
+    `std` also the posterior's standard deviation (scaled alike), so that training can draw z = mean + std·ε."""
     p = next(ae.parameters())
-    out = [ae.encode(images[i:i + batch_size].to(p.device, p.dtype)).latent_dist.mode() for i in range(0, len(images), batch_size)]
-    return torch.cat(out).float().cpu() * ae.config.scaling_factor
+    dists = [ae.encode(images[i:i + batch_size].to(p.device, p.dtype)).latent_dist for i in range(0, len(images), batch_size)]
+    mean = torch.cat([d.mode() for d in dists]).float().cpu() * ae.config.scaling_factor
+    if not std:
+        return mean
+    return mean, torch.cat([d.std for d in dists]).float().cpu() * ae.config.scaling_factor
 
 
 @torch.no_grad()

@@ -95,8 +95,12 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("prepare", help="encode a dataset once into latent shards (safetensors)")
     r.add_argument("--ae", required=True, help="builtin:shapes (shipped, pretrained on shapes), an AutoencoderKL folder, "
                    "or a hub id such as stabilityai/sd-vae-ft-mse")
-    r.add_argument("--data", required=True, help="'shapes' or an image folder (class sub-folders become labels)")
-    r.add_argument("--out", required=True, help="folder for the latent shards (new or empty)")
+    r.add_argument("--data", required=True, metavar="SPEC", help="shapes | PATH (an image folder, recursive; class "
+                   "sub-folders become labels, as ImageNet's synset folders) | lmdb:PATH[?split=validation] (LSUN's LMDB, "
+                   "or LFM's CelebA-HQ/FFHQ layout with train.lmdb) | celebamask:PATH[?split=train|validation|all] "
+                   "(CelebAMask-HQ, with its 19-class maps); any of them takes ?limit=N (the first N items)")
+    r.add_argument("--out", required=True, help="folder for the latent shards (new or empty; an unfinished prepare "
+                   "there, killed or stopped, is continued when rerun with the same settings)")
     _add_overwrite_flag(r)
     r.add_argument("--image-size", type=int, default=None, help="default: the AE's sample_size")
     r.add_argument("--num-images", type=int, default=6000, help="shapes only")
@@ -107,13 +111,28 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--hole-range", default="0.1:0.6", metavar="LO:HI", help="hole ratio range of those masks (the "
                    "inpainting demo trains with 0.3:0.7)")
     r.add_argument("--seed", type=int, default=0, help="seed of the shapes drawing and of the inpainting masks")
+    r.add_argument("--no-flip", dest="flip", action="store_false", help="do not also encode each image's mirror image "
+                   "(default: encoded, so training can flip as LFM does (data.flip); twice the encoding time; an image's latents "
+                   "with their stds take 3× the disk of its mean alone, 1.5× without the mirror image)")
+    r.add_argument("--shard-size", type=int, default=4096, metavar="N", help="source items per shard (the unit of "
+                   "resuming and of the work split over --nproc ranks)")
+    r.add_argument("--workers", type=int, default=None, metavar="N", help="DataLoader workers decoding images "
+                   "(default: min(4, CPUs); 0 for shapes)")
+    r.add_argument("--strict", action="store_true", help="stop at the first unreadable image, naming it (default: skip "
+                   "it and list it in prepare_report.json)")
+    _add_nproc_flag(r)
 
     t = sub.add_parser("train", help="train a DiT velocity network on latent shards")
-    t.add_argument("--latents", required=True, help="folder written by `lfm-fast prepare`")
+    t.add_argument("--latents", default=None, help="folder written by `lfm-fast prepare` (required, except with --dry-run)")
     t.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)}; required for a new run (with --resume: "
                    f"the run's own)")
-    t.add_argument("--out", required=True, help="run folder: checkpoints/ (sharded, DCP), metrics.jsonl, grids, and the "
-                   "final config.json + model.safetensors (EMA weights)")
+    t.add_argument("--out", default=None, help="run folder: checkpoints/ (sharded, DCP), metrics.jsonl, grids, and the "
+                   "final config.json + model.safetensors (EMA weights); required, except with --dry-run")
+    t.add_argument("--dry-run", action="store_true", help="build the preset's model and data pipeline on random latents "
+                   "of its shape and print its parameters, forward GFLOP per image, activation memory per GPU count and "
+                   "one step's time here (no --latents, no --out; nothing is written)")
+    t.add_argument("--dry-run-batch", type=int, default=2, metavar="B", help="the reduced batch of --dry-run's timed "
+                   "steps (its time is scaled to the preset's batch)")
     t.add_argument("--steps", type=int, default=None, help="train.steps (default: the preset's, or with --resume the run's)")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out (any world size), "
                    "with the run's saved config; overrides may change lr, steps, logging and checkpointing, not the "
@@ -186,7 +205,8 @@ def _parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("eval", help="FID, precision/recall and latent FD of samples against a reference")
     v.add_argument("--samples", required=True, help="samples.npz (arr_0: N×H×W×3 uint8) or a folder of images")
-    v.add_argument("--ref", required=True, help="reference: stats .npz (mu, sigma), images .npz (arr_0) or a folder")
+    v.add_argument("--ref", required=True, help="reference: stats .npz (mu, sigma), images .npz (arr_0), a folder, or a "
+                   "data SPEC of `prepare` (lmdb:PATH, celebamask:PATH, …?limit=N), resized to the samples' size")
     v.add_argument("--metrics", default="fid", help="comma-separated: fid, pr, latent_fd")
     v.add_argument("--inception", default=None, help="pt_inception-2015-12-05-6726825d.pth (or $LFM_FAST_INCEPTION)")
     v.add_argument("--ae", default=None, help="autoencoder folder, for latent_fd")
@@ -293,9 +313,11 @@ def _cmd_train_ae(args):
 def _cmd_prepare(args):
     from lfm_fast.data.latents import prepare_latents
 
-    for name in ("num_images", "batch_size"):
+    for name in ("num_images", "batch_size", "shard_size"):
         _check_positive(f"--{name.replace('_', '-')}", getattr(args, name))
     _check_positive("--inpaint-masks", args.inpaint_masks, allow_zero=True)
+    if args.workers is not None:
+        _check_positive("--workers", args.workers, allow_zero=True)
     try:
         lo, hi = (float(v) for v in args.hole_range.split(":"))
     except ValueError:
@@ -303,9 +325,12 @@ def _cmd_prepare(args):
     if not 0 <= lo <= hi <= 1 or hi == 0:
         raise InputError(f"--hole-range {args.hole_range}: expected 0 ≤ LO ≤ HI ≤ 1 and HI > 0")
     meta = prepare_latents(args.ae, args.data, args.out, args.image_size, args.num_images, args.batch_size, args.seed,
-                           overwrite=args.overwrite, inpaint_masks=args.inpaint_masks, hole_range=(lo, hi))
-    print(f"wrote {args.out}: {meta['num_samples']} latents of shape {meta['latent_shape']}, {meta['num_classes']} classes"
-          f"{', conditions: ' + ', '.join(meta['conditions']) if meta['conditions'] else ''}")
+                           overwrite=args.overwrite, inpaint_masks=args.inpaint_masks, hole_range=(lo, hi),
+                           flip=args.flip, shard_size=args.shard_size, strict=args.strict, workers=args.workers)
+    if meta:  # rank 0
+        print(f"wrote {args.out}: {meta['num_samples']} latents of shape {meta['latent_shape']}, {meta['num_classes']} "
+              f"classes{', conditions: ' + ', '.join(meta['conditions']) if meta['conditions'] else ''}"
+              f"{', flips' if meta['flip'] else ''}; {meta['skipped']} skipped (prepare_report.json)")
 
 
 def _cmd_train(args):
@@ -313,6 +338,8 @@ def _cmd_train(args):
     from lfm_fast.train.checkpoint import latest_checkpoint, read_trainer_state
     from lfm_fast.train.loop import train
 
+    if args.resume and args.out is None:
+        raise InputError("--resume: name the run folder with --out")
     if args.resume:
         ckpt = latest_checkpoint(args.out)
         if ckpt is None:
@@ -330,6 +357,17 @@ def _cmd_train(args):
         cfg.train.steps = args.steps
     for name, value in _backend_overrides(args).items():
         setattr(cfg.model, name, value)
+    if args.dry_run:
+        from lfm_fast.train.dryrun import dry_run, format_dry_run
+
+        if args.resume or args.latents or args.out:
+            raise InputError("--dry-run runs on random latents and writes nothing: drop --resume, --latents and --out")
+        _check_positive("--dry-run-batch", args.dry_run_batch)
+        print(format_dry_run(dry_run(cfg, args.dry_run_batch)))
+        return
+    for flag in ("latents", "out"):
+        if getattr(args, flag) is None:
+            raise InputError(f"train: --{flag} is required (or --dry-run)")
     if not os.path.isdir(args.latents):
         raise InputError(f"--latents {args.latents}: no such folder")
     result = train(cfg, args.latents, args.out, resume=args.resume, stop_at=args.stop_at)

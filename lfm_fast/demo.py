@@ -98,11 +98,11 @@ def run_demo(out: str, task: str = "label", budget: str = "full", seed: int = 0,
             lap("train_ae")
         else:
             ae_spec = BUILTIN_SHAPES_AE
+        cfg = get_preset(PRESETS[task])
         prepare_latents(ae_spec, "shapes", lat_dir, 32, b.train_images, seed=seed, progress=progress,
-                        inpaint_masks=b.inpaint_masks, hole_range=TRAIN_HOLE_RANGE)
+                        inpaint_masks=b.inpaint_masks, hole_range=TRAIN_HOLE_RANGE, flip=cfg.data.flip)
         lap("prepare")
 
-        cfg = get_preset(PRESETS[task])
         cfg.train.steps, cfg.train.seed = b.dit_steps, seed
         cfg.train.ckpt_every = max(cfg.train.ckpt_every, b.dit_steps)
         if "stopped_by" in train(cfg, lat_dir, dit_dir, progress=progress):  # SIGTERM / SIGUSR1 while training

@@ -39,11 +39,13 @@ def write_random_latents(folder, n=48, shape=(4, 8, 8), num_classes=3, seed=0, s
     lat = torch.randn((n, *shape), generator=g) * 0.5 + labels.view(-1, 1, 1, 1).float() - 1
     meta = {"latent_shape": list(shape), "num_classes": num_classes, "autoencoder": autoencoder, "image_size": 2 * shape[1],
             "scaling_factor": 1.0, "class_names": [f"c{i}" for i in range(num_classes)]}
-    extra = {}
+    std = torch.full_like(lat, 0.05).half()  # the paper's augmentation: mirror-image latents and a posterior std
+    extra = {"latents_flip": lat.flip(-1), "latents_std": std, "latents_flip_std": std}
     if conditions:
         masks = (torch.rand((n, 2, *shape[1:]), generator=g) < 0.4).to(torch.uint8)
-        extra = {"semantic": torch.randint(0, 5, (n, 2 * shape[1], 2 * shape[2]), generator=g).to(torch.uint8),
-                 "masked_latents": lat[:, None] * (1 - masks[:, :, None].float()), "masks": masks}
+        masked = lat[:, None] * (1 - masks[:, :, None].float())
+        extra.update(semantic=torch.randint(0, 5, (n, 2 * shape[1], 2 * shape[2]), generator=g).to(torch.uint8),
+                     masked_latents=masked, masked_latents_flip=masked.flip(-1), masks=masks)
         meta.update(conditions=["semantic", "inpaint"], semantic_classes=5, inpaint_masks=2)
     writer.add(lat, labels, **extra)
     return writer.close(meta)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from lfm_fast.cli import main
+from lfm_fast.errors import InputError
 from lfm_fast.fileio import MARKER
 from tests.test_cli import assert_input_error, run_cli
 
@@ -133,21 +134,29 @@ def test_export_never_replaces_a_file_without_overwrite(tiny_pipeline, tmp_path,
 
 
 def test_sigterm_leaves_nothing_half_written(tmp_path):
-    """SIGTERM (what a scheduler or `kill` sends) unwinds like Ctrl-C: the temporary output folder is removed."""
+    """SIGTERM (what a scheduler or `kill` sends) unwinds like Ctrl-C: `prepare` leaves whole shards only (no
+    temporary file, no index), a folder that a rerun continues."""
     import signal
     import subprocess
     import sys
     import time
 
+    from lfm_fast.data.latents import LatentShardDataset
+
     out = tmp_path / "latents"
     proc = subprocess.Popen([sys.executable, "-m", "lfm_fast", "prepare", "--ae", "builtin:shapes", "--data", "shapes",
-                             "--num-images", "20000", "--out", str(out)], stderr=subprocess.PIPE, text=True)
+                             "--num-images", "20000", "--shard-size", "500", "--out", str(out)],
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not any(p.name.startswith(".latents.tmp-") for p in tmp_path.iterdir()) and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(1.0)  # well inside the encoding loop
+    while not (out / "shard-00000.safetensors").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.3)  # inside the encoding of a later shard
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "lfm-fast: terminated" in err and "Traceback" not in err
-    assert os.listdir(tmp_path) == []  # neither --out nor its temporary folder
+    assert os.listdir(tmp_path) == ["latents"]
+    left = sorted(os.listdir(out))
+    assert "meta.json" not in left and not [n for n in left if "tmp" in n] and "shard-00000.safetensors" in left
+    with pytest.raises(InputError, match="unfinished"):
+        LatentShardDataset(str(out))

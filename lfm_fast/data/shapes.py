@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+
+from lfm_fast.data.images import ImageSource
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "diamond", "cross", "ring")
 SHAPE_COLORS = np.array([
@@ -97,19 +98,29 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return images.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-class ShapesDataset(Dataset):
+class ShapesDataset(ImageSource):
     """Items are (image in [-1, 1] (3, H, W), label); `semantic` holds the maps."""
 
-    num_classes = len(SHAPE_CLASSES)
+    classes = list(SHAPE_CLASSES)
+    semantic_classes = NUM_SEMANTIC
 
     def __init__(self, num_images: int = 6000, image_size: int = 32, seed: int = 0, random_colours: bool = False):
-        images, labels, semantic = make_shapes(num_images, image_size, seed, random_colours)
-        self.images = to_tensor(images)
+        self._uint8, labels, semantic = make_shapes(num_images, image_size, seed, random_colours)
+        self.images = to_tensor(self._uint8)
         self.labels = torch.from_numpy(labels)
         self.semantic = torch.from_numpy(semantic)
 
     def __len__(self):
         return len(self.labels)
 
+    def key(self, i: int) -> str:
+        return f"shapes/{i}"
+
+    def read(self, i: int):
+        return self._uint8[i], int(self.labels[i]), self.semantic[i].numpy()
+
     def __getitem__(self, i):
         return self.images[i], self.labels[i]
+
+    def describe(self) -> str:
+        return "shapes"

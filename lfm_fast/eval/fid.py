@@ -192,9 +192,32 @@ def inception_features(net: FIDInceptionV3, images: np.ndarray, batch_size: int 
     return np.concatenate(out)
 
 
-def load_images(source: str) -> np.ndarray:
-    """uint8 (N, H, W, 3) from a `samples.npz` (ADM layout: arr_0) or a folder of images."""
+def load_images(source: str, size: int | None = None) -> np.ndarray:
+    """uint8 (N, H, W, 3) from a `samples.npz` (ADM layout: arr_0), a folder of images, or (given `size`) a data
+    SPEC of `prepare` (lmdb:PATH, celebamask:PATH, any SPEC with ?limit=N): its images resized as training saw them
+    (ADM's center_crop_arr), unreadable ones skipped with a warning."""
     from PIL import Image
+
+    from lfm_fast.data import parse_spec
+
+    scheme, _, options = parse_spec(source)
+    if size is not None and (scheme or options):
+        from lfm_fast.data import open_image_dataset
+        from lfm_fast.data.images import UnreadableImage
+
+        ds, _ = open_image_dataset(source, size)
+        images, bad = [], []
+        for i in range(len(ds)):
+            try:
+                images.append(ds.read(i)[0])
+            except UnreadableImage as e:
+                bad.append(e.key)
+        if bad:
+            warnings.warn(f"{source}: skipped {len(bad)} unreadable image{'s' if len(bad) > 1 else ''} "
+                          f"({', '.join(bad[:3])}{', …' if len(bad) > 3 else ''})", stacklevel=2)
+        if not images:
+            raise InputError(f"{source}: no readable images")
+        return np.stack(images)
 
     if source.endswith(".npz"):
         if not os.path.isfile(source):
@@ -224,7 +247,10 @@ def load_images(source: str) -> np.ndarray:
 def reference_stats(path: str) -> tuple[np.ndarray, np.ndarray] | None:
     """(mu, sigma) from a pytorch-fid statistics file (mu, sigma); None when it holds images instead (ADM
     reference batches keep arr_0 images, whose features must be computed, as does a folder of images)."""
-    if os.path.isdir(path):
+    from lfm_fast.data import parse_spec
+
+    scheme, _, options = parse_spec(path)
+    if os.path.isdir(path) or scheme or options:  # a folder or a data SPEC: images
         return None
     if not os.path.isfile(path):
         raise InputError(f"--ref {path}: no such file")

@@ -33,7 +33,7 @@ def evaluate(samples: str, ref: str, metrics: list[str], inception: str | None =
         raise InputError(f"--metrics: unknown {', '.join(unknown)}; expected some of {', '.join(METRICS)}")
     fake = load_images(samples)
     stats = reference_stats(ref)
-    real = None if stats is not None else load_images(ref)
+    real = None if stats is not None else load_images(ref, size=fake.shape[1])
     result: dict = {"num_samples": int(len(fake)), "num_reference": None if real is None else int(len(real))}
     if "fid" in metrics or "pr" in metrics or save_stats:
         needed_by = " and ".join(name for m, name in (("fid", "FID"), ("pr", "precision/recall")) if m in metrics) or "--save-stats"

@@ -39,16 +39,25 @@ from lfm_fast.train.parallelize import build_parallel_dit, parse_ac
 from lfm_fast.train.throughput import peak_flops, train_flops_per_image
 
 
-def lr_lambda(cfg) -> callable:
+def lr_lambda(cfg, num_samples: int) -> callable:
+    """The lr multiplier of each step: linear warm-up, then constant, or a cosine from 1 to lr_min / lr — over
+    the steps ("cosine"), or LFM's CosineAnnealingLR stepped once per epoch of `num_samples` ("cosine_epoch": the
+    multiplier of step s is that of epoch ⌊s·batch / num_samples⌋, period lr_period_epochs)."""
+    if cfg.lr_schedule not in ("constant", "cosine", "cosine_epoch"):
+        raise InputError(f"train.lr_schedule {cfg.lr_schedule!r}: expected 'constant', 'cosine' or 'cosine_epoch'")
+    floor = cfg.lr_min / cfg.lr
+    period = cfg.lr_period_epochs or max(1, math.ceil(cfg.steps * cfg.batch_size / num_samples))
+
     def f(step: int) -> float:
         if cfg.warmup_steps and step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
         if cfg.lr_schedule == "cosine":
             progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-    if cfg.lr_schedule not in ("constant", "cosine"):
-        raise InputError(f"train.lr_schedule {cfg.lr_schedule!r}: expected 'constant' or 'cosine'")
+        elif cfg.lr_schedule == "cosine_epoch":
+            progress = (step * cfg.batch_size // num_samples) / period
+        else:
+            return 1.0
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return f
 
 
@@ -91,11 +100,26 @@ def configure_model_for_data(cfg: ExperimentConfig, ds: LatentShardDataset) -> N
         if stages != int(stages):
             raise InputError(f"model.condition=semantic: image size {ds.meta['image_size']} is not latent size {h} × 2^k")
         cfg.model.semantic_classes, cfg.model.cond_stages = int(ds.meta["semantic_classes"]), int(stages)
+    needs = {"flip"} if cfg.data.flip else set()
+    needs |= {"posterior"} if cfg.data.posterior == "sample" else set()
+    if needs - ds.augmentations:
+        what = {"flip": "mirror-image latents (data.flip=true)", "posterior": "posterior std (data.posterior=sample)"}
+        raise InputError(f"latents {ds.folder}: no {' and no '.join(what[n] for n in sorted(needs - ds.augmentations))}; "
+                         f"prepare them again (`lfm-fast prepare` stores both; --no-flip leaves out the mirror images), "
+                         f"or set {' '.join('data.flip=false' if n == 'flip' else 'data.posterior=mean' for n in sorted(needs - ds.augmentations))}")
     if cfg.model.num_classes < 0:
         cfg.model.num_classes = ds.num_classes
     if cfg.model.num_classes and cfg.model.num_classes != ds.num_classes:
         raise InputError(f"model.num_classes={cfg.model.num_classes} but the latents have {ds.num_classes} classes; "
                          f"set model.num_classes={ds.num_classes} (or 0 for unconditional)")
+
+
+def draw_augmentation(batch: int, latent_shape, data, generator: torch.Generator):
+    """A step's augmentation for the whole global batch (sliced per rank, as the flow draws are): flips (B,) bool
+    with probability 1/2 where data.flip, and the posterior's ε (B, C, H, W) where data.posterior is "sample"."""
+    flips = torch.rand(batch, generator=generator).numpy() < 0.5 if data.flip else None
+    eps = torch.randn((batch, *latent_shape), generator=generator) if data.posterior == "sample" else None
+    return flips, eps
 
 
 def preview_config(cfg: SampleConfig) -> SampleConfig:
@@ -142,7 +166,7 @@ def train(cfg: ExperimentConfig, latents: str, out: str, resume: bool = False, s
     if tc.precision not in ("bf16", "fp32"):
         raise InputError(f"train.precision {tc.precision!r}: expected 'bf16' or 'fp32'")
     parse_ac(tc.activation_checkpointing)
-    schedule = lr_lambda(tc)
+    schedule = lr_lambda(tc, len(ds))
     ckpt = latest_checkpoint(out)
     if resume and ckpt is None:
         raise InputError(f"--resume: no complete checkpoint in {out}/checkpoints")
@@ -230,13 +254,16 @@ def train(cfg: ExperimentConfig, latents: str, out: str, resume: bool = False, s
                               tc.cond_dropout if condition != "none" else 0.0)
             picks = (torch.randint(ds.meta["inpaint_masks"], (tc.batch_size,), generator=step_generator(tc.seed, 2, step))
                      if condition == "inpaint" else None)  # which of each sample's stored masks this step uses
+            flips, eps = draw_augmentation(tc.batch_size, ds.latent_shape, cfg.data, step_generator(tc.seed, 3, step))
             step_loss = torch.zeros((), dtype=torch.float64, device=d.device)  # summed on device: no sync per step
             for k in range(tc.grad_accum):
                 lo = lo_rank + k * micro
-                x0, y = ds.get_batch(indices[lo:lo + micro])
+                rows = slice(lo, lo + micro)
+                x0, y = ds.get_batch(indices[rows], None if flips is None else flips[rows], None if eps is None else eps[rows])
                 x0, y = x0.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
                 cond = None if condition == "none" else ds.get_condition(
-                    indices[lo:lo + micro], condition, None if picks is None else picks[lo:lo + micro]).to(d.device)
+                    indices[rows], condition, None if picks is None else picks[rows],
+                    None if flips is None else flips[rows]).to(d.device)
                 if hasattr(model, "set_requires_gradient_sync"):  # FSDP2-wrapped
                     model.set_requires_gradient_sync(k == tc.grad_accum - 1)
                 loss = flow_matching_loss(model, x0, y if cfg.model.num_classes else None, cfg.flow,
