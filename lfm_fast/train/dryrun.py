@@ -55,13 +55,14 @@ def random_latents(folder: str, cfg: ExperimentConfig, n: int) -> None:
 
 
 def saved_bytes(fn) -> int:
-    """Bytes of the tensors autograd saves for backward while `fn` runs (the activations of a training step)."""
+    """Bytes of the tensors autograd saves for backward while `fn` runs (the activations of a training step): each
+    saved view counted once, the weights themselves (leaves that require grad) not at all."""
     total, seen = 0, set()
 
     def pack(t):
         nonlocal total
-        key = (t.untyped_storage().data_ptr(), t.dtype, tuple(t.shape))
-        if key not in seen and not isinstance(t, torch.nn.Parameter):
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape), t.stride())
+        if key not in seen and not (t.is_leaf and t.requires_grad):
             seen.add(key)
             total += t.numel() * t.element_size()
         return t
@@ -89,7 +90,8 @@ def _measure(cfg: ExperimentConfig, depth: int, batch: int, steps: int, time_pre
     from lfm_fast.dist import init_distributed
     from lfm_fast.flow import draw_flow, flow_matching_loss
     from lfm_fast.train.loop import EpochSampler, configure_model_for_data, draw_augmentation, make_optimizer, step_generator
-    from lfm_fast.train.parallelize import build_parallel_dit
+    from lfm_fast.models.dit import DiT
+    from lfm_fast.train.parallelize import apply_ac, build_parallel_dit
 
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, depth=depth, attn_backend="sdpa"))
     tc, d = cfg.train, init_distributed("cpu")
@@ -112,25 +114,29 @@ def _measure(cfg: ExperimentConfig, depth: int, batch: int, steps: int, time_pre
         def build(precision):
             return build_parallel_dit(cfg.model, d.mesh, d.device, precision, tc.activation_checkpointing, False, tc.seed)
 
-        model = build(tc.precision)
-        params = sum(p.numel() for p in model.parameters())
-        # the forward only (its graph is dropped), at batch 2 less batch 1: what one more image adds (the weights that
-        # the forward saves as well, FSDP2's unsharded copies, are not activations and cancel)
-        saved = saved_bytes(lambda: loss(model, 0, 2)) - saved_bytes(lambda: loss(model, 0, 1))
+        # activations: the forward only (its graph is dropped), at batch 2 less batch 1, so what one more image adds;
+        # on the plain module under autocast (FSDP2's bf16 compute), whose weights and their bf16 casts stay put
+        plain = DiT(cfg.model)
+        plain.initialize_weights(tc.seed)
+        apply_ac(plain, tc.activation_checkpointing)
+        params = sum(p.numel() for p in plain.parameters())
+        with torch.autocast("cpu", torch.bfloat16, enabled=tc.precision == "bf16"):
+            saved = saved_bytes(lambda: loss(plain, 0, 2)) - saved_bytes(lambda: loss(plain, 0, 1))
         if not steps:
             return saved, 0.0, params
-        model = model if time_precision == tc.precision else build(time_precision)
+        model = build(time_precision)
         optimizer = make_optimizer(model, tc)
-        for k in range(1 + steps):  # one warm-up step, then the timed ones
-            if k == 1:
-                t0 = time.perf_counter()
+        times = []
+        for k in range(1 + steps):  # one warm-up step, then the timed ones: the fastest counts (this machine is noisy)
+            t0 = time.perf_counter()
             loss(model, k).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        return saved, (time.perf_counter() - t0) / steps, params
+            times.append(time.perf_counter() - t0)
+        return saved, min(times[1:]), params
 
 
-def dry_run(cfg: ExperimentConfig, batch: int = 2, steps: int = 1) -> dict:
+def dry_run(cfg: ExperimentConfig, batch: int = 2, steps: int = 3) -> dict:
     """The preset's figures (see the module doc). Its blocks are identical, so the net is measured cut to 1 and 2
     blocks and extrapolated linearly in depth: activations, step time and parameters (checked against the whole
     net's count, built on the meta device). With activation checkpointing, the recomputed block's activations
