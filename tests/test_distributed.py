@@ -18,7 +18,8 @@ from tests.conftest import write_random_latents
 
 STEPS = 12
 TINY = ["--preset", "small-data", "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.num_classes=3",
-        "train.batch_size=8", "train.log_every=1", "train.ckpt_every=4", "train.warmup_steps=3", "train.lr=3e-3"]
+        "train.batch_size=8", "train.log_every=1", "train.ckpt_every=4", "train.warmup_steps=3", "train.lr=3e-3",
+        "data.flip=true", "data.posterior=sample"]  # the paper's augmentation: its draws, too, must not depend on the ranks
 BF16_RTOL = 1e-3  # bf16 compute: 1 vs 2 ranks differ by reduction order (bench/fsdp_parity.py: ≤ 1e-4 relative)
 
 
@@ -294,7 +295,8 @@ def test_conditional_training_on_two_ranks_resumes_and_matches_one(tmp_path):
     latents = str(tmp_path / "latents")
     write_random_latents(latents, n=64, conditions=True)
     tiny = ["--preset", "shapes-inpaint", "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "train.batch_size=8",
-            "train.log_every=1", "train.ckpt_every=4", "train.cond_dropout=0.3", "train.precision=fp32"]
+            "train.log_every=1", "train.ckpt_every=4", "train.cond_dropout=0.3", "train.precision=fp32", "data.flip=true",
+            "data.posterior=sample"]  # conditions of the mirror images too
     torchrun(1, "train", "--latents", latents, "--out", str(tmp_path / "one"), "--steps", str(STEPS), *tiny)
     torchrun(2, "train", "--latents", latents, "--out", str(tmp_path / "two"), "--steps", str(STEPS), *tiny, "--stop-at", "6")
     torchrun(2, "train", "--latents", latents, "--out", str(tmp_path / "two"), "--resume")

@@ -125,6 +125,12 @@ def test_lsun_lmdb_encoded_values_in_key_order_with_a_limit(tmp_path):
     assert len(limited) == 2 and limited.key(1) == "c11"
     with pytest.raises(InputError, match="splits are folders"):
         open_image_dataset(f"lmdb:{tmp_path / 'church_outdoor_train_lmdb'}?split=validation", 32)
+    from lfm_fast.eval.fid import load_images, reference_stats  # eval --ref takes the same SPECs
+
+    spec = f"lmdb:{tmp_path / 'church_outdoor_train_lmdb'}?limit=3"
+    ref = load_images(spec, size=16)
+    assert reference_stats(spec) is None and ref.shape == (3, 16, 16, 3)
+    assert np.array_equal(ref[0], center_crop_arr(imgs[b"0b7"], 16))
 
 
 def test_lfm_lmdb_layout_raw_and_encoded_with_splits(tmp_path):

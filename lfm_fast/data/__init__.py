@@ -15,7 +15,7 @@ from __future__ import annotations
 from torch.utils.data import Subset
 
 from lfm_fast.data.folder import ImageFolderDataset
-from lfm_fast.data.shapes import SHAPE_CLASSES, ShapesDataset
+from lfm_fast.data.shapes import ShapesDataset
 from lfm_fast.errors import InputError
 
 SCHEMES = {"lmdb": ("split", "limit"), "celebamask": ("split", "limit"), "": ("limit",)}
@@ -39,10 +39,10 @@ def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
 
 def open_image_dataset(spec: str, image_size: int = 32, num_images: int = 6000, seed: int = 0):
     """A data SPEC (see the module docstring) → (dataset, class_names). Datasets are ImageSources (`key`, `read`)."""
-    if spec == "shapes":
-        return ShapesDataset(num_images, image_size, seed), list(SHAPE_CLASSES)
     scheme, path, options = parse_spec(spec)
-    if scheme == "lmdb":
+    if not scheme and path == "shapes":
+        ds = ShapesDataset(num_images, image_size, seed)
+    elif scheme == "lmdb":
         from lfm_fast.data.lmdb_data import LMDBDataset
 
         ds = LMDBDataset(path, image_size, options.get("split"))

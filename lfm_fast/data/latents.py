@@ -287,8 +287,11 @@ def prepare_latents(ae_spec: str, data_spec: str, out: str, image_size: int | No
         meta["semantic_classes"] = semantic_classes
     if inpaint_masks:
         meta.update(inpaint_masks=inpaint_masks, hole_range=list(hole_range), mask_seed=seed, mask_levels=MASK_LEVELS)
+    from lfm_fast.data.shapes import ShapesDataset
+
+    procedural = isinstance(getattr(ds, "dataset", ds), ShapesDataset)  # drawn in memory: nothing to decode
     job = dict(meta, source_items=len(ds), shard_size=shard_size, batch_size=batch_size, seed=seed,
-               num_images=num_images if data_spec == "shapes" else None)
+               num_images=num_images if procedural else None)
     resumed = 0
     if state == "unfinished":
         with open(os.path.join(out, "prepare_job.json")) as fh:
@@ -317,7 +320,7 @@ def prepare_latents(ae_spec: str, data_spec: str, out: str, image_size: int | No
     mine = [k for k in range(rank, num_shards, world) if not os.path.isfile(os.path.join(out, _shard_name(k)))]
     batches = [list(range(lo, min(lo + batch_size, hi))) for k in mine
                for hi in [min(len(ds), (k + 1) * shard_size)] for lo in range(k * shard_size, hi, batch_size)]
-    workers = (0 if data_spec == "shapes" else min(4, os.cpu_count() or 1)) if workers is None else workers
+    workers = (0 if procedural else min(4, os.cpu_count() or 1)) if workers is None else workers
     loader = torch.utils.data.DataLoader(_Items(ds), batch_sampler=batches, num_workers=workers,
                                          collate_fn=_as_list, prefetch_factor=4 if workers else None)
     key_field = _key_field(ds)
