@@ -34,7 +34,7 @@ class _Help(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if not any(action.default is v for v in (None, False, argparse.SUPPRESS)) and action.option_strings:
+        if (not any(action.default is v for v in (None, False, True, argparse.SUPPRESS)) and action.option_strings):
             text += " (default: %(default)s)"
         return text
 
@@ -103,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
                    "there, killed or stopped, is continued when rerun with the same settings)")
     _add_overwrite_flag(r)
     r.add_argument("--image-size", type=int, default=None, help="default: the AE's sample_size")
-    r.add_argument("--num-images", type=int, default=6000, help="shapes only")
+    r.add_argument("--num-images", type=int, default=None, help="shapes only: how many to draw (default 6000; other "
+                   "sources take ?limit=N)")
     r.add_argument("--batch-size", type=int, default=64, help="images encoded at once")
     r.add_argument("--inpaint-masks", type=int, default=0, metavar="K",
                    help="for inpainting: K seeded masks per image, each stored as the latent of the masked image and "
@@ -127,7 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)}; required for a new run (with --resume: "
                    f"the run's own)")
     t.add_argument("--out", default=None, help="run folder: checkpoints/ (sharded, DCP), metrics.jsonl, grids, and the "
-                   "final config.json + model.safetensors (EMA weights); required, except with --dry-run")
+                   "final config.json + model.safetensors (the EMA weights; with train.ema_decay=0, as the paper presets have it, the "
+                   "trained weights); required, except with --dry-run")
     t.add_argument("--dry-run", action="store_true", help="build the preset's model and data pipeline on random latents "
                    "of its shape and print its parameters, forward GFLOP per image, activation memory per GPU count and "
                    "one step's time here (no --latents, no --out; nothing is written)")
@@ -313,8 +315,15 @@ def _cmd_train_ae(args):
 def _cmd_prepare(args):
     from lfm_fast.data.latents import prepare_latents
 
-    for name in ("num_images", "batch_size", "shard_size"):
-        _check_positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    from lfm_fast.data import parse_spec
+
+    for name in ("batch_size", "shard_size", "num_images", "image_size"):
+        if getattr(args, name) is not None:
+            _check_positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    scheme, path, _ = parse_spec(args.data)
+    if args.num_images is not None and (scheme or path != "shapes"):
+        raise InputError(f"--num-images is for --data shapes; to read the first N items of {args.data}, add ?limit=N")
+    args.num_images = args.num_images or 6000
     _check_positive("--inpaint-masks", args.inpaint_masks, allow_zero=True)
     if args.workers is not None:
         _check_positive("--workers", args.workers, allow_zero=True)
@@ -328,8 +337,9 @@ def _cmd_prepare(args):
                            overwrite=args.overwrite, inpaint_masks=args.inpaint_masks, hole_range=(lo, hi),
                            flip=args.flip, shard_size=args.shard_size, strict=args.strict, workers=args.workers)
     if meta:  # rank 0
-        print(f"wrote {args.out}: {meta['num_samples']} latents of shape {meta['latent_shape']}, {meta['num_classes']} "
-              f"classes{', conditions: ' + ', '.join(meta['conditions']) if meta['conditions'] else ''}"
+        classes = meta["num_classes"]
+        print(f"wrote {args.out}: {meta['num_samples']} latents of shape {meta['latent_shape']}, {classes} "
+              f"class{'' if classes == 1 else 'es'}{', conditions: ' + ', '.join(meta['conditions']) if meta['conditions'] else ''}"
               f"{', flips' if meta['flip'] else ''}; {meta['skipped']} skipped (prepare_report.json)")
 
 

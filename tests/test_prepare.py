@@ -54,6 +54,34 @@ def test_prepare_skips_unreadable_images_and_lists_them_or_stops_with_strict(tmp
     assert not strict.exists()  # no shard was finished: nothing left behind
 
 
+def test_prepare_reads_lmdb_and_celebamask_through_dataloader_workers(tmp_path, capsys):
+    """Each worker opens its own LMDB handle (py-lmdb refuses one a parent held open at the fork); a CelebAMask-HQ
+    image without any part mask is skipped and listed, not drawn as all background."""
+    from tests.test_sources import encoded, noise_image, write_celebamask, write_lmdb
+
+    write_lmdb(tmp_path / "lsun", {f"{k:03x}".encode(): encoded(noise_image(40, 30, k), "PNG") for k in range(6)}
+               | {b"zz": b"garbage!!!"})  # 10 bytes: neither encoded nor 3·S² raw RGB
+    code, err = run_cli(capsys, "prepare", "--ae", "builtin:shapes", "--data", f"lmdb:{tmp_path / 'lsun'}", "--image-size", "32",
+                        "--workers", "2", "--batch-size", "2", "--out", str(tmp_path / "a"))
+    assert code == 0, err
+    report = json.loads((tmp_path / "a" / "prepare_report.json").read_text())
+    assert report["encoded"] == 6 and [s["key"] for s in report["skipped"]] == ["zz"]
+    write_celebamask(tmp_path / "cm", n=3, image=64, mask=32)
+    for f in (tmp_path / "cm" / "CelebAMask-HQ-mask-anno" / "0").glob("00002_*.png"):
+        f.unlink()
+    code, err = run_cli(capsys, "prepare", "--ae", "builtin:shapes", "--data", f"celebamask:{tmp_path / 'cm'}", "--image-size",
+                        "32", "--workers", "2", "--out", str(tmp_path / "b"))
+    assert code == 0, err
+    report = json.loads((tmp_path / "b" / "prepare_report.json").read_text())
+    assert report["encoded"] == 2 and report["skipped"][0]["path"] == "CelebA-HQ-img/2.jpg" and "no part masks" in report["skipped"][0]["reason"]
+    meta = json.loads((tmp_path / "b" / "meta.json").read_text())
+    assert meta["conditions"] == ["semantic"] and meta["semantic_classes"] == 19
+    for bad, words in ((["--num-images", "5"], "--num-images is for --data shapes"), (["--image-size", "0"], "--image-size")):
+        assert_input_error(*run_cli(capsys, "prepare", "--ae", "builtin:shapes", "--data", f"lmdb:{tmp_path / 'lsun'}",
+                                    "--out", str(tmp_path / "c"), *bad), words)
+    assert not (tmp_path / "c").exists()
+
+
 def test_prepare_resumes_after_a_kill_to_the_bytes_of_an_uninterrupted_run_and_two_ranks_write_the_same(tmp_path):
     args = ["--ae", "builtin:shapes", "--data", "shapes", "--num-images", "40", "--shard-size", "12", "--batch-size", "5",
             "--inpaint-masks", "2"]

@@ -70,13 +70,14 @@ class CelebAMaskDataset(ImageSource):
         if not os.path.isdir(self.anno):
             with Image.open(os.path.join(self.merged, f"{idx}.png")) as m:
                 return np.asarray(m.convert("L"), np.uint8).copy()
-        masks = {}
-        for part, path in self._part_files(idx).items():
+        masks, files = {}, self._part_files(idx)
+        if not files:
+            raise OSError(f"no part masks {idx:05d}_*.png in {os.path.join(self.anno, str(idx // 2000))}")
+        for part, path in files.items():
             with Image.open(path) as m:
                 a = np.asarray(m)
                 masks[part] = a[..., 0] if a.ndim == 3 else a
-        shape = next(iter(masks.values())).shape if masks else (512, 512)
-        return merge_parts(masks, shape)
+        return merge_parts(masks, next(iter(masks.values())).shape)
 
     def read(self, i: int):
         idx = self.ids[i]

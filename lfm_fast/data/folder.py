@@ -42,7 +42,8 @@ class ImageFolderDataset(ImageSource):
 
     def __init__(self, root: str, image_size: int):
         if not os.path.isdir(root):
-            raise InputError(f"image folder {root}: no such folder")
+            hint = " (a data SPEC is shapes, PATH, lmdb:PATH or celebamask:PATH)" if ":" in root else ""
+            raise InputError(f"image folder {root}: no such folder{hint}")
         self.root, self.image_size = root, image_size
         subdirs = sorted(d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
         beside = [os.path.join(root, f) for f in sorted(os.listdir(root))
@@ -56,7 +57,8 @@ class ImageFolderDataset(ImageSource):
         self.skipped = [{"path": os.path.relpath(p, root), "reason": "not an image file" if p not in beside else
                          "beside the class folders"} for p in sorted(others)]
         if not self.samples:
-            raise InputError(f"image folder {root}: no images found")
+            lmdb = any(os.path.exists(os.path.join(root, n)) for n in ("data.mdb", "train.lmdb"))
+            raise InputError(f"image folder {root}: no images found{'; it holds an LMDB: did you mean lmdb:' + root + '?' if lmdb else ''}")
 
     def __len__(self):
         return len(self.samples)

@@ -44,7 +44,7 @@ def center_crop_arr(img: Image.Image, size: int) -> np.ndarray:
         img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
     scale = size / min(img.size)
     img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
-    arr = np.asarray(img)
+    arr = np.array(img)  # a writable copy (torch.from_numpy warns on PIL's read-only buffer)
     top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
     return np.ascontiguousarray(arr[top:top + size, left:left + size])
 

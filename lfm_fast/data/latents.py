@@ -225,6 +225,8 @@ class _Items(Dataset):
                 None if semantic is None else torch.from_numpy(np.ascontiguousarray(semantic)), None
         except UnreadableImage as e:
             return i, None, 0, None, {"key": e.key, "reason": e.reason}
+        except InputError as e:  # the source itself (not one item) is unusable: stopped in the main process, one line
+            return i, None, 0, None, {"fatal": str(e)}
 
 
 def _as_list(items):
@@ -321,6 +323,10 @@ def prepare_latents(ae_spec: str, data_spec: str, out: str, image_size: int | No
     batches = [list(range(lo, min(lo + batch_size, hi))) for k in mine
                for hi in [min(len(ds), (k + 1) * shard_size)] for lo in range(k * shard_size, hi, batch_size)]
     workers = (0 if procedural else min(4, os.cpu_count() or 1)) if workers is None else workers
+    if workers:
+        from lfm_fast.data.lmdb_data import close_envs
+
+        close_envs()  # the workers open their own
     loader = torch.utils.data.DataLoader(_Items(ds), batch_sampler=batches, num_workers=workers,
                                          collate_fn=_as_list, prefetch_factor=4 if workers else None)
     key_field = _key_field(ds)
@@ -369,6 +375,8 @@ def _encode_shards(loader, ds, out, shard_size, meta, flip, strict, key_field, t
         for items in loader:
             k = items[0][0] // shard_size
             for it in items:
+                if it[4] is not None and "fatal" in it[4]:
+                    raise InputError(it[4]["fatal"])
                 if it[4] is not None:
                     if strict:
                         raise InputError(f"{ds.describe()}: cannot read {it[4]['key']} ({it[4]['reason']}); without "

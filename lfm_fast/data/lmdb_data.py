@@ -32,6 +32,13 @@ def _is_encoded(value: bytes) -> bool:
 _ENVS: dict[tuple[str, int], object] = {}  # (path, pid) → environment: LMDB allows one handle per process
 
 
+def close_envs() -> None:
+    """Close this process's environments: py-lmdb refuses to open one that the parent held open at a fork, so a
+    DataLoader's workers can open their own only if the parent holds none (`prepare` calls this first)."""
+    for key in [k for k in _ENVS if k[1] == os.getpid()]:
+        _ENVS.pop(key).close()
+
+
 def _open_env(path: str):
     try:
         import lmdb
@@ -49,6 +56,8 @@ def _open_env(path: str):
 class LMDBDataset(ImageSource):
     def __init__(self, path: str, image_size: int, split: str | None = None):
         self.path, self.image_size = path, image_size
+        if os.path.isfile(path):
+            raise InputError(f"lmdb:{path}: a file; name the LMDB folder (the one that holds data.mdb, or train.lmdb)")
         if os.path.isfile(os.path.join(path, "data.mdb")):
             if split is not None:
                 raise InputError(f"lmdb:{path}?split={split}: this is one LMDB environment (LSUN's layout); "
@@ -71,6 +80,7 @@ class LMDBDataset(ImageSource):
                 if n and txn.get(self.keys[-1]) is None:
                     raise InputError(f"lmdb:{self.env_path}: {n} entries but no key {n - 1!r}; LFM's layout keys "
                                      f"images by str(index)")
+        close_envs()  # listed: reads open it again, in whichever process they run
         if not self.keys:
             raise InputError(f"lmdb:{path}: the database is empty")
         self.classes = []

@@ -193,15 +193,16 @@ def inception_features(net: FIDInceptionV3, images: np.ndarray, batch_size: int 
 
 
 def load_images(source: str, size: int | None = None) -> np.ndarray:
-    """uint8 (N, H, W, 3) from a `samples.npz` (ADM layout: arr_0), a folder of images, or (given `size`) a data
-    SPEC of `prepare` (lmdb:PATH, celebamask:PATH, any SPEC with ?limit=N): its images resized as training saw them
-    (ADM's center_crop_arr), unreadable ones skipped with a warning."""
+    """uint8 (N, H, W, 3) from a `samples.npz` (ADM layout: arr_0) or a folder of samples (as they are; images of
+    another size, such as a grid beside them, and unreadable files skipped with a warning); given `size` (a
+    reference), a folder or any data SPEC of `prepare` instead (recursive, lmdb:PATH, celebamask:PATH, ?limit=N):
+    its images resized as training saw them (ADM's center_crop_arr), unreadable ones skipped with a warning."""
     from PIL import Image
 
     from lfm_fast.data import parse_spec
 
     scheme, _, options = parse_spec(source)
-    if size is not None and (scheme or options):
+    if size is not None and (scheme or options or os.path.isdir(source)):
         from lfm_fast.data import open_image_dataset
         from lfm_fast.data.images import UnreadableImage
 
@@ -234,7 +235,19 @@ def load_images(source: str, size: int | None = None) -> np.ndarray:
     warn_skipped(source, skipped)
     if not paths:
         raise InputError(f"{source}: no images found")
-    images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    images, unreadable = [], []
+    for p in paths:
+        try:
+            with Image.open(p) as img:
+                images.append(np.asarray(img.convert("RGB")))
+        except (OSError, ValueError):
+            unreadable.append(os.path.basename(p))
+    if unreadable:
+        warnings.warn(f"{source}: skipped {len(unreadable)} unreadable file{'s' if len(unreadable) > 1 else ''} "
+                      f"({', '.join(unreadable[:3])}{', …' if len(unreadable) > 3 else ''})", stacklevel=2)
+        paths = [p for p in paths if os.path.basename(p) not in unreadable]
+    if not images:
+        raise InputError(f"{source}: no readable images")
     sizes = [im.shape for im in images]
     common = max(set(sizes), key=sizes.count)  # e.g. a `sample` folder: its grid.png beside the images
     odd = [os.path.basename(p) for p, s in zip(paths, sizes) if s != common]

@@ -91,7 +91,7 @@ def configure_model_for_data(cfg: ExperimentConfig, ds: LatentShardDataset) -> N
     cfg.model.in_channels, cfg.model.input_size = c, h
     kind = cfg.model.condition
     if kind != "none" and kind not in ds.conditions:
-        how = "prepare them with --inpaint-masks K" if kind == "inpaint" else "prepare data that has semantic maps (shapes)"
+        how = "prepare them with --inpaint-masks K" if kind == "inpaint" else "prepare data that has semantic maps (shapes, celebamask:PATH)"
         raise InputError(f"model.condition={kind}: the latents in {ds.folder} carry no {kind} conditions; {how}")
     if kind == "inpaint":
         cfg.model.cond_channels = c + 1
