@@ -438,7 +438,8 @@ def _encode_batch(parts, good, ae, flip, inpaint_masks, hole_range, seed, size, 
     from lfm_fast.data.masks import MASK_LEVELS, make_masks, masked_image_condition
 
     index = torch.tensor([it[0] for it in good])
-    images = torch.stack([it[1] for it in good]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    # NCHW in memory: a channels-last view would change the convolutions' sums (and the latents in their last bits)
+    images = torch.stack([it[1] for it in good]).permute(0, 3, 1, 2).contiguous().float().div(127.5).sub(1.0)
     views = [images, images.flip(-1)] if flip else [images]
     mean, std = encode(ae, torch.cat(views), 2 * batch_size, std=True)
     out = {"latents": mean[:len(good)], "latents_std": std[:len(good)].half(),
