@@ -33,12 +33,17 @@ from lfm_fast.fileio import atomic_path, resolve_path, write_json
 _NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "U8": np.uint8}
 
 
+def _header(path: str) -> tuple[int, dict]:
+    """A safetensors file's header: (its length, the JSON: dtype/shape/data_offsets per tensor, __metadata__)."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        return n, json.loads(f.read(n))
+
+
 def mmap_safetensors(path: str) -> dict[str, np.ndarray]:
     """Read-only memory-mapped views of a safetensors file's tensors (format: an 8-byte little-endian header
     length, a JSON header of dtype/shape/data_offsets, then the raw bytes); pages load when touched."""
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
+    n, header = _header(path)
     raw = np.memmap(path, dtype=np.uint8, mode="r")
     views = {}
     for name, info in header.items():
@@ -56,10 +61,7 @@ def write_shard(path: str, tensors: dict[str, torch.Tensor], metadata: dict | No
 
 
 def read_shard_metadata(path: str) -> dict:
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
-    return json.loads(header.get("__metadata__", {}).get("lfm_fast", "{}"))
+    return json.loads(_header(path)[1].get("__metadata__", {}).get("lfm_fast", "{}"))
 
 
 class LatentShardWriter:
