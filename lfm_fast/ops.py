@@ -1,6 +1,6 @@
 """The one dispatch point for the fused ops the DiT uses.
 
-Models call `attention`, `adaln_modulate`, `gated_residual` and `gated_residual_modulate` from here
+Models call `attention` (or `attention_qkv` on a packed projection), `adaln_modulate`, `gated_residual` and `gated_residual_modulate` from here
 and nowhere else, so the plain-PyTorch `reference` backend is the numerical definition every faster
 backend is tested against. Backends:
 
@@ -90,6 +90,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     if backend == "xformers":
         return _attention_xformers(q, k, v)
     return attention_reference(q, k, v)
+
+
+def attention_qkv(qkv: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Attention of a packed (B, T, 3, H, D) qkv projection, returning (B, T, H, D). The Triton kernels
+    read q, k, v in place and write the packed gradient: no copy on either side."""
+    check_backend(backend, ATTENTION_BACKENDS, "attention")
+    if backend in ("auto", "triton") and _use_triton(backend, qkv):
+        from lfm_fast.kernels.attention import flash_attention_qkv
+
+        return flash_attention_qkv(qkv)
+    q, k, v = qkv.unbind(2)
+    return attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), backend).transpose(1, 2)
 
 
 def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, backend: str = "auto") -> torch.Tensor:

@@ -129,7 +129,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads)
+        if isinstance(self.q_norm, nn.Identity):  # packed: the kernels read the projection in place
+            return self.proj(ops.attention_qkv(qkv, backend=self.backend).reshape(B, T, D))
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
         out = ops.attention(self.q_norm(q), self.k_norm(k), v, backend=self.backend)
         return self.proj(out.transpose(1, 2).reshape(B, T, D))
 

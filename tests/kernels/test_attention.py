@@ -52,12 +52,79 @@ def test_bf16_inputs_are_computed_in_fp32_under_the_interpreter():
     assert (out.float() - ref.float()).abs().max() < 2e-2
 
 
-def test_log_sum_exp_matches_reference():
-    from lfm_fast.kernels.attention import attention_forward_triton
+def test_log_sum_exp_is_in_log2_units_and_matches_reference():
+    from lfm_fast.kernels.attention import LOG2E, attention_forward_triton
 
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn((2, 2, 45, 72), generator=g) for _ in range(3))
-    o, lse = attention_forward_triton(q, k, v)
-    ro, rlse = attention_reference(q, k, v)
-    torch.testing.assert_close(lse, rlse, rtol=1e-5, atol=1e-5)
+    o, lse2 = attention_forward_triton(q, k, v)
+    ro, rlse2 = attention_reference(q, k, v)
+    natural = torch.logsumexp(torch.einsum("bhqd,bhkd->bhqk", q, k) / 72 ** 0.5, dim=-1)
+    torch.testing.assert_close(rlse2, natural * LOG2E)
+    torch.testing.assert_close(lse2, rlse2, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(o, ro, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("D", [72, 64])
+def test_packed_qkv_views_are_read_in_place_and_the_gradient_comes_back_packed(D):
+    """The DiT's layout: q, k, v are views of one (B, T, 3, H, D) projection; O is (B, T, H, D)."""
+    from lfm_fast.kernels.attention import flash_attention_qkv
+
+    g = torch.Generator().manual_seed(D)
+    B, T, H = 2, 37, 3
+    qkv = torch.randn((B, T, 3, H, D), generator=g)
+    do = torch.randn((B, T, H, D), generator=g)
+    ref_in = qkv.clone().requires_grad_(True)
+    q, k, v = (ref_in[:, :, i].transpose(1, 2) for i in range(3))
+    ref = naive_attention(q, k, v).transpose(1, 2)
+    ref.backward(do)
+    got_in = qkv.clone().requires_grad_(True)
+    got = flash_attention_qkv(got_in)
+    got.backward(do)
+    assert got.shape == (B, T, H, D) and got.is_contiguous()
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_in.grad, ref_in.grad, rtol=1e-4, atol=1e-4)
+    # the unpacked entry point on the same strided views gives O as a view of (B, T, H, D) memory
+    o = flash_attention(*(qkv[:, :, i].transpose(1, 2) for i in range(3)))
+    assert o.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(o.transpose(1, 2), ref.detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_mixed_dtypes_are_cast_to_one_and_under_autocast_to_the_autocast_dtype():
+    """qk_norm under autocast gives fp32 q/k beside a bf16 v (the case that crashed the backward)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v, do = (torch.randn((1, 2, 33, 64), generator=g) for _ in range(4))
+    qq, kk = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
+    vv = v.half().requires_grad_(True)
+    out = flash_attention(qq, kk, vv)  # no autocast: the widest dtype (fp32)
+    assert out.dtype == torch.float32
+    out.backward(do)
+    assert qq.grad.dtype == torch.float32 and vv.grad.dtype == torch.float16
+    ref = run(naive_attention, q, k, v.half().float(), do)
+    torch.testing.assert_close(vv.grad.float(), ref[3], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(qq.grad, ref[1], rtol=1e-4, atol=1e-4)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = flash_attention(q.requires_grad_(True), k, v.half())
+    assert out.dtype == torch.float16
+    out.float().backward(do)
+    assert q.grad.dtype == torch.float32 and q.grad.abs().sum() > 0
+
+
+def test_offsets_past_two_to_the_31_elements_are_exact():
+    """Batch stride 2³⁰ at B = 3: sample 2 starts 2³¹ elements in, where 32-bit offset arithmetic
+    wraps. Virtual memory keeps the 4 GiB storage cheap (only the touched rows get pages)."""
+    from lfm_fast.kernels.attention import attention_backward_triton, attention_forward_triton
+
+    B, T, D, stride_b = 3, 20, 16, 2**30
+    storage = torch.empty(2 * stride_b + T * D, dtype=torch.float16)
+    big = storage.as_strided((B, 1, T, D), (stride_b, T * D, D, 1))
+    g = torch.Generator().manual_seed(4)
+    small = torch.randn((B, 1, T, D), generator=g).half()
+    do = torch.randn((B, 1, T, D), generator=g).half()
+    big.copy_(small)
+    o_big, lse_big = attention_forward_triton(big, big, big)
+    o_small, lse_small = attention_forward_triton(small, small, small)
+    assert torch.equal(o_big, o_small) and torch.equal(lse_big, lse_small)
+    g_big = attention_backward_triton(do, big, big, big, o_big, lse_big)
+    g_small = attention_backward_triton(do, small, small, small, o_small, lse_small)
+    assert all(torch.equal(a, b) for a, b in zip(g_big, g_small))
