@@ -5,10 +5,21 @@
 - both at once:    out = x + gate[b] · y,  h = LayerNorm(out) · (1 + scale[b]) + shift[b]
   (the attention residual followed by the MLP's modulate inside a DiT block: `out` is read once)
 
-x, y: (B, T, D); shift, scale, gate: (B, D). The per-sample reductions of the backward (dscale,
-dshift, dgate over T) are two-stage: each program writes a partial sum for its tile of tokens and
-the partials are summed afterwards, never with float atomics, so results are bitwise reproducible.
-Each op is a custom op whose CUDA path runs Triton and whose CPU path runs the reference, or the
+x, y: (B, T, D); shift, scale, gate: (B, D). Bytes moved, by construction (N = B·T·D elements of
+the activation dtype; the fp32 row statistics and per-sample vectors are ≤ 1/D of that):
+
+    op                        forward                     backward
+    modulate                  read x, write y       (2N)  read dy, x, write dx                (3N)
+    gated residual            read x, y, write out  (3N)  read dout, y, write dy (dx = dout)  (3N)
+    gated residual+modulate   read x, y, write out, h (4N) read dout, dh, out, y, write dx, dy (6N)
+
+which is each op's minimum (inputs read once, outputs written once). The backward's per-sample
+reductions (dscale, dshift, dgate over T) accumulate in registers over ROWS = 64 tokens per program
+(Liger's rows-per-program idea) and write one fp32 partial per program, (B, ⌈T/64⌉, D), summed
+afterwards: 1/32 of N's bytes at bf16, never float atomics, so results are bitwise reproducible.
+Each op is a `torch.library.custom_op` (not `triton_op`: what surrounds the kernels is (B, D)-sized,
+the per-sample chunks and the partial sums, under 1/T of the traffic, and the fusion that mattered,
+the add of the two gradient paths, is inside the fused backward kernel) whose CUDA path runs Triton and whose CPU path runs the reference, or the
 Triton kernels under TRITON_INTERPRET=1.
 """
 
@@ -59,31 +70,72 @@ if triton is not None:
         tl.store(RSTD + rows, rstd, mask=mask_r)
 
     @triton.jit
-    def _modulate_bwd_kernel(DY, X, SCALE, MEAN, RSTD, DX, DSCALE_PART, DSHIFT_PART, T, D,
-                             BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Program (b, c) handles tokens [c·BLOCK_R, (c+1)·BLOCK_R) of sample b."""
-        b = tl.program_id(0)
-        c = tl.program_id(1)
-        t = c * BLOCK_R + tl.arange(0, BLOCK_R)
+    def _ln_bwd_rows(DY, X, SCALE, MEAN, RSTD, b, t, T, D, BLOCK_D: tl.constexpr):
+        """For rows t of sample b: (dy, x̂, dx of the modulated LayerNorm) in fp32, zero outside."""
         cols = tl.arange(0, BLOCK_D)
         mask_t = t < T
-        mask_d = cols < D
-        mask = mask_t[:, None] & mask_d[None, :]
+        mask = mask_t[:, None] & (cols < D)[None, :]
         rows = b * T + t
-        x = tl.load(X + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        offs = rows[:, None] * D + cols[None, :]
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(MEAN + rows, mask=mask_t, other=0.0)
         rstd = tl.load(RSTD + rows, mask=mask_t, other=0.0)
-        sc = tl.load(SCALE + b * D + cols, mask=mask_d, other=0.0).to(tl.float32)
+        sc = tl.load(SCALE + b * D + cols, mask=cols < D, other=0.0).to(tl.float32)
         xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
         g = dy * (1.0 + sc[None, :])
         c1 = tl.sum(xhat * g, 1) / D
         c2 = tl.sum(g, 1) / D
-        dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
-        tl.store(DX + rows[:, None] * D + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-        n_chunks = tl.num_programs(1)
-        tl.store(DSCALE_PART + (b * n_chunks + c) * D + cols, tl.sum(dy * xhat, 0), mask=mask_d)
-        tl.store(DSHIFT_PART + (b * n_chunks + c) * D + cols, tl.sum(dy, 0), mask=mask_d)
+        dx = tl.where(mask, (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None], 0.0)
+        return dy, xhat, dx, offs, mask
+
+    @triton.jit
+    def _modulate_bwd_kernel(DY, X, SCALE, MEAN, RSTD, DX, DSCALE_PART, DSHIFT_PART, T, D,
+                             ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Program (b, c): tokens [c·ROWS, (c+1)·ROWS) of sample b, BLOCK_R rows at a time; dscale and
+        dshift accumulate in registers and leave as one partial row each."""
+        b = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1)
+        cols = tl.arange(0, BLOCK_D)
+        dscale = tl.zeros([BLOCK_D], tl.float32)
+        dshift = tl.zeros([BLOCK_D], tl.float32)
+        for r in range(0, ROWS, BLOCK_R):
+            t = c * ROWS + r + tl.arange(0, BLOCK_R)
+            dy, xhat, dx, offs, mask = _ln_bwd_rows(DY, X, SCALE, MEAN, RSTD, b, t, T, D, BLOCK_D)
+            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+            dscale += tl.sum(dy * xhat, 0)
+            dshift += tl.sum(dy, 0)
+        part = (b * tl.num_programs(1) + c) * D + cols
+        tl.store(DSCALE_PART + part, dscale, mask=cols < D)
+        tl.store(DSHIFT_PART + part, dshift, mask=cols < D)
+
+    @triton.jit
+    def _gated_modulate_bwd_kernel(DOUT, DH, GATE, Yin, SCALE, OUT, MEAN, RSTD, DX, DY,
+                                   DGATE_PART, DSHIFT_PART, DSCALE_PART, T, D,
+                                   ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        """The backward of (out = x + gate·y, h = modulate(out)) in one pass: dx = dout + ∂h/∂out·dh
+        (kept in fp32, never stored twice), dy = dx·gate; dgate, dshift, dscale accumulate per program."""
+        b = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1)
+        cols = tl.arange(0, BLOCK_D)
+        gate = tl.load(GATE + b * D + cols, mask=cols < D, other=0.0).to(tl.float32)
+        dgate = tl.zeros([BLOCK_D], tl.float32)
+        dshift = tl.zeros([BLOCK_D], tl.float32)
+        dscale = tl.zeros([BLOCK_D], tl.float32)
+        for r in range(0, ROWS, BLOCK_R):
+            t = c * ROWS + r + tl.arange(0, BLOCK_R)
+            dh, xhat, dln, offs, mask = _ln_bwd_rows(DH, OUT, SCALE, MEAN, RSTD, b, t, T, D, BLOCK_D)
+            dx = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32) + dln
+            y = tl.load(Yin + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+            tl.store(DY + offs, (dx * gate[None, :]).to(DY.dtype.element_ty), mask=mask)
+            dgate += tl.sum(dx * y, 0)
+            dshift += tl.sum(dh, 0)
+            dscale += tl.sum(dh * xhat, 0)
+        part = (b * tl.num_programs(1) + c) * D + cols
+        tl.store(DGATE_PART + part, dgate, mask=cols < D)
+        tl.store(DSHIFT_PART + part, dshift, mask=cols < D)
+        tl.store(DSCALE_PART + part, dscale, mask=cols < D)
 
     @triton.jit
     def _gated_fwd_kernel(X, GATE, Yin, OUT, SHIFT, SCALE, H, MEAN, RSTD, R, T, D, eps,
@@ -111,25 +163,43 @@ if triton is not None:
             tl.store(RSTD + rows, rstd, mask=mask_r)
 
     @triton.jit
-    def _gated_bwd_kernel(DOUT, GATE, Yin, DY, DGATE_PART, T, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        """dy = dout · gate[b]; partial dgate[b] = Σ_t dout · y over this program's tokens (dx = dout)."""
-        b = tl.program_id(0)
+    def _gated_bwd_kernel(DOUT, GATE, Yin, DY, DGATE_PART, T, D,
+                          ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        """dy = dout · gate[b]; dgate[b] = Σ_t dout · y accumulated per program (dx = dout, no copy)."""
+        b = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1)
-        t = c * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, BLOCK_D)
         mask_d = cols < D
-        mask = (t < T)[:, None] & mask_d[None, :]
-        rows = b * T + t
-        dout = tl.load(DOUT + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(Yin + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         gate = tl.load(GATE + b * D + cols, mask=mask_d, other=0.0).to(tl.float32)
-        tl.store(DY + rows[:, None] * D + cols[None, :], (dout * gate[None, :]).to(DY.dtype.element_ty), mask=mask)
-        tl.store(DGATE_PART + (b * tl.num_programs(1) + c) * D + cols, tl.sum(dout * y, 0), mask=mask_d)
+        dgate = tl.zeros([BLOCK_D], tl.float32)
+        for r in range(0, ROWS, BLOCK_R):
+            t = c * ROWS + r + tl.arange(0, BLOCK_R)
+            mask = (t < T)[:, None] & mask_d[None, :]
+            offs = (b * T + t)[:, None] * D + cols[None, :]
+            dout = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(Yin + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DY + offs, (dout * gate[None, :]).to(DY.dtype.element_ty), mask=mask)
+            dgate += tl.sum(dout * y, 0)
+        tl.store(DGATE_PART + (b * tl.num_programs(1) + c) * D + cols, dgate, mask=mask_d)
+
+
+ROWS_PER_PROGRAM = 64  # tokens whose per-sample gradient sums one backward program accumulates
 
 
 def _rows_block(D: int) -> tuple[int, int]:
     block_d = triton.next_power_of_2(D)
     return max(1, min(16, 4096 // block_d)), block_d
+
+
+def _bwd_grid(B: int, T: int, D: int) -> tuple[tuple[int, int], dict]:
+    """Grid (B, ⌈T / ROWS⌉) and the block constants of a backward kernel."""
+    br, bd = _rows_block(D)
+    rows = max(br, min(ROWS_PER_PROGRAM, triton.next_power_of_2(T)))
+    return (B, triton.cdiv(T, rows)), dict(ROWS=rows, BLOCK_R=br, BLOCK_D=bd)
+
+
+def _partials(n: int, grid, D: int, device) -> list[torch.Tensor]:
+    return [torch.empty((grid[0], grid[1], D), device=device, dtype=torch.float32) for _ in range(n)]
 
 
 def _check(x, *per_sample):
@@ -153,12 +223,10 @@ def modulate_forward_triton(x, shift, scale, eps: float = EPS):
 def modulate_backward_triton(dy, x, scale, mean, rstd):
     dy, x, scale = dy.contiguous(), x.contiguous(), scale.contiguous()
     B, T, D = x.shape
-    br, bd = _rows_block(D)
-    chunks = triton.cdiv(T, br)
+    grid, blocks = _bwd_grid(B, T, D)
     dx = torch.empty_like(x)
-    dscale = torch.empty((B, chunks, D), device=x.device, dtype=torch.float32)
-    dshift = torch.empty_like(dscale)
-    _modulate_bwd_kernel[(B, chunks)](dy, x, scale, mean, rstd, dx, dscale, dshift, T, D, BLOCK_R=br, BLOCK_D=bd)
+    dscale, dshift = _partials(2, grid, D, x.device)
+    _modulate_bwd_kernel[grid](dy, x, scale, mean, rstd, dx, dscale, dshift, T, D, **blocks)
     return dx, dshift.sum(1).to(scale.dtype), dscale.sum(1).to(scale.dtype)
 
 
@@ -184,12 +252,23 @@ def gated_forward_triton(x, gate, y, shift=None, scale=None, eps: float = EPS):
 def gated_backward_triton(dout, gate, y):
     dout, gate, y = dout.contiguous(), gate.contiguous(), y.contiguous()
     B, T, D = y.shape
-    br, bd = _rows_block(D)
-    chunks = triton.cdiv(T, br)
+    grid, blocks = _bwd_grid(B, T, D)
     dy = torch.empty_like(y)
-    dgate = torch.empty((B, chunks, D), device=y.device, dtype=torch.float32)
-    _gated_bwd_kernel[(B, chunks)](dout, gate, y, dy, dgate, T, D, BLOCK_R=br, BLOCK_D=bd)
+    (dgate,) = _partials(1, grid, D, y.device)
+    _gated_bwd_kernel[grid](dout, gate, y, dy, dgate, T, D, **blocks)
     return dy, dgate.sum(1).to(gate.dtype)
+
+
+def gated_modulate_backward_triton(dout, dh, gate, y, scale, out, mean, rstd):
+    """(dx, dgate, dy, dshift, dscale) of gated_residual_modulate in one kernel."""
+    dout, dh, gate, y, scale, out = (t.contiguous() for t in (dout, dh, gate, y, scale, out))
+    B, T, D = y.shape
+    grid, blocks = _bwd_grid(B, T, D)
+    dx, dy = torch.empty_like(out), torch.empty_like(y)
+    dgate, dshift, dscale = _partials(3, grid, D, y.device)
+    _gated_modulate_bwd_kernel[grid](dout, dh, gate, y, scale, out, mean, rstd, dx, dy, dgate, dshift, dscale, T, D,
+                                     **blocks)
+    return dx, dgate.sum(1).to(gate.dtype), dy, dshift.sum(1).to(scale.dtype), dscale.sum(1).to(scale.dtype)
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -318,6 +397,25 @@ def _(x, gate, y, shift, scale):
     return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(n, dtype=torch.float32), x.new_empty(n, dtype=torch.float32)
 
 
+@torch.library.custom_op("lfm_fast::gated_residual_modulate_bwd", mutates_args=())
+def gated_residual_modulate_bwd_op(dout: torch.Tensor, dh: torch.Tensor, gate: torch.Tensor, y: torch.Tensor,
+                                   scale: torch.Tensor, out: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
+                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _use_triton(y):
+        return gated_modulate_backward_triton(dout, dh, gate, y, scale, out, mean, rstd)
+    dout_ln, dshift, dscale = _modulate_backward_reference(dh, out, scale, mean, rstd)
+    dx = (dout.float() + dout_ln.float()).to(out.dtype)
+    dy = (dout.float() + dout_ln.float()) * gate.float()[:, None]
+    dgate = ((dout.float() + dout_ln.float()) * y.float()).sum(1)
+    return dx.contiguous(), dgate.to(gate.dtype), dy.to(y.dtype).contiguous(), dshift, dscale
+
+
+@gated_residual_modulate_bwd_op.register_fake
+def _(dout, dh, gate, y, scale, out, mean, rstd):
+    return out.new_empty(out.shape), gate.new_empty(gate.shape), y.new_empty(y.shape), \
+        scale.new_empty(scale.shape), scale.new_empty(scale.shape)
+
+
 def _gm_setup(ctx, inputs, output):
     x, gate, y, shift, scale = inputs
     out, _, mean, rstd = output
@@ -326,10 +424,7 @@ def _gm_setup(ctx, inputs, output):
 
 def _gm_backward(ctx, dout, dh, dmean, drstd):
     gate, y, scale, out, mean, rstd = ctx.saved_tensors
-    dout_ln, dshift, dscale = adaln_modulate_bwd_op(dh, out, scale, mean, rstd)
-    dtotal = dout + dout_ln
-    dy, dgate = gated_residual_bwd_op(dtotal, gate, y)
-    return dtotal, dgate, dy, dshift, dscale
+    return gated_residual_modulate_bwd_op(dout, dh, gate, y, scale, out, mean, rstd)
 
 
 gated_residual_modulate_op.register_autograd(_gm_backward, setup_context=_gm_setup)

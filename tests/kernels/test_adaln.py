@@ -70,3 +70,72 @@ def test_bf16_loads_compute_in_fp32():
     y, _, _ = modulate_forward_triton(x.bfloat16(), shift.bfloat16(), scale.bfloat16())
     ref = modulate_torch(*(t.bfloat16().float() for t in (x, shift, scale)))
     assert y.dtype == torch.bfloat16 and (y.float() - ref).abs().max() < 0.05
+
+
+class _Allocations(torch.overrides.TorchFunctionMode):
+    """Every torch call made (the launchers' own torch.empty calls included), with the bytes of the
+    new tensors it returns (views of existing storage are not allocations)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        ins = {t.untyped_storage().data_ptr() for t in args if isinstance(t, torch.Tensor)}
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        new = [t for t in outs if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in ins]
+        self.calls.append((getattr(func, "__name__", str(func)), sum(t.numel() * t.element_size() for t in new)))
+        return out
+
+
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """The ops autograd runs, with the bytes each produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        self.ops.append((str(func), sum(t.numel() * t.element_size() for t in outs if isinstance(t, torch.Tensor))))
+        return out
+
+
+BACKWARDS = {"modulate": ("adaln_modulate_bwd", "modulate_backward_triton", ("dy", "x", "bd", "mean", "rstd")),
+             "gated": ("gated_residual_bwd", "gated_backward_triton", ("dy", "bd", "x")),
+             "gated_modulate": ("gated_residual_modulate_bwd", "gated_modulate_backward_triton",
+                                ("dy", "dy", "bd", "x", "bd", "x", "mean", "rstd"))}
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_backward_allocates_no_activation_sized_intermediates(op):
+    """Within 1.3× of the ideal: autograd runs one fused backward op and no other op on (B, T, D)
+    tensors (no separate add of the two gradient paths), and that op's launcher allocates its
+    (B, T, D) gradients and nothing else of that size (no (B, T/r, D) partials). That the kernels read
+    each input once is by construction (the module's table)."""
+    from lfm_fast.kernels import adaln
+
+    kernel, _, kinds, n_out = OPS[op]
+    B, T, D = 2, 128, 1152  # DiT-XL/2's width, where a 2-token tile's partials would be half of x
+    n_bytes = B * T * D * 4
+    g = torch.Generator().manual_seed(0)
+    inputs = [(torch.randn((B, T, D) if k == "x" else (B, D), generator=g)).requires_grad_(True) for k in kinds]
+    outs = kernel(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    cot = [torch.randn((B, T, D), generator=g) for _ in range(n_out)]
+    with _Ops() as autograd_ops:  # grad, not backward: a leaf's .grad would copy the passed-through dout
+        torch.autograd.grad(outs, inputs, cot)
+    big = [name for name, b in autograd_ops.ops if b >= n_bytes // 8 and "detach" not in name]
+    bwd_op, launcher, arg_kinds = BACKWARDS[op]
+    assert big == [f"lfm_fast.{bwd_op}.default"], autograd_ops.ops
+
+    args = [torch.randn((B, T, D) if k in ("x", "dy") else (B, D) if k == "bd" else (B * T,), generator=g).abs() + 0.1
+            for k in arg_kinds]
+    with _Allocations() as log:
+        getattr(adaln, launcher)(*args)
+    grads = sum(1 for k in kinds if k == "x") - (op == "gated")  # the gated residual's dx is dout itself
+    big = [(name, b) for name, b in log.calls if b >= n_bytes // 8]
+    assert len(big) == grads, big
+    assert sum(b for _, b in log.calls) <= 1.3 * grads * n_bytes, log.calls

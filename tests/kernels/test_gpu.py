@@ -54,3 +54,20 @@ def test_adaln_bf16_against_fp32(T, D):
     for i, (a, lo, r) in enumerate(zip(got, low, ref)):
         err, tol = (a - r.float()).abs().max().item(), low_precision_tolerance(lo, r.float(), 1e-2)
         assert err <= tol, f"output/grad {i}: {err:.3e} > {tol:.3e}"
+
+
+@pytest.mark.parametrize("D", [64, 72])
+def test_packed_qkv_bf16_and_tf32_off_for_fp32(D):
+    """The DiT's packed layout in bf16, and fp32 inputs in IEEE precision (TF32 would miss 1e-4)."""
+    from lfm_fast.kernels.attention import flash_attention, flash_attention_qkv
+
+    g = torch.Generator(device="cuda").manual_seed(D)
+    qkv = torch.randn((4, 256, 3, 16, D), device="cuda", generator=g)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    ref = torch.softmax(q.double() @ k.double().transpose(-1, -2) / D**0.5, dim=-1) @ v.double()
+    got = flash_attention_qkv(qkv.bfloat16()).transpose(1, 2)
+    low = torch.nn.functional.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    tol = low_precision_tolerance(low.float(), ref.float(), 1e-3)
+    assert (got.float() - ref.float()).abs().max().item() <= tol
+    torch.backends.cuda.matmul.allow_tf32 = False
+    assert (flash_attention(q, k, v).double() - ref).abs().max().item() < 1e-4

@@ -1,0 +1,60 @@
+"""The GPU fast path, proven on this CPU through the compiler's own output.
+
+bench/ptx_report.py compiles every kernel launch of the attention forward/backward (D = 64, 72, 128,
+every config of the autotuner's set) and of the adaLN ops (D = 1152) for sm_90a, bf16 and fp16, with
+the argument specialisation Triton's runtime would use at DiT shapes; here its JSON is asserted on.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton.backends.nvidia.compiler")
+
+ROOT = Path(__file__).resolve().parents[2]
+ATTENTION_DOTS = {"fwd", "dkdv", "dq"}
+
+
+@pytest.fixture(scope="module")
+def report():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "ptx_report.py")], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+def test_every_launch_and_config_is_compiled(report):
+    from lfm_fast.kernels.attention import configs_for
+
+    rows = report["rows"]
+    for dtype in ("bf16", "fp16"):
+        for D in (64, 72, 128):
+            got = [r for r in rows if r["op"] == "attention" and r["dtype"] == dtype and r["dim"] == D]
+            for kernel in ATTENTION_DOTS:
+                assert len([r for r in got if r["kernel"] == kernel]) == len(configs_for(kernel, D)) > 0
+            assert any(r["kernel"] == "_attn_bwd_delta_kernel" for r in got)
+        adaln = {r["kernel"] for r in rows if r["op"] == "adaln" and r["dtype"] == dtype}
+        assert adaln == {"_modulate_fwd_kernel", "_modulate_bwd_kernel", "_gated_fwd_kernel", "_gated_bwd_kernel",
+                         "_gated_modulate_bwd_kernel"}
+
+
+def test_attention_uses_wgmma_with_16_byte_tile_loads(report):
+    for r in report["rows"]:
+        if r["kernel"] in ATTENTION_DOTS:
+            where = f"{r['kernel']} {r['dtype']} D={r['dim']} {r['config']}"
+            assert r["wgmma"] > 0 and r["mma_sync"] == 0, where
+            assert set(r["tile_load_bytes"]) == {"16"}, f"{where}: {r['tile_load_bytes']}"
+            assert "2" not in r["ld_global_bytes"] and "2" not in r["cp_async_bytes"], where
+
+
+def test_no_kernel_spills_and_all_tiles_load_16_bytes(report):
+    for r in report["rows"]:
+        where = f"{r['op']} {r['kernel']} {r['dtype']} D={r['dim']} {r['config']}"
+        assert r["spill_bytes"] == 0, f"{where}: {r['spill_bytes']} bytes spilled"
+        assert set(r["tile_load_bytes"]) <= {"16"}, f"{where}: {r['tile_load_bytes']}"
