@@ -110,17 +110,20 @@ def test_mixed_dtypes_are_cast_to_one_and_under_autocast_to_the_autocast_dtype()
     assert q.grad.dtype == torch.float32 and q.grad.abs().sum() > 0
 
 
-def test_offsets_past_two_to_the_31_elements_are_exact():
-    """Batch stride 2³⁰ at B = 3: sample 2 starts 2³¹ elements in, where 32-bit offset arithmetic
-    wraps. Virtual memory keeps the 4 GiB storage cheap (only the touched rows get pages)."""
+@pytest.mark.parametrize("layout", ["batch", "head"])
+def test_offsets_past_two_to_the_31_elements_are_exact(layout):
+    """Sample 2 at batch stride 2³⁰ starts 2³¹ elements in ("batch"); head 1 at head stride 2³¹
+    ("head", a stride that itself exceeds int32). 32-bit offset arithmetic would wrap in either.
+    Virtual memory keeps the 4 GiB storage cheap (only the touched rows get pages)."""
     from lfm_fast.kernels.attention import attention_backward_triton, attention_forward_triton
 
-    B, T, D, stride_b = 3, 20, 16, 2**30
-    storage = torch.empty(2 * stride_b + T * D, dtype=torch.float16)
-    big = storage.as_strided((B, 1, T, D), (stride_b, T * D, D, 1))
+    T, D = 20, 16
+    shape, strides = ((3, 1, T, D), (2**30, T * D, D, 1)) if layout == "batch" else ((1, 2, T, D), (2 * T * D, 2**31, D, 1))
+    storage = torch.empty(2**31 + T * D, dtype=torch.float16)
+    big = storage.as_strided(shape, strides)
     g = torch.Generator().manual_seed(4)
-    small = torch.randn((B, 1, T, D), generator=g).half()
-    do = torch.randn((B, 1, T, D), generator=g).half()
+    small = torch.randn(shape, generator=g).half()
+    do = torch.randn(shape, generator=g).half()
     big.copy_(small)
     o_big, lse_big = attention_forward_triton(big, big, big)
     o_small, lse_small = attention_forward_triton(small, small, small)
@@ -128,3 +131,16 @@ def test_offsets_past_two_to_the_31_elements_are_exact():
     g_big = attention_backward_triton(do, big, big, big, o_big, lse_big)
     g_small = attention_backward_triton(do, small, small, small, o_small, lse_small)
     assert all(torch.equal(a, b) for a, b in zip(g_big, g_small))
+
+
+def test_every_head_dim_has_configs_whose_tiles_cover_it():
+    """Every head dim 1..256 gets a non-empty config set for every kernel (the autotuner would fall
+    back to a config without BLOCK_M/BLOCK_N), and the split covers D with power-of-two dots ≥ 16."""
+    from lfm_fast.kernels.attention import configs_for, head_split
+
+    for D in range(1, 257):
+        d0, d1 = head_split(D)
+        assert d0 + d1 >= D and d0 >= 16 and d0 & (d0 - 1) == 0 and (d1 == 0 or (d1 >= 16 and d1 & (d1 - 1) == 0))
+        for kernel in ("fwd", "dkdv", "dq"):
+            configs = configs_for(kernel, D)
+            assert configs and all({"BLOCK_M", "BLOCK_N"} <= set(c.kwargs) for c in configs), (kernel, D)
