@@ -112,6 +112,16 @@ if triton is not None:
         return tile
 
     @triton.jit
+    def _split_rows(ptr, rows, stride_t, T, HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                    MASK_ROWS: tl.constexpr, UPCAST: tl.constexpr):
+        """The main and tail column tiles of rows (the tail is the main tile again when D1 = 0, unused)."""
+        main = _rows(ptr, rows, stride_t, T, 0, D0, HEAD_D, MASK_ROWS, UPCAST)
+        tail = main
+        if D1 > 0:
+            tail = _rows(ptr, rows, stride_t, T, D0, D1, HEAD_D, MASK_ROWS, UPCAST)
+        return main, tail
+
+    @triton.jit
     def _store_rows(ptr, rows, stride_t, T, tile, COL0: tl.constexpr, WIDTH: tl.constexpr, HEAD_D: tl.constexpr):
         cols = COL0 + tl.arange(0, WIDTH)
         mask = (rows < T)[:, None]
@@ -168,10 +178,7 @@ if triton is not None:
         v_base = _base(V, b, h, svb, svh, ALIGN)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         q_base = _base(Q, b, h, sqb, sqh, ALIGN)
-        q0 = _rows(q_base, offs_m, sqt, T, 0, D0, HEAD_D, True, UPCAST)
-        q1 = q0
-        if D1 > 0:
-            q1 = _rows(q_base, offs_m, sqt, T, D0, D1, HEAD_D, True, UPCAST)
+        q0, q1 = _split_rows(q_base, offs_m, sqt, T, HEAD_D, D0, D1, True, UPCAST)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc0 = tl.zeros([BLOCK_M, D0], tl.float32)
@@ -200,12 +207,10 @@ if triton is not None:
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         o_base = _base(O, b, h, sob, soh, ALIGN)
         do_base = _base(DO, b, h, sdb, sdh, ALIGN)
-        o = _rows(o_base, rows, sot, T, 0, D0, HEAD_D, True, True)
-        do = _rows(do_base, rows, sdt, T, 0, D0, HEAD_D, True, True)
-        delta = tl.sum(o * do, 1)
+        o0, o1 = _split_rows(o_base, rows, sot, T, HEAD_D, D0, D1, True, True)
+        do0, do1 = _split_rows(do_base, rows, sdt, T, HEAD_D, D0, D1, True, True)
+        delta = tl.sum(o0 * do0, 1)
         if D1 > 0:
-            o1 = _rows(o_base, rows, sot, T, D0, D1, HEAD_D, True, True)
-            do1 = _rows(do_base, rows, sdt, T, D0, D1, HEAD_D, True, True)
             delta += tl.sum(o1 * do1, 1)
         tl.store(DELTA + bh * T + rows, delta, mask=rows < T)
 
@@ -254,12 +259,8 @@ if triton is not None:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         k_base = _base(K, b, h, skb, skh, ALIGN)
         v_base = _base(V, b, h, svb, svh, ALIGN)
-        k0 = _rows(k_base, offs_n, skt, T, 0, D0, HEAD_D, True, UPCAST)
-        v0 = _rows(v_base, offs_n, svt, T, 0, D0, HEAD_D, True, UPCAST)
-        k1, v1 = k0, v0
-        if D1 > 0:
-            k1 = _rows(k_base, offs_n, skt, T, D0, D1, HEAD_D, True, UPCAST)
-            v1 = _rows(v_base, offs_n, svt, T, D0, D1, HEAD_D, True, UPCAST)
+        k0, k1 = _split_rows(k_base, offs_n, skt, T, HEAD_D, D0, D1, True, UPCAST)
+        v0, v1 = _split_rows(v_base, offs_n, svt, T, HEAD_D, D0, D1, True, UPCAST)
         q_base = _base(Q, b, h, sqb, sqh, ALIGN)
         do_base = _base(DO, b, h, sdb, sdh, ALIGN)
         LSE_row = LSE + bh * T
@@ -321,12 +322,8 @@ if triton is not None:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         q_base = _base(Q, b, h, sqb, sqh, ALIGN)
         do_base = _base(DO, b, h, sdb, sdh, ALIGN)
-        q0 = _rows(q_base, offs_m, sqt, T, 0, D0, HEAD_D, True, UPCAST)
-        do0 = _rows(do_base, offs_m, sdt, T, 0, D0, HEAD_D, True, UPCAST)
-        q1, do1 = q0, do0
-        if D1 > 0:
-            q1 = _rows(q_base, offs_m, sqt, T, D0, D1, HEAD_D, True, UPCAST)
-            do1 = _rows(do_base, offs_m, sdt, T, D0, D1, HEAD_D, True, UPCAST)
+        q0, q1 = _split_rows(q_base, offs_m, sqt, T, HEAD_D, D0, D1, True, UPCAST)
+        do0, do1 = _split_rows(do_base, offs_m, sdt, T, HEAD_D, D0, D1, True, UPCAST)
         lse = tl.load(LSE + bh * T + offs_m, mask=offs_m < T, other=0.0)
         delta = tl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
         k_base = _base(K, b, h, skb, skh, ALIGN)
