@@ -1,96 +1,245 @@
-"""ONNX export of the unrolled fixed-step sampler (lfm_fast.export.sampler), or of the velocity net alone.
+"""ONNX export: the unrolled fixed-step sampler (graph "sampler"), or the velocity network alone ("velocity").
 
-The graph maps (noise, labels[, cond]) → latents, or → uint8 NHWC images with the decoder; the
-batch is dynamic; the graph passes onnx.checker's full check and carries the sampler's metadata.
+The network is traced once. A sampler graph is the solver of `lfm_fast.export.sampler` traced around a
+placeholder op (`lfm_fast.graph::Velocity`, one per evaluation), into which the network's nodes are spliced,
+its weights shared by every evaluation: export time and file size grow with the network, not with the steps.
+
+Both graphs take and give fp32 (the noise, the ODE state, the times, the velocity); with `dtype` float16 or
+bfloat16 the network runs in that type, cast at its boundary inside the graph, so a strongly typed TensorRT
+build needs no precision flags. Weights past `external_bytes` go to one `<out>.data` file beside `<out>`.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import os
+import shutil
+import tempfile
 import warnings
 
 import torch
 from torch import nn
 
+from lfm_fast import __version__
 from lfm_fast.errors import InputError
-from lfm_fast.export.sampler import UnrolledSampler, sampler_metadata
-from lfm_fast.sampling import Field, SampleConfig
-from lfm_fast.fileio import atomic_path
+from lfm_fast.export.sampler import GraphNet, UnrolledSampler, sampler_metadata
+from lfm_fast.fileio import fsync_path, umask_mode
+from lfm_fast.sampling import SampleConfig
 
-def export_onnx(model, out: str, cfg: SampleConfig, ae=None, fp16: bool = False, opset: int = 18, net_only: bool = False,
-                sigma_min: float = 1e-5) -> dict:
-    """Export the unrolled sampler of `cfg` (or, with net_only, the velocity network alone) and check it.
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+GRAPHS = ("sampler", "velocity")
+DOMAIN = "lfm_fast.graph"  # the placeholder's domain: never left in a saved graph
+EXTERNAL_BYTES = int(1.5 * 2**30)  # weights past this go to <out>.data (protobuf cannot hold more than 2 GiB)
 
-    Inputs `noise` (B, C, H, W) fp32 / `labels` (B,) int64 [/ `cond` fp32]; output `latents` (fp32) or `images`;
-    a dynamic batch. With fp16 the network (and decoder) run in fp16, the ODE state and times stay fp32. The
-    velocity graph takes and gives the network's dtype. Returns the metadata written into the graph."""
+
+@torch.library.custom_op("lfm_fast::graph_velocity", mutates_args=())
+def _velocity_placeholder(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
+                          cond: torch.Tensor | None = None) -> torch.Tensor:
+    raise RuntimeError("the velocity placeholder only exists to be traced into an ONNX graph")
+
+
+@_velocity_placeholder.register_fake
+def _(x, t, labels, cond=None):
+    return torch.empty_like(x)
+
+
+def _placeholder_translation():
+    """The ONNX node of the placeholder: `lfm_fast.graph::Velocity(x, t, labels[, cond])`, schema registered once."""
+    import onnx
+    import onnxscript
+    from onnx.defs import OpSchema
+
+    if not onnx.defs.has("Velocity", DOMAIN):
+        p = OpSchema.FormalParameter
+        onnx.defs.register_schema(OpSchema(
+            "Velocity", DOMAIN, 1,
+            inputs=[p("x", "T"), p("t", "T"), p("labels", "L"), p("cond", "T", param_option=OpSchema.FormalParameterOption.Optional)],
+            outputs=[p("v", "T")], type_constraints=[("T", ["tensor(float)"], ""), ("L", ["tensor(int64)"], "")]))
+    op = onnxscript.values.Op(onnxscript.values.Opset(DOMAIN, 1), "Velocity")
+    return {torch.ops.lfm_fast.graph_velocity.default: lambda x, t, labels, cond=None: op(x, t, labels, *([] if cond is None else [cond]))}
+
+
+class NetworkBoundary(nn.Module):
+    """The network with fp32 in and out: x and cond cast to the network's dtype, t passed in fp32, as `Field` does."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.dtype = next(model.parameters()).dtype
+
+    def forward(self, x, t, labels, cond=None):
+        c = self.model.config
+        return self.model(x.to(self.dtype), t, labels if c.num_classes else None,
+                          None if cond is None else cond.to(self.dtype)).float()
+
+
+def weights_digest(model) -> str:
+    """sha256 of a model's fp32 weights (names and values): which checkpoint a graph was exported from."""
+    h = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(value.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def export_onnx(model, out: str, cfg: SampleConfig, ae=None, dtype: str = "float32", graph: str = "sampler",
+                sigma_min: float = 1e-5, opset: int = 18, external_bytes: int = EXTERNAL_BYTES) -> dict:
+    """Export the sampler of `cfg` (inputs noise, labels[, cond] → latents, or uint8 NHWC images with `ae`'s
+    decoder), or the velocity network (x, t, labels[, cond] → velocity), with a dynamic batch; check it with
+    onnx.checker's full check. Returns the metadata written into the graph."""
     import onnx
 
     from lfm_fast.models.dit import set_backends
 
-    # a copy with plain-PyTorch ops only: the graph must not hold the Triton custom ops
-    model = set_backends(copy.deepcopy(model).eval().cpu(), attn="reference", norm="reference")
-    decoder = copy.deepcopy(ae).eval().cpu() if ae is not None else None
-    scaling = float(ae.config.scaling_factor) if ae is not None else 1.0
-    dtype = torch.float16 if fp16 else torch.float32
-    sampler = UnrolledSampler(model.to(dtype), cfg, None if decoder is None else decoder.to(dtype), scaling, sigma_min).eval()
-    c = model.config
-    noise = torch.randn(2, c.in_channels, c.input_size, c.input_size)
-    labels = torch.zeros(2, dtype=torch.long)
-    args = [noise, labels]
-    names = ["noise", "labels"]
-    if c.condition != "none":
-        args.append(torch.zeros(2, *c.cond_shape))
-        names.append("cond")
-    if net_only:
-        module, names = _VelocityGraph(sampler), ["x", "t", "labels"] + names[2:]
-        args = [a.to(dtype) if a.is_floating_point() else a for a in [noise, torch.full((2,), 0.5)] + args[1:]]
-        output = "velocity"
+    if dtype not in DTYPES or graph not in GRAPHS:
+        raise ValueError(f"dtype {dtype!r} / graph {graph!r}: expected one of {list(DTYPES)} / {list(GRAPHS)}")
+    # a copy with plain-PyTorch ops only, no Triton custom ops: SDPA becomes MatMul-Softmax-MatMul in the network's
+    # dtype, the pattern TensorRT fuses into its own attention kernels
+    net = set_backends(copy.deepcopy(model).eval().cpu(), attn="sdpa", norm="reference").to(DTYPES[dtype])
+    c = net.config
+    b = 2
+    x = torch.randn(b, c.in_channels, c.input_size, c.input_size)
+    labels = torch.zeros(b, dtype=torch.long)
+    cond = [torch.zeros(b, *c.cond_shape)] if c.condition != "none" else []
+    network = _to_onnx(NetworkBoundary(net), [x, torch.full((b,), 0.5), labels] + cond,
+                       ["x", "t", "labels"] + ["cond"] * len(cond), "velocity", opset)
+    meta = {"lfm_fast_version": __version__, "graph": graph, "dtype": dtype, "weights_sha256": weights_digest(model),
+            "latent_shape": json.dumps([c.in_channels, c.input_size, c.input_size]), "num_classes": str(c.num_classes),
+            "condition": c.condition, "cond_shape": json.dumps(list(c.cond_shape)), "sigma_min": str(sigma_min)}
+    if graph == "velocity":
+        proto = network
     else:
-        module, output = sampler, "images" if decoder is not None else "latents"
-    # torch.export first: handing the exporter an ExportedProgram keeps the batch dimension symbolic.
-    # Dim.DYNAMIC, not a fixed range: diffusers' decoder branches at batch 64 on a memory-layout detail
-    # that does not change the math, and the ONNX graph is the same on both sides of it.
-    registration = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not installed…"
-    level = registration.level
-    with warnings.catch_warnings(), atomic_path(out) as tmp:
-        warnings.simplefilter("ignore", FutureWarning)  # torch.export's own deprecations, nothing the user can act on
-        registration.setLevel(logging.ERROR)
-        try:
-            exported = torch.export.export(module, tuple(args), dynamic_shapes=tuple({0: torch.export.Dim.DYNAMIC} for _ in args))
-            program = torch.onnx.export(exported, tuple(args), dynamo=True, input_names=names, output_names=[output],
-                                        opset_version=opset, optimize=True, verbose=False)
-        finally:
-            registration.setLevel(level)
-        program.save(tmp)
-        proto = onnx.load(tmp)
-        for value in list(proto.graph.input) + list(proto.graph.output):
-            value.type.tensor_type.shape.dim[0].dim_param = "batch"
-        meta = sampler_metadata(sampler, "float16" if fp16 else "float32")
-        meta["graph"] = "velocity" if net_only else "sampler"
-        if net_only:  # one network evaluation (CFG batched inside): no solver, steps or grid
-            for key in ("solver", "steps", "grid", "shift", "times", "cfg_interval", "nfe", "state_dtype"):
-                del meta[key]
-        for k, v in meta.items():
-            proto.metadata_props.add(key=k, value=v)
-        onnx.save(proto, tmp)
-        onnx.checker.check_model(tmp, full_check=True)
+        decoder = None if ae is None else copy.deepcopy(ae).eval().cpu().to(DTYPES[dtype])
+        scaling = float(ae.config.scaling_factor) if ae is not None else 1.0
+        sampler = UnrolledSampler(GraphNet(c, torch.ops.lfm_fast.graph_velocity), cfg, decoder, scaling, sigma_min).eval()
+        solver = _to_onnx(sampler, [x, labels] + cond, ["noise", "labels"] + ["cond"] * len(cond),
+                          "images" if decoder is not None else "latents", opset, _placeholder_translation())
+        proto = splice(solver, network)
+        meta.update(sampler_metadata(sampler))
+    meta["output_shape"] = json.dumps([d.dim_value for d in proto.graph.output[0].type.tensor_type.shape.dim[1:]])
+    for k, v in meta.items():
+        proto.metadata_props.add(key=k, value=v)
+    save_onnx(proto, out, external_bytes)
     return meta
 
 
-class _VelocityGraph(nn.Module):
-    """The velocity network alone (CFG batched inside when a scale is given), for the `net_only` export."""
+def _to_onnx(module: nn.Module, args: list, names: list[str], output: str, opset: int, translation=None):
+    """torch.export (the batch dimension symbolic) → ONNX ModelProto, inputs and output named, batch dim 'batch'."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not installed…"
+    level = registration.level
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.export's own deprecations, nothing the user can act on
+        registration.setLevel(logging.ERROR)
+        try:
+            # Dim.DYNAMIC, not a fixed range: diffusers' decoder branches at batch 64 on a memory-layout detail
+            # that does not change the math, and the ONNX graph is the same on both sides of it.
+            exported = torch.export.export(module, tuple(args), dynamic_shapes=tuple({0: torch.export.Dim.DYNAMIC} for _ in args))
+            program = torch.onnx.export(exported, tuple(args), dynamo=True, input_names=names, output_names=[output],
+                                        opset_version=opset, optimize=True, verbose=False,
+                                        custom_translation_table=translation)
+        finally:
+            registration.setLevel(level)
+    proto = program.model_proto
+    for node in proto.graph.node:  # the exporter's per-node stack traces: most of a graph's bytes, of no use to a runtime
+        node.ClearField("metadata_props")
+        node.ClearField("doc_string")
+    for value in list(proto.graph.input) + list(proto.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    return proto
 
-    def __init__(self, sampler: UnrolledSampler):
-        super().__init__()
-        self.sampler = sampler
 
-    def forward(self, x, t, labels, condition=None):
-        c = self.sampler.model.config
-        field = Field(self.sampler.model, x.shape[0], labels if c.num_classes else None, condition, self.sampler.config.cfg)
-        return field(x, t, 0.0)  # guided wherever a scale is given: the graph has no guidance interval
+def splice(solver, network):
+    """Replace every `lfm_fast.graph::Velocity` node of `solver` by the nodes of `network` (values renamed per
+    evaluation, `e{k}/…`), with the network's weights added once (`net/…`) and shared by every evaluation."""
+    import onnx
+
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in network.graph.node for a in n.attribute):
+        raise NotImplementedError("the network graph has control flow; splicing renames only a flat graph")
+    weights = {i.name for i in network.graph.initializer}
+    inputs = [i.name for i in network.graph.input]
+    output = network.graph.output[0].name
+    nodes, k = [], 0
+    for node in solver.graph.node:
+        if node.domain != DOMAIN:
+            nodes.append(node)
+            continue
+        names = dict(zip(inputs, node.input))
+        names[output] = node.output[0]
+        rename = lambda s: "" if not s else names.get(s) or (f"net/{s}" if s in weights else f"e{k}/{s}")  # noqa: E731
+        for n in network.graph.node:
+            copied = onnx.NodeProto()
+            copied.CopyFrom(n)
+            copied.name = f"e{k}/{n.name}"
+            copied.input[:] = [rename(s) for s in n.input]
+            copied.output[:] = [rename(s) for s in n.output]
+            nodes.append(copied)
+        k += 1
+    model = onnx.ModelProto()
+    model.CopyFrom(solver)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    for init in network.graph.initializer:
+        model.graph.initializer.add().CopyFrom(init)
+        model.graph.initializer[-1].name = f"net/{init.name}"
+    used = {o.domain: o.version for o in list(solver.opset_import) + list(network.opset_import) if o.domain != DOMAIN}
+    del model.opset_import[:]
+    model.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in used.items())
+    model.functions.extend(f for f in network.functions if (f.domain, f.name) not in {(g.domain, g.name) for g in solver.functions})
+    return model
+
+
+def save_onnx(proto, out: str, external_bytes: int = EXTERNAL_BYTES) -> None:
+    """Write `proto` to `out` and check it (onnx.checker, full): inline, or, past `external_bytes` of weights, with
+    every large weight in one `<out>.data` beside it. Both files are written and checked in a temporary folder
+    beside `out` and only then moved into place; a `<out>.data` that the graph replaced at `out` referenced and
+    the new one does not is removed."""
+    import onnx
+    from onnx.external_data_helper import set_external_data
+
+    out = os.path.abspath(out)
+    name = os.path.basename(out)
+    data_path = out + ".data"
+    stale = os.path.isfile(data_path) and os.path.isfile(out) and _references(out, name + ".data")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=os.path.dirname(out))
+    try:
+        external = sum(len(t.raw_data) for t in proto.graph.initializer) > external_bytes
+        if external:
+            with open(os.path.join(tmp, name + ".data"), "wb") as f:
+                for t in proto.graph.initializer:
+                    if len(t.raw_data) < 1024:
+                        continue
+                    f.write(b"\0" * (-f.tell() % 64))  # 64-byte aligned: mmap-friendly for ORT and TensorRT
+                    offset = f.tell()
+                    f.write(t.raw_data)
+                    set_external_data(t, name + ".data", offset, len(t.raw_data))
+                    t.ClearField("raw_data")
+                    t.data_location = onnx.TensorProto.EXTERNAL
+        with open(os.path.join(tmp, name), "wb") as f:
+            f.write(proto.SerializeToString())
+        onnx.checker.check_model(os.path.join(tmp, name), full_check=True)
+        for p in ([name + ".data"] if external else []) + [name]:
+            os.chmod(os.path.join(tmp, p), umask_mode(0o666))
+            fsync_path(os.path.join(tmp, p))
+            os.replace(os.path.join(tmp, p), os.path.join(os.path.dirname(out), p))
+        fsync_path(os.path.dirname(out))
+        if stale and not external:
+            os.remove(data_path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _references(path: str, location: str) -> bool:
+    import onnx
+
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except Exception:  # not an ONNX file: nothing of ours references the data file
+        return False
+    return any(e.key == "location" and e.value == location for t in proto.graph.initializer for e in t.external_data)
 
 
 def read_metadata(path: str) -> dict:
@@ -106,3 +255,14 @@ def read_metadata(path: str) -> dict:
     if "lfm_fast_version" not in meta:
         raise InputError(f"--engine {path}: an ONNX model, but not one exported by `lfm-fast export`")
     return meta
+
+
+def file_digest(path: str) -> str:
+    """sha256 of an ONNX file and its external data file, if any: the key of a TensorRT engine built from it."""
+    h = hashlib.sha256()
+    for p in (path, path + ".data"):
+        if os.path.isfile(p):
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    h.update(block)
+    return h.hexdigest()

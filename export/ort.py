@@ -1,15 +1,25 @@
-"""Run an exported sampler graph with ONNX Runtime (CPU by default; CUDA / TensorRT providers when present).
+"""Run an exported graph with ONNX Runtime: CPU, CUDA (IO binding on the device) or TensorRT (engine cache, fp16,
+explicit profile shapes), on torch tensors.
 
-IO binding keeps inputs and outputs in place: on CPU the numpy buffers are bound directly, on CUDA
-the output stays on the device until copied once at the end.
+`OrtGraph` binds inputs and a preallocated output by pointer, on the CPU or on the GPU, so results stay
+where the session computed them. `OrtSampler` runs a sampler graph; `velocity_net` wraps a velocity graph
+as a `GraphNet` that the solvers of `lfm_fast.sampling` drive (any steps, solver, grid and CFG scale).
 """
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
+import torch
 
 from lfm_fast.errors import InputError
 from lfm_fast.export.onnx import read_metadata
+from lfm_fast.export.sampler import GraphNet
+
+_TYPES = {"tensor(float)": (np.float32, torch.float32), "tensor(float16)": (np.float16, torch.float16),
+          "tensor(int64)": (np.int64, torch.int64), "tensor(uint8)": (np.uint8, torch.uint8)}
 
 
 def available_providers() -> list[str]:
@@ -18,46 +28,114 @@ def available_providers() -> list[str]:
     return ort.get_available_providers()
 
 
-class OrtSampler:
-    def __init__(self, path: str, providers: list[str] | None = None, intra_op_threads: int = 0, inter_op_threads: int = 0):
+def default_threads() -> int:
+    """Intra-op threads: the cores shared out among the local ranks (ONNX Runtime's 0 gives each rank all of them)."""
+    return max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def provider_options(meta: dict, providers: list[str], batch_range=(1, 16, 64), cache_dir: str | None = None) -> list:
+    """ONNX Runtime providers with their options. TensorRT: an engine cache (so a process reuses the engine an
+    earlier one built), fp16 kernels for an fp16 graph, and explicit profile shapes over `batch_range` for every
+    input (no rebuild when the batch changes); CUDA: the device of this rank."""
+    device = int(os.environ.get("LOCAL_RANK", "0"))
+    out = []
+    for p in providers:
+        if p == "TensorrtExecutionProvider":
+            shapes = [[f"{name}:{'x'.join(str(d) for d in (b, *rest))}" for name, rest in _input_shapes(meta)] for b in batch_range]
+            out.append((p, {"device_id": device, "trt_engine_cache_enable": True, "trt_timing_cache_enable": True,
+                            "trt_engine_cache_path": cache_dir or os.path.join(_cache_root(), "ort-trt"),
+                            "trt_fp16_enable": meta.get("dtype") == "float16",
+                            "trt_profile_min_shapes": ",".join(shapes[0]), "trt_profile_opt_shapes": ",".join(shapes[1]),
+                            "trt_profile_max_shapes": ",".join(shapes[2])}))
+        elif p == "CUDAExecutionProvider":
+            out.append((p, {"device_id": device}))
+        else:
+            out.append(p)
+    return out
+
+
+def _cache_root() -> str:
+    return os.environ.get("LFM_FAST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "lfm-fast"))
+
+
+def _input_shapes(meta: dict) -> list[tuple[str, tuple]]:
+    """(name, per-sample shape) of each input of a graph, from its metadata."""
+    latent = tuple(json.loads(meta["latent_shape"]))
+    cond = [("cond", tuple(json.loads(meta["cond_shape"])))] if meta.get("condition", "none") != "none" else []
+    if meta.get("graph") == "velocity":
+        return [("x", latent), ("t", ()), ("labels", ())] + cond
+    return [("noise", latent), ("labels", ())] + cond
+
+
+class OrtGraph:
+    """An ONNX Runtime session of an exported graph, run on torch tensors by IO binding (inputs and output by pointer,
+    on `device`: "cpu", or "cuda" with the CUDA / TensorRT providers)."""
+
+    def __init__(self, path: str, providers: list[str] | None = None, threads: int | None = None,
+                 batch_range=(1, 16, 64)):
         import onnxruntime as ort
 
         self.meta = read_metadata(path)
         so = ort.SessionOptions()
-        so.intra_op_num_threads = intra_op_threads  # 0 = ONNX Runtime's default (all cores)
-        so.inter_op_num_threads = inter_op_threads
+        so.intra_op_num_threads = default_threads() if threads is None else threads
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if providers is None:
             preferred = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
             providers = [p for p in preferred if p in ort.get_available_providers()]
         try:
-            self.session = ort.InferenceSession(path, so, providers=providers)
+            self.session = ort.InferenceSession(path, so, providers=provider_options(self.meta, providers, batch_range))
         except Exception as e:  # ORT raises its own exception types for invalid graphs
             raise InputError(f"--engine {path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]})") from None
+        self.device = torch.device("cuda" if self.session.get_providers()[0] != "CPUExecutionProvider" else "cpu")
         self.inputs = {i.name: i for i in self.session.get_inputs()}
-        self.output = self.session.get_outputs()[0].name
-        # the graph's own input type (its first input: the noise, or x in a velocity-only graph): fp32 state in graphs
-        # of this version, the network's dtype in older fp16 ones
-        first = self.session.get_inputs()[0]
-        self.dtype = np.float16 if first.type == "tensor(float16)" else np.float32
+        out = self.session.get_outputs()[0]
+        self.output, self.out_dtype = out.name, _TYPES[out.type][1]
+        self.out_shape = tuple(json.loads(self.meta["output_shape"]))
+
+    def run(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        binding = self.session.io_binding()
+        kind, index = self.device.type, self.device.index or 0
+        keep = []
+        for name, arg in self.inputs.items():
+            if name not in feeds or feeds[name] is None:
+                raise InputError(f"this graph needs a {name!r} input")
+            want = _TYPES[arg.type]
+            value = feeds[name].to(self.device, want[1]).contiguous()
+            expected = tuple(arg.shape[1:])
+            if tuple(value.shape[1:]) != expected:
+                raise InputError(f"{name} of shape {tuple(value.shape)} does not fit the graph's (B, {', '.join(map(str, expected))})")
+            keep.append(value)
+            binding.bind_input(name, kind, index, want[0], tuple(value.shape), value.data_ptr())
+        out = torch.empty((keep[0].shape[0], *self.out_shape), dtype=self.out_dtype, device=self.device)
+        binding.bind_output(self.output, kind, index, _np_dtype(self.out_dtype), tuple(out.shape), out.data_ptr())
+        self.session.run_with_iobinding(binding)
+        return out
+
+
+def _np_dtype(dtype: torch.dtype):
+    return next(v[0] for v in _TYPES.values() if v[1] == dtype)
+
+
+class OrtSampler(OrtGraph):
+    """A sampler graph: (noise, labels[, cond]) → latents or uint8 images."""
 
     @property
     def nfe(self) -> int:
         return int(self.meta["nfe"])
 
-    def __call__(self, noise, labels, condition=None) -> np.ndarray:
-        feeds = {"noise": np.ascontiguousarray(np.asarray(noise, dtype=self.dtype)),
-                 "labels": np.ascontiguousarray(np.asarray(labels, dtype=np.int64))}
-        if "cond" in self.inputs:
-            if condition is None:
-                raise InputError("this graph needs a condition input")
-            feeds["cond"] = np.ascontiguousarray(np.asarray(condition, dtype=self.dtype))
-        expected = tuple(self.inputs["noise"].shape[1:])
-        if tuple(feeds["noise"].shape[1:]) != expected:
-            raise InputError(f"noise of shape {tuple(feeds['noise'].shape)} does not fit the graph's (B, {', '.join(map(str, expected))})")
-        binding = self.session.io_binding()
-        for name, value in feeds.items():
-            binding.bind_cpu_input(name, value)
-        binding.bind_output(self.output)
-        self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+    def __call__(self, noise, labels, condition=None) -> torch.Tensor:
+        if self.meta.get("graph") == "velocity":
+            raise InputError("a velocity graph is one network evaluation: drive it with velocity_net(), not as a sampler")
+        return self.run({"noise": torch.as_tensor(noise), "labels": torch.as_tensor(labels),
+                         **({} if "cond" not in self.inputs else {"cond": None if condition is None else torch.as_tensor(condition)})})
+
+
+def velocity_net(runner, config) -> GraphNet:
+    """A velocity graph (ONNX Runtime or TensorRT runner) as a network the solvers drive: fp32 in and out."""
+    def velocity(x, t, labels, cond=None):
+        feeds = {"x": x, "t": t, "labels": labels}
+        if cond is not None:
+            feeds["cond"] = cond
+        return runner.run(feeds).to(x.device)
+
+    return GraphNet(config, velocity, runner.device)

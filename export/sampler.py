@@ -12,8 +12,8 @@ import json
 import torch
 from torch import nn
 
-from lfm_fast import __version__
 from lfm_fast.errors import InputError
+from lfm_fast.models.dit import DiT
 from lfm_fast.sampling import FIXED_SOLVERS, NFE_PER_STEP, Field, SampleConfig, integrate_fixed, time_grid
 
 
@@ -45,17 +45,31 @@ class UnrolledSampler(nn.Module):
         return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
-def sampler_metadata(sampler: UnrolledSampler, dtype: str) -> dict:
-    c = sampler.model.config
+def sampler_metadata(sampler: UnrolledSampler) -> dict:
+    """The recipe a sampler graph fixes (its solver, steps, grid, CFG), as strings for ONNX metadata."""
     s = sampler.config
-    return {"lfm_fast_version": __version__, "solver": s.solver, "steps": str(s.steps), "cfg": str(float(s.cfg)),
-            "grid": s.grid, "shift": str(s.shift), "times": json.dumps(sampler.times), "cfg_interval": f"{s.cfg_lo}:{s.cfg_hi}",
-            "nfe": str(sampler.nfe), "sigma_min": str(sampler.sigma_min), "state_dtype": "float32",
-            "latent_shape": json.dumps([c.in_channels, c.input_size, c.input_size]), "num_classes": str(c.num_classes),
-            "condition": c.condition, "cond_shape": json.dumps(list(c.cond_shape)), "scaling_factor": str(sampler.scaling_factor),
-            "with_decoder": str(sampler.decoder is not None).lower(), "dtype": dtype}
+    return {"solver": s.solver, "steps": str(s.steps), "cfg": str(float(s.cfg)), "grid": s.grid, "shift": str(s.shift),
+            "times": json.dumps(sampler.times), "cfg_interval": f"{s.cfg_lo}:{s.cfg_hi}", "nfe": str(sampler.nfe),
+            "sigma_min": str(sampler.sigma_min), "state_dtype": "float32", "scaling_factor": str(sampler.scaling_factor),
+            "with_decoder": str(sampler.decoder is not None).lower()}
 
 
+class GraphNet(nn.Module):
+    """A velocity network behind a graph boundary: `velocity(x, t, labels, cond)` is an exported network (an ONNX
+    Runtime session or a TensorRT engine, fp32 in and out) or, while a sampler graph is traced, the placeholder the
+    network is spliced into. CFG is DiT's own `forward_with_cfg` (both halves in one batch through `velocity`), so
+    `Field` and every solver of `lfm_fast.sampling` drive it as they drive the eager network."""
+
+    forward_with_cfg = DiT.forward_with_cfg
+
+    def __init__(self, config, velocity, device: str | torch.device = "cpu"):
+        super().__init__()
+        self.config, self.velocity, self.device = config, velocity, torch.device(device)
+        self.y_embedder = True if config.num_classes else None  # forward_with_cfg asks whether labels condition
+
+    def forward(self, x, t, y=None, cond=None):
+        labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device) if y is None else y
+        return self.velocity(x, t, labels, cond)
 
 
 def compile_sampler(model, cfg: SampleConfig, decoder=None, scaling_factor: float = 1.0,

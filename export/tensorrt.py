@@ -1,19 +1,26 @@
-"""TensorRT: build an engine from an exported sampler graph and run it on torch CUDA tensors.
+"""TensorRT: build an engine from an exported graph (sampler or velocity) and run it on torch CUDA tensors.
 
-Written against the TensorRT 10 Python API (OnnxParser, IBuilderConfig with an optimization profile
-over the batch and a timing cache, build_serialized_network, IExecutionContext.execute_async_v3 with
-tensor addresses). Needs `tensorrt` and a CUDA GPU; its tests are marked `gpu` and skip elsewhere.
+Written against the TensorRT 10 and 11 Python APIs. Networks are strongly typed (TensorRT 11 knows no other
+kind, and 10.12 deprecated the FP16/BF16 builder flags): precision is the ONNX graph's own, an fp16 or bf16
+network with an fp32 ODE state, so one code path serves both. Every call that reports failure by its return
+value is checked (`_check`) and fails with a line naming it. Beside each engine, `<engine>.json` records what
+it was built from and for: the graph's metadata, the ONNX file's sha256, the batch range of its profile, the
+TensorRT version and the GPU, which `TensorRTRunner` checks before it runs. Engines are cached by (ONNX sha256,
+TensorRT version, GPU, profile) under $LFM_FAST_CACHE (default ~/.cache/lfm-fast)/engines.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 
 import torch
 
 from lfm_fast.errors import InputError
-from lfm_fast.export.onnx import read_metadata
-from lfm_fast.fileio import atomic_path
+from lfm_fast.export.onnx import file_digest, read_metadata
+from lfm_fast.fileio import atomic_path, write_json
 
 
 def require_tensorrt():
@@ -24,6 +31,11 @@ def require_tensorrt():
     if not torch.cuda.is_available():
         raise InputError("TensorRT needs a CUDA GPU; none is visible")
     return trt
+
+
+def gpu_info() -> dict:
+    p = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return {"gpu": p.name, "compute_capability": f"{p.major}.{p.minor}"}
 
 
 def parse_batch_range(text: str) -> tuple[int, int, int]:
@@ -39,103 +51,180 @@ def parse_batch_range(text: str) -> tuple[int, int, int]:
     return tuple(parts)
 
 
-def build_engine(onnx_path: str, engine_path: str, fp16: bool = True, bf16: bool = False,
-                 batch_range: tuple[int, int, int] = (1, 16, 64), timing_cache: str | None = None,
-                 workspace_gib: float = 8.0) -> str:
+def _check(ok, call: str):
+    """TensorRT reports many failures by a False / None / negative return, not an exception."""
+    if ok is None or ok is False or (isinstance(ok, int) and not isinstance(ok, bool) and ok < 0):
+        raise RuntimeError(f"TensorRT: {call} failed (see TensorRT's log above)")
+    return ok
+
+
+def engine_key(onnx_sha256: str, batch_range, trt_version: str, gpu: dict) -> str:
+    text = json.dumps([onnx_sha256, list(batch_range), trt_version, gpu["gpu"], gpu["compute_capability"]])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def build_engine(onnx_path: str, engine_path: str, batch_range: tuple[int, int, int] = (1, 16, 64),
+                 workspace_gib: float | None = None, cache_dir: str | None = None) -> dict:
+    """Build (or take from the cache) the engine of `onnx_path` for a batch (sampler graphs: images; velocity graphs:
+    network rows, two per image under CFG) in `batch_range`; write it and `<engine>.json`. Returns the latter."""
     trt = require_tensorrt()
-    read_metadata(onnx_path)  # a clear error for files that are not our graphs
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(onnx_path):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise InputError(f"TensorRT cannot parse {onnx_path}: {errors[:300]}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
-    if fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-    if bf16:
-        config.set_flag(trt.BuilderFlag.BF16)
-    profile = builder.create_optimization_profile()
-    lo, opt, hi = batch_range
-    for i in range(network.num_inputs):
-        tensor = network.get_input(i)
-        rest = tuple(tensor.shape)[1:]
-        profile.set_shape(tensor.name, (lo, *rest), (opt, *rest), (hi, *rest))
-    config.add_optimization_profile(profile)
-    cache_bytes = open(timing_cache, "rb").read() if timing_cache and os.path.isfile(timing_cache) else b""
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see its log above)")
-    with atomic_path(engine_path) as tmp, open(tmp, "wb") as f:
-        f.write(serialized)
-    if timing_cache:
-        with atomic_path(timing_cache) as tmp, open(tmp, "wb") as f:
+    meta = read_metadata(onnx_path)
+    record = {"onnx": meta, "onnx_sha256": file_digest(onnx_path), "batch_range": list(batch_range),
+              "tensorrt_version": trt.__version__, **gpu_info()}
+    cache_dir = cache_dir or os.path.join(os.environ.get("LFM_FAST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "lfm-fast")), "engines")
+    key = engine_key(record["onnx_sha256"], batch_range, record["tensorrt_version"], record)
+    cached = os.path.join(cache_dir, f"{key}.plan")
+    timing_path = os.path.join(cache_dir, f"timing-{key[:8]}-{trt.__version__}.cache")
+    if not os.path.isfile(cached):
+        logger = trt.Logger(trt.Logger.WARNING)
+        builder = _check(trt.Builder(logger), "Builder()")
+        network = _check(builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)), "create_network")
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(onnx_path):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise InputError(f"TensorRT cannot parse {onnx_path}: {errors[:300]}")
+        config = _check(builder.create_builder_config(), "create_builder_config")
+        if workspace_gib:
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
+        profile = builder.create_optimization_profile()
+        lo, opt, hi = batch_range
+        for i in range(network.num_inputs):
+            tensor = network.get_input(i)
+            rest = tuple(tensor.shape)[1:]
+            profile.set_shape(tensor.name, (lo, *rest), (opt, *rest), (hi, *rest))
+        _check(config.add_optimization_profile(profile), "add_optimization_profile")
+        timing = b""
+        if os.path.isfile(timing_path):
+            with open(timing_path, "rb") as f:
+                timing = f.read()
+        _check(config.set_timing_cache(_check(config.create_timing_cache(timing), "create_timing_cache"), False),
+               "set_timing_cache (a timing cache from another GPU or TensorRT version?)")
+        serialized = _check(builder.build_serialized_network(network, config), f"build_serialized_network of {onnx_path}")
+        with atomic_path(cached) as tmp, open(tmp, "wb") as f:
+            f.write(serialized)
+        with atomic_path(timing_path) as tmp, open(tmp, "wb") as f:
             f.write(config.get_timing_cache().serialize())
-    return engine_path
+    with atomic_path(engine_path) as tmp:
+        shutil.copyfile(cached, tmp)
+    write_json(engine_path + ".json", record)
+    return record
 
 
-class TensorRTSampler:
-    """Runs a serialized engine on torch CUDA tensors (execute_async_v3 on the current stream)."""
+def read_engine_record(engine_path: str) -> dict:
+    """`<engine>.json`, checked against this machine's TensorRT and GPU (one line if it was built for others)."""
+    side = engine_path + ".json"
+    if not os.path.isfile(engine_path):
+        raise InputError(f"--engine {engine_path}: no such file")
+    if not os.path.isfile(side):
+        raise InputError(f"--engine {engine_path}: no {side} beside it (written by `lfm-fast export --format tensorrt`)")
+    with open(side) as f:
+        record = json.load(f)
+    return record
 
-    def __init__(self, engine_path: str, cuda_graph: bool = False):
+
+class TensorRTRunner:
+    """Runs a serialized engine on torch CUDA tensors: `run(feeds) → output`, enqueued on the runner's own stream
+    ordered after the caller's (and the caller's after it). With `cuda_graph`, one CUDA graph per input shape over
+    static input and output buffers; every call returns a copy of the output (a later replay overwrites the buffer)."""
+
+    def __init__(self, engine_path: str, cuda_graph: bool = False, device: str = "cuda"):
         trt = require_tensorrt()
-        if not os.path.isfile(engine_path):
-            raise InputError(f"--engine {engine_path}: no such file")
+        self.record = read_engine_record(engine_path)
+        self.meta = self.record["onnx"]
+        here = {"tensorrt_version": trt.__version__, **gpu_info()}
+        for key, value in here.items():
+            if self.record.get(key) != value:
+                raise InputError(f"--engine {engine_path} was built for {key.replace('_', ' ')} {self.record.get(key)}, this "
+                                 f"machine has {value}: export it again here")
+        self.device = torch.device(device)
         self.logger = trt.Logger(trt.Logger.WARNING)
         with open(engine_path, "rb") as f:
             self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(f.read())
         if self.engine is None:
-            raise InputError(f"--engine {engine_path}: not a TensorRT engine for this TensorRT version and GPU")
-        self.context = self.engine.create_execution_context()
+            raise InputError(f"--engine {engine_path}: TensorRT {trt.__version__} cannot load it on this GPU")
+        self.context = _check(self.engine.create_execution_context(), "create_execution_context")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.output = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
         self._dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16,
                         trt.DataType.BF16: torch.bfloat16, trt.DataType.INT64: torch.int64,
                         trt.DataType.INT32: torch.int32, trt.DataType.UINT8: torch.uint8}
+        self.batch_range = tuple(self.record["batch_range"])
         self.cuda_graph = cuda_graph
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._graphs: dict[tuple, tuple] = {}
 
-    def _bind(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+    def check_batch(self, rows: int, what: str = "--batch-size"):
+        lo, _, hi = self.batch_range
+        if not lo <= rows <= hi:
+            raise InputError(f"{what}: a batch of {rows} rows, outside the engine's profile {lo}..{hi} "
+                             f"(export it again with --batch-range)")
+
+    def _feeds(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
         for name in self.inputs:
-            t = feeds[name]
-            self.context.set_input_shape(name, tuple(t.shape))
-            self.context.set_tensor_address(name, t.data_ptr())
-        name = self.outputs[0]
-        out = torch.empty(tuple(self.context.get_tensor_shape(name)), device="cuda",
-                          dtype=self._dtypes[self.engine.get_tensor_dtype(name)])
-        self.context.set_tensor_address(name, out.data_ptr())
+            if feeds.get(name) is None:
+                raise InputError(f"this engine needs a {name!r} input")
+            out[name] = feeds[name].to(self.device, self._dtypes[self.engine.get_tensor_dtype(name)]).contiguous()
+        self.check_batch(next(iter(out.values())).shape[0], "batch")
         return out
 
-    def __call__(self, noise: torch.Tensor, labels: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
-        want = self._dtypes[self.engine.get_tensor_dtype("noise")]
-        feeds = {"noise": noise.to("cuda", want).contiguous(), "labels": labels.to("cuda", torch.int64).contiguous()}
-        if "cond" in self.inputs:
-            if condition is None:
-                raise InputError("this engine needs a condition input")
-            feeds["cond"] = condition.to("cuda", want).contiguous()
-        if not self.cuda_graph:
-            out = self._bind(feeds)
-            self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream)
-            return out
-        # CUDA graph per input shape (batch-1 latency): static buffers captured once, refilled per call
-        key = tuple((n, tuple(t.shape)) for n, t in feeds.items())
-        if key not in self._graphs:
-            static = {n: t.clone() for n, t in feeds.items()}
-            out = self._bind(static)
-            stream = torch.cuda.Stream()
-            with torch.cuda.stream(stream):
-                self.context.execute_async_v3(stream.cuda_stream)  # warm-up outside capture
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, stream=stream):
-                    self.context.execute_async_v3(stream.cuda_stream)
-            self._graphs[key] = (graph, static, out)
-        graph, static, out = self._graphs[key]
-        for n, t in feeds.items():
-            static[n].copy_(t)
-        graph.replay()
+    def _bind(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        for name, t in feeds.items():
+            _check(self.context.set_input_shape(name, tuple(t.shape)), f"set_input_shape({name}, {tuple(t.shape)})")
+            _check(self.context.set_tensor_address(name, t.data_ptr()), f"set_tensor_address({name})")
+        shape = tuple(self.context.get_tensor_shape(self.output))
+        if any(d < 0 for d in shape):
+            raise RuntimeError(f"TensorRT: the output shape {shape} is not determined by the input shapes")
+        out = torch.empty(shape, device=self.device, dtype=self._dtypes[self.engine.get_tensor_dtype(self.output)])
+        _check(self.context.set_tensor_address(self.output, out.data_ptr()), f"set_tensor_address({self.output})")
         return out
+
+    def _enqueue(self):
+        _check(self.context.execute_async_v3(0 if self.stream is None else self.stream.cuda_stream), "execute_async_v3")
+
+    def run(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        feeds = self._feeds(feeds)
+        if self.stream is None:  # a runner without a CUDA device (tests): enqueue and return
+            out = self._bind(feeds)
+            self._enqueue()
+            return out
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)  # the inputs were made on the caller's stream
+        if self.cuda_graph:
+            static = self._replay(feeds)
+        else:
+            out = self._bind(feeds)  # allocated on the caller's stream, written on the runner's
+            self._enqueue()
+            out.record_stream(self.stream)
+        caller.wait_stream(self.stream)
+        for t in feeds.values():
+            t.record_stream(self.stream)  # not handed out again by the allocator before the runner's stream is done
+        # the static output is overwritten by the next replay, which waits for this copy on the caller's stream
+        return static.clone() if self.cuda_graph else out
+
+    def _replay(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A CUDA graph per input shape (batch-1 latency), captured once over static buffers, refilled per call;
+        returns the static output buffer."""
+        key = tuple((n, tuple(t.shape)) for n, t in feeds.items())
+        with torch.cuda.stream(self.stream):
+            if key not in self._graphs:
+                static = {n: t.clone() for n, t in feeds.items()}
+                out = self._bind(static)
+                self._enqueue()  # warm-up outside the capture (TensorRT allocates on its first run)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=self.stream):
+                    self._enqueue()
+                self._graphs[key] = (graph, static, out)
+            graph, static, out = self._graphs[key]
+            for n, t in feeds.items():
+                static[n].copy_(t)
+            graph.replay()
+        return out
+
+
+class TensorRTSampler(TensorRTRunner):
+    """A sampler engine: (noise, labels[, cond]) → latents or uint8 images."""
+
+    def __call__(self, noise: torch.Tensor, labels: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        return self.run({"noise": noise, "labels": labels, "cond": condition})

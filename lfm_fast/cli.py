@@ -196,13 +196,21 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--iters", type=int, default=60, help="gradient steps on the grid")
     k.add_argument("--overwrite", action="store_true", help="replace a grid already stored for the same solver, steps, "
                    "cfg and interval")
-    e.add_argument("--with-decoder", action="store_true", help="end the graph with the AE decoder: outputs uint8 NHWC images")
+    e.add_argument("--graph", choices=("sampler", "velocity"), default="sampler",
+                   help="sampler: the whole N-step sampler in one graph, its recipe (solver, steps, grid, CFG) fixed, "
+                        "the fastest for that recipe; velocity: the network alone (CFG rows batched through it), driven "
+                        "by `sample`'s own solvers, so steps, solver, grid and CFG change without a new export")
+    e.add_argument("--with-decoder", action="store_true", help="sampler graph: end with the AE decoder, outputs uint8 NHWC images")
     e.add_argument("--ae", default=None, help="autoencoder for --with-decoder (default: the checkpoint's)")
-    e.add_argument("--fp16", action="store_true", help="fp16 weights and activations (TensorRT: fp16 kernels)")
-    e.add_argument("--bf16", action="store_true", help="TensorRT only: allow bf16 kernels")
-    e.add_argument("--net-only", action="store_true", help="export the velocity network alone (inputs x, t, labels)")
-    e.add_argument("--batch-range", default="1:64", help="TensorRT optimization profile, MIN:MAX or MIN:OPT:MAX")
-    e.add_argument("--out", required=True, help="the .onnx file, or the TensorRT engine file (new; see --overwrite)")
+    precision = e.add_mutually_exclusive_group()
+    precision.add_argument("--fp16", action="store_true", help="the network in fp16 (typed in the graph; the ODE state, "
+                           "times and solver stay fp32). TensorRT builds it strongly typed")
+    precision.add_argument("--bf16", action="store_true", help="the network in bf16 (as --fp16; ONNX opset 22; ONNX "
+                           "Runtime's CPU provider cannot run it, TensorRT can)")
+    e.add_argument("--batch-range", default="1:64", help="TensorRT optimization profile, MIN:MAX or MIN:OPT:MAX: images "
+                   "for a sampler graph, network rows for a velocity graph (2 per image under CFG)")
+    e.add_argument("--out", required=True, help="the .onnx file (its weights in OUT.data past 1.5 GiB), or the TensorRT "
+                   "engine file, with OUT.json beside it (new; see --overwrite)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
     v = sub.add_parser("eval", help="FID, precision/recall and latent FD of samples against a reference")
@@ -428,8 +436,9 @@ def _sample_config(config: dict, args):
         scfg.steps = args.nfe // per
     if getattr(args, "cfg_interval", None) is not None:
         scfg.cfg_lo, scfg.cfg_hi = _parse_interval(args.cfg_interval)
-    if getattr(args, "backend", "eager") in ("eager", "compile"):  # a graph's own: checked by _graph_runner
-        _check_flags_apply(args, scfg)
+    backend = getattr(args, "backend", "eager")
+    if backend in ("eager", "compile") or _engine_meta(args).get("graph") == "velocity":  # a sampler graph's own recipe:
+        _check_flags_apply(args, scfg)  # checked by _graph_runner
     if scfg.grid == "calibrated" and scfg.solver in NFE_PER_STEP:
         from lfm_fast.calibrate import load_times
 
@@ -487,42 +496,32 @@ def _autoencoder_spec(config: dict, args) -> str:
     return spec
 
 
-def _graph_runner(args, scfg, model):
-    """(run_batch, NFE, outputs_are_images) for the onnxruntime / tensorrt backends."""
+def _engine_meta(args) -> dict:
+    """The metadata of --engine (an ONNX graph's own, or a TensorRT engine's record), read once."""
+    if not args.engine:
+        raise InputError(f"--backend {args.backend} needs --engine FILE (made by `lfm-fast export`)")
+    if not hasattr(args, "_engine_meta"):
+        if args.backend == "onnxruntime":
+            from lfm_fast.export.onnx import read_metadata
+
+            args._engine_meta = read_metadata(args.engine)
+        else:
+            from lfm_fast.export.tensorrt import read_engine_record
+
+            args._engine_meta = read_engine_record(args.engine)["onnx"]
+    return args._engine_meta
+
+
+def _graph_runner(args, scfg, model, total: int):
+    """The onnxruntime / tensorrt backends, checked against the checkpoint and the flags: (run_batch, NFE,
+    outputs_are_images) for a sampler graph, or a network the solvers drive (`GraphNet`) for a velocity graph."""
     import json
 
     import torch
 
-    if not args.engine:
-        raise InputError(f"--backend {args.backend} needs --engine FILE (made by `lfm-fast export`)")
-    if args.backend == "onnxruntime":
-        from lfm_fast.export.ort import OrtSampler
+    from lfm_fast.export.onnx import weights_digest
 
-        runner = OrtSampler(args.engine)
-        meta = runner.meta
-        if meta.get("graph") == "velocity":
-            raise InputError(f"--engine {args.engine} is the velocity network alone (`export --net-only`); sample needs "
-                             f"the whole sampler: export it without --net-only")
-    else:
-        from lfm_fast.export.tensorrt import TensorRTSampler
-
-        side = args.engine + ".json"
-        if not os.path.isfile(side):
-            raise InputError(f"--engine {args.engine}: no {side} beside it (written by `lfm-fast export --format tensorrt`)")
-        with open(side) as f:
-            meta = json.load(f)
-        runner = TensorRTSampler(args.engine)
-    interval = lambda text: tuple(float(v) for v in text.split(":"))  # noqa: E731
-    for name, kind in (("solver", str), ("steps", int), ("cfg", float), ("grid", str), ("shift", float),
-                       ("cfg_interval", interval)):
-        asked = getattr(args, name)
-        if name in meta and asked is not None and kind(asked) != kind(meta[name]):
-            raise InputError(f"--{name.replace('_', '-')} {asked}: the graph {args.engine} was exported with "
-                             f"{name}={meta[name]}")
-        if name == "cfg_interval" and name in meta:
-            scfg.cfg_lo, scfg.cfg_hi = kind(meta[name])
-        elif name in meta:
-            setattr(scfg, name, kind(meta[name]))
+    meta = _engine_meta(args)
     c = model.config
     if json.loads(meta["latent_shape"]) != [c.in_channels, c.input_size, c.input_size]:
         raise InputError(f"--engine {args.engine}: its latent shape {meta['latent_shape']} does not match checkpoint {args.ckpt}")
@@ -530,12 +529,40 @@ def _graph_runner(args, scfg, model):
     if graph != (c.condition, c.num_classes, list(c.cond_shape)):
         raise InputError(f"--engine {args.engine} was exported from a model {_trained_for(*graph[:2])}, checkpoint "
                          f"{args.ckpt} is one {_trained_for(c.condition, c.num_classes)}: export this checkpoint")
+    if meta.get("weights_sha256") != weights_digest(model):
+        raise InputError(f"--engine {args.engine} was exported from other weights than checkpoint {args.ckpt}'s: export "
+                         f"this checkpoint")
+    velocity = meta.get("graph") == "velocity"
+    if not velocity:
+        interval = lambda text: tuple(float(v) for v in text.split(":"))  # noqa: E731
+        for name, kind in (("solver", str), ("steps", int), ("cfg", float), ("grid", str), ("shift", float),
+                           ("cfg_interval", interval)):
+            asked = getattr(args, name)
+            if asked is not None and kind(asked) != kind(meta[name]):
+                raise InputError(f"--{name.replace('_', '-')} {asked}: the graph {args.engine} was exported with "
+                                 f"{name}={meta[name]} (export --graph velocity to choose the recipe when sampling)")
+            if name == "cfg_interval":
+                scfg.cfg_lo, scfg.cfg_hi = kind(meta[name])
+            else:
+                setattr(scfg, name, kind(meta[name]))
+        scfg.times = tuple(json.loads(meta["times"]))
+    if args.backend == "onnxruntime":
+        from lfm_fast.export.ort import OrtGraph as Runner
+    else:
+        from lfm_fast.export.tensorrt import TensorRTRunner as Runner
+    runner = Runner(args.engine)
+    if args.backend == "tensorrt":  # the profile's batch range: every batch this run makes
+        per = 2 if velocity and scfg.cfg != 1.0 else 1
+        for rows in {min(args.batch_size, total), total % args.batch_size or args.batch_size}:
+            runner.check_batch(rows * per, f"--batch-size {args.batch_size}" + (" (2 network rows an image under CFG)" if per == 2 else ""))
+    if velocity:
+        from lfm_fast.export.ort import velocity_net
+
+        return velocity_net(runner, c)
 
     def run(noise, y, cond=None):
         y = torch.zeros(noise.shape[0], dtype=torch.long) if y is None else y
-        if args.backend == "onnxruntime":
-            return torch.from_numpy(runner(noise.cpu().numpy(), y.cpu().numpy(), None if cond is None else cond.cpu().numpy()))
-        return runner(noise, y, cond).cpu()
+        return runner.run({"noise": noise, "labels": y, "cond": cond}).cpu()
 
     return run, int(meta["nfe"]), meta["with_decoder"] == "true"
 
@@ -587,10 +614,13 @@ def _cmd_sample(args):
         run = (lambda n, y, cond=None: sampler(n, torch.zeros(n.shape[0], dtype=torch.long, device=n.device) if y is None
                                                else y, cond))
         latents = generate(run, labels, seeds, shape, args.batch_size, d.device, progress=progress, conds=conds)
-    else:
-        run, nfe, gives_images = _graph_runner(args, scfg, model)
+    elif isinstance(graph := _graph_runner(args, scfg, model, total), tuple):
+        run, nfe, gives_images = graph
         out = generate(run, labels, seeds, shape, args.batch_size, progress=progress, conds=conds)
         images, latents = (out.numpy(), None) if gives_images else (None, out)
+    else:  # a velocity graph, driven by the solvers as the eager network is
+        latents, nfe = generate_latents(graph, labels, seeds, scfg, args.batch_size, progress=progress, conds=conds,
+                                        sigma_min=_sigma_min(config))
     if images is None:
         ae = ae or load_autoencoder(_autoencoder_spec(config, args), device=d.device)
         images = latents_to_images(ae, latents.float())
@@ -653,46 +683,54 @@ def _task_conditions(args, task: str, model, ae):
 
 
 def _cmd_export(args):
-    import json
+    import time
 
     from lfm_fast.autoencoder import load_autoencoder
     from lfm_fast.export.onnx import export_onnx
     from lfm_fast.sampling import FIXED_SOLVERS
-    from lfm_fast.fileio import write_json
     from lfm_fast.models.dit import DiT, read_checkpoint_config
 
     _check_sampler_flags(args)
     if os.path.isdir(args.out) or (os.path.lexists(args.out) and not args.overwrite):
         raise InputError(f"--out {args.out} exists{' and is a folder' if os.path.isdir(args.out) else ''}; name a new "
                          f"file{'' if os.path.isdir(args.out) else ', or pass --overwrite to replace it'}")
+    if args.graph == "velocity":  # no recipe in the graph: a flag for one would be ignored
+        for name in ("solver", "steps", "cfg", "cfg_interval", "grid", "shift"):
+            if getattr(args, name) is not None:
+                raise InputError(f"--{name.replace('_', '-')} {getattr(args, name)}: a velocity graph holds the network "
+                                 f"alone; pass it to `sample`, which drives the graph (or export --graph sampler)")
+        if args.with_decoder:
+            raise InputError("--with-decoder: a velocity graph holds the network alone; `sample` decodes its latents")
     if args.format == "tensorrt":
         from lfm_fast.export.tensorrt import parse_batch_range, require_tensorrt
 
         require_tensorrt()  # before the ONNX export, not after it
-        parse_batch_range(args.batch_range)
+        batch_range = parse_batch_range(args.batch_range)
     config = read_checkpoint_config(args.ckpt)
     model = DiT.from_pretrained(args.ckpt).eval()
     scfg = _sample_config(config, args)
-    if scfg.solver not in FIXED_SOLVERS:
+    if args.graph == "sampler" and scfg.solver not in FIXED_SOLVERS:
         raise InputError(f"--solver {scfg.solver}{' (the checkpoint default)' if args.solver is None else ''}: the exported "
                          f"sampler unrolls the steps of {', '.join(FIXED_SOLVERS)}; pass one of them")
     ae = load_autoencoder(_autoencoder_spec(config, args), device="cpu") if args.with_decoder else None
-    if args.format == "onnx":
-        meta = export_onnx(model, args.out, scfg, ae, args.fp16, net_only=args.net_only, sigma_min=_sigma_min(config))
-    else:
-        from lfm_fast.export.tensorrt import build_engine, parse_batch_range
+    dtype = "float16" if args.fp16 else "bfloat16" if args.bf16 else "float32"
+    opset = 22 if args.bf16 else 18  # ONNX types Conv in bf16 from opset 22
+    start = time.perf_counter()
+    onnx_path = args.out if args.format == "onnx" else args.out + ".onnx"
+    meta = export_onnx(model, onnx_path, scfg, ae, dtype, args.graph, _sigma_min(config), opset)
+    what = f"{args.graph} graph, network {dtype}"
+    if args.format == "tensorrt":
+        from lfm_fast.export.tensorrt import build_engine
 
-        batch_range = parse_batch_range(args.batch_range)
-        onnx_path = args.out + ".onnx"
-        meta = export_onnx(model, onnx_path, scfg, ae, args.fp16, net_only=args.net_only, sigma_min=_sigma_min(config))
         try:
-            build_engine(onnx_path, args.out, fp16=args.fp16, bf16=args.bf16, batch_range=batch_range,
-                         timing_cache=args.out + ".timing")
-        except BaseException:
-            os.remove(onnx_path)  # no intermediate left behind by a failed build
-            raise
-        write_json(args.out + ".json", meta)
-    print(f"wrote {args.out} ({args.format}): {json.dumps(meta)}")
+            record = build_engine(onnx_path, args.out, batch_range)
+        finally:
+            for p in (onnx_path, onnx_path + ".data"):  # the intermediate graph is not the user's
+                if os.path.exists(p):
+                    os.remove(p)
+        what += f", TensorRT {record['tensorrt_version']} on {record['gpu']}, batch {':'.join(map(str, batch_range))}"
+    recipe = "" if args.graph == "velocity" else f", {scfg.describe()}, NFE {meta['nfe']}"
+    print(f"wrote {args.out} ({what}{recipe}) in {time.perf_counter() - start:.1f} s")
 
 
 def _cmd_calibrate(args):

@@ -54,7 +54,7 @@ def generate_latents(model, labels: torch.Tensor | None, seeds: list[int], cfg: 
                      sigma_min: float = 1e-5) -> tuple[torch.Tensor, NfeCount]:
     """Eager sampling with any solver: fp32 noise and state, the network in its own dtype."""
     mc = model.config
-    p = next(model.parameters())
+    device = getattr(model, "device", None) or next(model.parameters()).device  # a GraphNet (an exported graph) has no weights
     image_nfe, rows, calls = [], 0, 0
 
     def run(noise, y, c=None):
@@ -64,7 +64,7 @@ def generate_latents(model, labels: torch.Tensor | None, seeds: list[int], cfg: 
         rows, calls = rows + res.net_rows, max(calls, res.nfe)
         return res.latents.float()
 
-    latents = generate(run, labels, seeds, (mc.in_channels, mc.input_size, mc.input_size), batch_size, p.device,
+    latents = generate(run, labels, seeds, (mc.in_channels, mc.input_size, mc.input_size), batch_size, device,
                        progress, conds)
     per_image = torch.cat(image_nfe) if image_nfe else torch.zeros(1)
     rows_per_image = rows / max(len(seeds), 1)

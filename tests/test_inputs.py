@@ -67,24 +67,6 @@ def test_a_broken_checkpoint_gets_one_line(tiny_pipeline, tmp_path, capsys):
     assert not (tmp_path / "s").exists() and not (tmp_path / "x.onnx").exists()
 
 
-def test_sample_refuses_a_velocity_only_graph(tiny_pipeline, tmp_path, capsys):
-    """A graph from `export --net-only` is one network evaluation, not a sampler: one line, not a KeyError."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 8, 8])
-    v = helper.make_tensor_value_info("velocity", TensorProto.FLOAT, ["batch", 4, 8, 8])
-    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["velocity"])], "net", [x], [v]),
-                              opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 8
-    helper.set_model_props(model, {"lfm_fast_version": "0", "graph": "velocity", "cfg": "1.0", "latent_shape": "[4, 8, 8]"})
-    onnx.save(model, tmp_path / "net.onnx")
-    assert_input_error(*run_cli(capsys, "sample", "--ckpt", str(tiny_pipeline / "dit"), "--backend", "onnxruntime",
-                                "--engine", str(tmp_path / "net.onnx"), "--out", str(tmp_path / "s")),
-                       "is the velocity network alone (`export --net-only`)")
-    assert not (tmp_path / "s").exists()
-
-
 def test_image_folders_of_mixed_sizes_keep_the_common_size(tmp_path):
     """A `sample` folder holds grid.png beside the images: as an eval reference it is skipped, with a warning."""
     import numpy as np

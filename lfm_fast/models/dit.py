@@ -211,7 +211,7 @@ class DiT(nn.Module):
         p, C = self.config.patch_size, self.config.in_channels
         g = self.config.input_size // p
         x = x.view(x.shape[0], g, g, p, p, C)
-        return torch.einsum("bhwpqc->bchpwq", x).reshape(x.shape[0], C, g * p, g * p)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(x.shape[0], C, g * p, g * p)  # (b, c, h, p, w, q)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
         """Velocity v(x, t | y, cond): x (B, C, H, W), t (B,) in [0, 1], y (B,) int64, cond as `config.condition`
