@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml setup.py requirements/torch.txt
 	# pytorch-fid, for the FID parity test only: without its torchvision dependency, since no torchvision
 	# wheel in reach loads with torch 2.13+cpu and a broken torchvision would break diffusers' imports
 	$(PY) -m pip install -q --no-deps pytorch-fid==0.3.0
+	# the TensorRT 10 and 11 Python bindings, downloaded, not installed (1 MB each; their libnvinfer is not on
+	# PyPI): tests/test_tensorrt.py checks every TensorRT name the runner uses against their pybind11 modules
+	$(PY) -m pip download -q --no-deps -d .venv/tensorrt-bindings tensorrt-cu12-bindings==10.13.0.35
+	$(PY) -m pip download -q --no-deps -d .venv/tensorrt-bindings tensorrt-cu12-bindings==11.4.0.106
 	touch $(STAMP)
 
 demo: install

@@ -127,7 +127,7 @@ class TensorRTRunner:
     ordered after the caller's (and the caller's after it). With `cuda_graph`, one CUDA graph per input shape over
     static input and output buffers; every call returns a copy of the output (a later replay overwrites the buffer)."""
 
-    def __init__(self, engine_path: str, cuda_graph: bool = False, device: str = "cuda"):
+    def __init__(self, engine_path: str, cuda_graph: bool = False, device: str | None = None):
         trt = require_tensorrt()
         self.record = read_engine_record(engine_path)
         self.meta = self.record["onnx"]
@@ -136,7 +136,7 @@ class TensorRTRunner:
             if self.record.get(key) != value:
                 raise InputError(f"--engine {engine_path} was built for {key.replace('_', ' ')} {self.record.get(key)}, this "
                                  f"machine has {value}: export it again here")
-        self.device = torch.device(device)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.logger = trt.Logger(trt.Logger.WARNING)
         with open(engine_path, "rb") as f:
             self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(f.read())
@@ -151,8 +151,15 @@ class TensorRTRunner:
                         trt.DataType.INT32: torch.int32, trt.DataType.UINT8: torch.uint8}
         self.batch_range = tuple(self.record["batch_range"])
         self.cuda_graph = cuda_graph
-        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._stream = None
         self._graphs: dict[tuple, tuple] = {}
+
+    @property
+    def stream(self):
+        """The runner's own CUDA stream (made on first use; none for a runner off CUDA, as in the CPU tests)."""
+        if self._stream is None and self.device.type == "cuda":
+            self._stream = torch.cuda.Stream(self.device)
+        return self._stream
 
     def check_batch(self, rows: int, what: str = "--batch-size"):
         lo, _, hi = self.batch_range
