@@ -1,10 +1,9 @@
 """Sampling latency per backend: 8-step Heun with CFG (16 NFE), batch 1 and 32.
 
-- demo model (small-data preset, 4×8×8 latents): eager, compile and onnxruntime run the whole
-  unrolled sampler (one graph / one compiled module for all 16 evaluations);
-- DiT-S/2 at 4×32×32: eager and onnxruntime; the ONNX graph of 16 unrolled DiT-S/2 evaluations
-  takes minutes to export on 2 cores, so this row exports the velocity network alone and loops the
-  same Heun steps in Python (marked `graph=velocity` in extra_info).
+- demo model (small-data preset, 4×8×8 latents) and DiT-S/2 at 4×32×32: eager; compile (demo only) and
+  onnxruntime run the whole unrolled sampler (one compiled module / one graph for all 16 evaluations);
+  onnxruntime-velocity runs the velocity graph (the network alone, CFG rows batched through it), driven by
+  the project's own Heun in Python: the design that changes steps, solver and CFG without a new export.
 
 extra_info holds ms per image, images/s and ms per NFE. Weights are random: latency does not
 depend on them.
@@ -39,50 +38,27 @@ def model_for(name):
     return _cache[name]
 
 
-def onnx_runner(name, tmp_dir):
-    key = ("onnx", name)
+def onnx_runner(name, graph, tmp_dir):
+    """ONNX Runtime (CPU): the unrolled sampler graph, or the velocity graph driven by the project's Heun."""
+    key = ("onnx", name, graph)
     if key not in _cache:
         from lfm_fast.export.onnx import export_onnx
+        from lfm_fast.export.ort import OrtSampler, velocity_net
 
         model = model_for(name)
-        path = str(tmp_dir / f"{name}.onnx")
-        if name == "demo":
-            export_onnx(model, path, SampleConfig("heun", STEPS, CFG))
-            from lfm_fast.export.ort import OrtSampler
-
-            runner = OrtSampler(path)
-            _cache[key] = lambda noise, y: runner(noise.numpy(), y.numpy())
+        path = str(tmp_dir / f"{graph}.onnx")
+        export_onnx(model, path, SampleConfig("heun", STEPS, CFG), graph=graph)
+        runner = OrtSampler(path)
+        if graph == "sampler":
+            _cache[key] = runner
         else:
-            export_onnx(model, path, SampleConfig("euler", 1, CFG), net_only=True)
-            _cache[key] = _velocity_loop(path)
+            net = velocity_net(runner, model.config)
+            _cache[key] = lambda noise, y: sample(net, noise, y, solver="heun", steps=STEPS, cfg=CFG).latents
     return _cache[key]
 
 
-def _velocity_loop(path):
-    import numpy as np
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    ts = torch.linspace(1, 0, STEPS + 1).numpy()
-
-    def run(noise, y):
-        x, labels = noise.numpy(), y.numpy()
-
-        def v(x_, t):
-            return sess.run(None, {"x": x_, "t": np.full(len(x_), t, np.float32), "labels": labels})[0]
-
-        for i in range(STEPS):
-            h = ts[i + 1] - ts[i]
-            k1 = v(x, ts[i])
-            k2 = v(x + h * k1, ts[i + 1])
-            x = x + 0.5 * h * (k1 + k2)
-        return x
-
-    return run
-
-
 @pytest.mark.parametrize("batch", [1, 32])
-@pytest.mark.parametrize("backend", ["eager", "compile", "onnxruntime"])
+@pytest.mark.parametrize("backend", ["eager", "compile", "onnxruntime", "onnxruntime-velocity"])
 @pytest.mark.parametrize("name", ["demo", "DiT-S/2"])
 def test_sampling_latency(benchmark, tmp_path_factory, name, backend, batch):
     if name != "demo" and batch > 1 and not torch.cuda.is_available():
@@ -101,8 +77,8 @@ def test_sampling_latency(benchmark, tmp_path_factory, name, backend, batch):
         compiled, _ = compile_sampler(model, SampleConfig(solver="heun", steps=STEPS, cfg=CFG))
         run = compiled
     else:
-        run = onnx_runner(name, tmp_path_factory.mktemp("onnx"))
-        graph = "sampler" if name == "demo" else "velocity"
+        graph = "velocity" if backend.endswith("velocity") else "sampler"
+        run = onnx_runner(name, graph, tmp_path_factory.mktemp("onnx"))
     with torch.no_grad():
         run(noise, y)  # warm-up (compiles, allocates)
         benchmark.pedantic(lambda: run(noise, y), rounds=5 if batch == 1 else 3, iterations=1)

@@ -171,11 +171,13 @@ def _parser() -> argparse.ArgumentParser:
     _add_nproc_flag(s)
     s.add_argument("--backend", choices=("eager", "compile", "onnxruntime", "tensorrt"), default="eager",
                    help="eager: any solver; compile: the unrolled fixed-step sampler under torch.compile; "
-                        "onnxruntime / tensorrt: a graph from `lfm-fast export` (--engine)")
-    s.add_argument("--engine", default=None, help="the .onnx file (onnxruntime) or engine file (tensorrt)")
+                        "onnxruntime / tensorrt: a graph from `lfm-fast export` (--engine): a sampler graph runs its own "
+                        "recipe; a velocity graph is driven by this command's solver, steps, grid and CFG")
+    s.add_argument("--engine", default=None, help="the .onnx file (onnxruntime) or engine file (tensorrt, with its .json)")
     _add_backend_flags(s)
 
-    e = sub.add_parser("export", help="export the fixed-step sampler (N steps, CFG inside) as ONNX or a TensorRT engine")
+    e = sub.add_parser("export", help="export the fixed-step sampler (N steps, CFG inside) or the velocity network as ONNX "
+                       "or a TensorRT engine")
     e.add_argument("--ckpt", required=True, help="folder with config.json + model.safetensors")
     e.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx", help="what --out holds")
     e.add_argument("--solver", choices=FIXED_SOLVERS, default=None,
@@ -714,10 +716,9 @@ def _cmd_export(args):
                          f"sampler unrolls the steps of {', '.join(FIXED_SOLVERS)}; pass one of them")
     ae = load_autoencoder(_autoencoder_spec(config, args), device="cpu") if args.with_decoder else None
     dtype = "float16" if args.fp16 else "bfloat16" if args.bf16 else "float32"
-    opset = 22 if args.bf16 else 18  # ONNX types Conv in bf16 from opset 22
     start = time.perf_counter()
     onnx_path = args.out if args.format == "onnx" else args.out + ".onnx"
-    meta = export_onnx(model, onnx_path, scfg, ae, dtype, args.graph, _sigma_min(config), opset)
+    meta = export_onnx(model, onnx_path, scfg, ae, dtype, args.graph, _sigma_min(config))
     what = f"{args.graph} graph, network {dtype}"
     if args.format == "tensorrt":
         from lfm_fast.export.tensorrt import build_engine

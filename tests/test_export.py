@@ -70,6 +70,30 @@ def test_onnx_sampler_matches_eager_fp32_and_fp16_with_dynamic_batch(model, tmp_
     model.float()
     assert runner.inputs["noise"].type == "tensor(float)" and out.dtype == torch.float32
     assert (out - ref).abs().max() <= 2e-3
+    import onnx
+
+    proto = onnx.load(str(tmp_path / "h.onnx"))
+    to = [a.i for n in proto.graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to"]
+    solver = [a.i for n in proto.graph.node if n.op_type == "Cast" and not n.name.startswith("e") for a in n.attribute
+              if a.name == "to"]
+    assert onnx.TensorProto.FLOAT16 in to and onnx.TensorProto.FLOAT16 not in solver  # only the network casts to fp16
+
+
+def test_bf16_graph_is_typed_in_the_graph_with_fp32_inputs_and_outputs(model, tmp_path):
+    """A bf16 network in an fp32 graph (opset 22, where ONNX types Conv in bf16): what a strongly typed TensorRT
+    build needs. ONNX Runtime's CPU provider has no bf16 Conv, so this graph is checked, not run, here."""
+    import onnx
+
+    path = str(tmp_path / "b.onnx")
+    meta = export_onnx(model, path, SampleConfig("heun", 2, 2.0), dtype="bfloat16")
+    proto = onnx.load(path)
+    assert meta["dtype"] == "bfloat16" and proto.opset_import[0].version == 22
+    assert [i.type.tensor_type.elem_type for i in proto.graph.input] == [onnx.TensorProto.FLOAT, onnx.TensorProto.INT64]
+    assert proto.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    weights = {t.name: t.data_type for t in proto.graph.initializer if t.name.startswith("net/") and t.name.endswith("weight")}
+    per_sample = {n for n in weights if "embedder" in n and "x_embedder" not in n or "adaLN" in n}
+    assert per_sample and {weights[n] for n in per_sample} == {onnx.TensorProto.FLOAT}  # one vector a sample: fp32
+    assert {weights[n] for n in weights if n not in per_sample} == {onnx.TensorProto.BFLOAT16}
 
 
 def test_unrolled_graph_holds_the_weights_once_and_exports_in_the_same_time_at_any_steps(model, tmp_path):
@@ -77,7 +101,7 @@ def test_unrolled_graph_holds_the_weights_once_and_exports_in_the_same_time_at_a
     import onnx
 
     sizes = {}
-    for steps in (2, 16):
+    for steps in (2, 6):
         path = tmp_path / f"s{steps}.onnx"
         export_onnx(model, str(path), SampleConfig("heun", steps, 2.0))
         proto = onnx.load(str(path))
@@ -85,10 +109,10 @@ def test_unrolled_graph_holds_the_weights_once_and_exports_in_the_same_time_at_a
                         sum(len(t.raw_data) for t in proto.graph.initializer)]
         assert not any(n.domain == "lfm_fast.graph" for n in proto.graph.node)
         assert sum(n.name.endswith("node_conv2d") for n in proto.graph.node) == 2 * steps  # one patch embedding per NFE
-    assert sizes[16][0] == sizes[2][0] and sizes[16][1] - sizes[2][1] < 0.01 * sizes[2][1]  # the grid's constants
+    assert sizes[6][0] == sizes[2][0] and sizes[6][1] - sizes[2][1] < 0.01 * sizes[2][1]  # the grid's constants
     noise, y = inputs(3)
-    ref = sample(model, noise, y, solver="heun", steps=16, cfg=2.0).latents
-    assert (OrtSampler(str(tmp_path / "s16.onnx"), threads=1)(noise, y) - ref).abs().max() <= 1e-5
+    ref = sample(model, noise, y, solver="heun", steps=6, cfg=2.0).latents
+    assert (OrtSampler(str(tmp_path / "s6.onnx"), threads=1)(noise, y) - ref).abs().max() <= 1e-5
 
 
 def test_velocity_graph_driven_by_the_solvers_matches_eager_at_any_recipe(model, tmp_path):

@@ -224,11 +224,21 @@ def fake_trt(monkeypatch, tmp_path, tmp_path_factory):
     return fake
 
 
-def graph(tmp_path, tiny_pipeline, kind="sampler"):
+@pytest.fixture(scope="module")
+def graphs(tiny_pipeline, tmp_path_factory):
+    """The tiny checkpoint's sampler and velocity graphs, exported once for the module."""
     model = DiT.from_pretrained(str(tiny_pipeline / "dit")).eval()
-    path = str(tmp_path / f"{kind}.onnx")
-    export_onnx(model, path, SampleConfig("heun", 2, 2.0), graph=kind)
-    return model, path
+    folder = tmp_path_factory.mktemp("graphs")
+    paths = {}
+    for kind in ("sampler", "velocity"):
+        paths[kind] = str(folder / f"{kind}.onnx")
+        export_onnx(model, paths[kind], SampleConfig("heun", 2, 2.0), graph=kind)
+    return model, paths
+
+
+def graph(graphs, kind="sampler"):
+    model, paths = graphs
+    return model, paths[kind]
 
 
 def inputs(b, model, shift=0.0):
@@ -236,8 +246,8 @@ def inputs(b, model, shift=0.0):
     return per_image_noise(list(range(b)), (c.in_channels, c.input_size, c.input_size)) + shift, torch.arange(b) % c.num_classes
 
 
-def test_engine_runs_on_the_addresses_it_is_given_and_each_call_keeps_its_result(fake_trt, tiny_pipeline, tmp_path):
-    model, path = graph(tmp_path, tiny_pipeline)
+def test_engine_runs_on_the_addresses_it_is_given_and_each_call_keeps_its_result(fake_trt, graphs, tmp_path):
+    model, path = graph(graphs)
     record = trt_module.build_engine(path, str(tmp_path / "s.plan"), batch_range=(1, 4, 8))
     assert record["batch_range"] == [1, 4, 8] and record["tensorrt_version"] == "10.13.0.35"
     assert record["gpu"] == "NVIDIA H200" and record["onnx"]["graph"] == "sampler" and len(record["onnx_sha256"]) == 64
@@ -257,8 +267,8 @@ def test_engine_runs_on_the_addresses_it_is_given_and_each_call_keeps_its_result
 
 @pytest.mark.parametrize("call", ["parse_from_file", "add_optimization_profile", "set_timing_cache", "build_serialized_network",
                                   "set_input_shape", "set_tensor_address", "execute_async_v3"])
-def test_every_failure_tensorrt_reports_by_its_return_value_is_one_line_naming_the_call(fake_trt, tiny_pipeline, tmp_path, call):
-    model, path = graph(tmp_path, tiny_pipeline)
+def test_every_failure_tensorrt_reports_by_its_return_value_is_one_line_naming_the_call(fake_trt, graphs, tmp_path, call):
+    model, path = graph(graphs)
     building = call in ("parse_from_file", "add_optimization_profile", "set_timing_cache", "build_serialized_network")
     if building:
         fake_trt.fail = {call}
@@ -270,8 +280,8 @@ def test_every_failure_tensorrt_reports_by_its_return_value_is_one_line_naming_t
     assert not building or not (tmp_path / "s.plan").exists()
 
 
-def test_engine_built_for_another_tensorrt_or_gpu_is_refused(fake_trt, tiny_pipeline, tmp_path, monkeypatch):
-    _, path = graph(tmp_path, tiny_pipeline)
+def test_engine_built_for_another_tensorrt_or_gpu_is_refused(fake_trt, graphs, tmp_path, monkeypatch):
+    _, path = graph(graphs)
     trt_module.build_engine(path, str(tmp_path / "s.plan"), batch_range=(1, 4, 8))
     fake_trt.__version__ = "11.4.0.106"
     with pytest.raises(InputError, match="was built for tensorrt version 10.13.0.35, this machine has 11.4.0.106"):
@@ -324,13 +334,13 @@ def bindings_names(version: str) -> set[str] | None:
 
 
 @pytest.mark.parametrize("version", ["10.13.0.35", "11.4.0.106"])
-def test_every_tensorrt_name_the_runner_uses_exists_in_the_real_bindings(fake_trt, tiny_pipeline, tmp_path, version):
+def test_every_tensorrt_name_the_runner_uses_exists_in_the_real_bindings(fake_trt, graphs, tmp_path, version):
     """Build and run through the stand-in (recording every name read from TensorRT's objects), then look each name up
     in the pybind11 module of TensorRT 10.13 and 11.4. FP16, the builder flag 11 dropped, must not be among them."""
     names = bindings_names(version)
     if names is None:
         pytest.skip(f"no tensorrt bindings wheel {version} (make install downloads it)")
-    model, path = graph(tmp_path, tiny_pipeline, "velocity")
+    model, path = graph(graphs, "velocity")
     USED.clear()
     trt_module.build_engine(path, str(tmp_path / "v.plan"), batch_range=(1, 4, 8), workspace_gib=1)
     runner = trt_module.TensorRTRunner(str(tmp_path / "v.plan"))
