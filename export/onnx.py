@@ -113,7 +113,8 @@ def export_onnx(model, out: str, cfg: SampleConfig, ae=None, dtype: str = "float
     if graph == "velocity":
         proto = network
     else:
-        decoder = None if ae is None else copy.deepcopy(ae).eval().cpu().to(DTYPES[dtype])
+        # nn.Module.to, not diffusers' override, which warns of its (here empty) list of modules to keep in fp32
+        decoder = None if ae is None else nn.Module.to(copy.deepcopy(ae).eval().cpu(), DTYPES[dtype])
         scaling = float(ae.config.scaling_factor) if ae is not None else 1.0
         sampler = UnrolledSampler(GraphNet(c, torch.ops.lfm_fast.graph_velocity), cfg, decoder, scaling, sigma_min).eval()
         # not optimized: the rewriter's pattern matching grows faster than linearly with the solver's nodes (48 Heun

@@ -85,7 +85,9 @@ class OrtGraph:
         try:
             self.session = ort.InferenceSession(path, so, providers=provider_options(self.meta, providers, batch_range))
         except Exception as e:  # ORT raises its own exception types for invalid graphs
-            raise InputError(f"--engine {path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]})") from None
+            hint = ("; a bf16 graph needs a runtime with bf16 kernels (TensorRT): export --fp16 for ONNX Runtime"
+                    if self.meta.get("dtype") == "bfloat16" else "")
+            raise InputError(f"--engine {path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]}){hint}") from None
         self.device = torch.device("cuda" if self.session.get_providers()[0] != "CPUExecutionProvider" else "cpu")
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         out = self.session.get_outputs()[0]

@@ -55,14 +55,17 @@ def load_autoencoder(spec: str, device=None, dtype=torch.float32):
     if os.path.isdir(spec):
         if not os.path.isfile(os.path.join(spec, "config.json")):
             raise InputError(f"autoencoder {spec}: no config.json (expected a diffusers AutoencoderKL folder)")
-        ae = AutoencoderKL.from_pretrained(spec, torch_dtype=dtype, low_cpu_mem_usage=False)
+        try:
+            ae = AutoencoderKL.from_pretrained(spec, torch_dtype=dtype, low_cpu_mem_usage=False)
+        except (OSError, ValueError) as e:  # a config.json of something else, or no weights beside it
+            raise InputError(f"autoencoder {spec}: not a diffusers AutoencoderKL folder ({str(e).splitlines()[0][:160]})") from None
     elif spec.count("/") == 1 and not os.path.exists(spec) and not spec.startswith((".", "/")):
         try:
             ae = AutoencoderKL.from_pretrained(spec, torch_dtype=dtype, low_cpu_mem_usage=False)
         except OSError as e:
             raise InputError(f"autoencoder {spec}: not found locally and could not be fetched from the hub ({e.__class__.__name__})") from None
     else:
-        raise InputError(f"autoencoder {spec}: no such folder (expected a diffusers AutoencoderKL folder or a hub id like {'stabilityai/sd-vae-ft-mse'})")
+        raise InputError(f"autoencoder {spec}: no such folder (expected builtin:shapes, a diffusers AutoencoderKL folder or a hub id like {'stabilityai/sd-vae-ft-mse'})")
     return ae.to(device or default_device()).eval().requires_grad_(False)
 
 

@@ -205,12 +205,14 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--with-decoder", action="store_true", help="sampler graph: end with the AE decoder, outputs uint8 NHWC images")
     e.add_argument("--ae", default=None, help="autoencoder for --with-decoder (default: the checkpoint's)")
     precision = e.add_mutually_exclusive_group()
-    precision.add_argument("--fp16", action="store_true", help="the network in fp16 (typed in the graph; the ODE state, "
-                           "times and solver stay fp32). TensorRT builds it strongly typed")
+    precision.add_argument("--fp16", action="store_true", help="the network's token path (and the decoder) in fp16, typed in "
+                           "the graph; its per-sample path (time/label embeddings, adaLN modulations), the ODE state, times "
+                           "and solver stay fp32. TensorRT builds it strongly typed")
     precision.add_argument("--bf16", action="store_true", help="the network in bf16 (as --fp16; ONNX opset 22; ONNX "
                            "Runtime's CPU provider cannot run it, TensorRT can)")
-    e.add_argument("--batch-range", default="1:64", help="TensorRT optimization profile, MIN:MAX or MIN:OPT:MAX: images "
-                   "for a sampler graph, network rows for a velocity graph (2 per image under CFG)")
+    e.add_argument("--batch-range", default=None, help="--format tensorrt: the optimization profile, MIN:MAX or "
+                   "MIN:OPT:MAX: images for a sampler graph (default 1:64), network rows for a velocity graph, 2 per image "
+                   "under CFG (default 1:128, what `sample`'s default --batch-size 64 needs)")
     e.add_argument("--out", required=True, help="the .onnx file (its weights in OUT.data past 1.5 GiB), or the TensorRT "
                    "engine file, with OUT.json beside it (new; see --overwrite)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -510,6 +512,9 @@ def _engine_meta(args) -> dict:
         else:
             from lfm_fast.export.tensorrt import read_engine_record
 
+            if args.engine.endswith(".onnx") and not os.path.isfile(args.engine + ".json"):
+                raise InputError(f"--engine {args.engine}: an ONNX graph; run it with --backend onnxruntime, or build a "
+                                 f"TensorRT engine from the checkpoint with `lfm-fast export --format tensorrt`")
             args._engine_meta = read_engine_record(args.engine)["onnx"]
     return args._engine_meta
 
@@ -536,6 +541,10 @@ def _graph_runner(args, scfg, model, total: int):
                          f"this checkpoint")
     velocity = meta.get("graph") == "velocity"
     if not velocity:
+        for tolerance in ("atol", "rtol"):
+            if getattr(args, tolerance) is not None:
+                raise InputError(f"--{tolerance} {getattr(args, tolerance)}: the graph {args.engine} unrolls "
+                                 f"{meta['solver']}, a fixed-step solver; tolerances are for the adaptive ones")
         interval = lambda text: tuple(float(v) for v in text.split(":"))  # noqa: E731
         for name, kind in (("solver", str), ("steps", int), ("cfg", float), ("grid", str), ("shift", float),
                            ("cfg_interval", interval)):
@@ -706,8 +715,12 @@ def _cmd_export(args):
     if args.format == "tensorrt":
         from lfm_fast.export.tensorrt import parse_batch_range, require_tensorrt
 
+        batch_range = parse_batch_range(args.batch_range or ("1:128" if args.graph == "velocity" else "1:64"))
         require_tensorrt()  # before the ONNX export, not after it
-        batch_range = parse_batch_range(args.batch_range)
+    elif args.batch_range is not None:
+        raise InputError(f"--batch-range {args.batch_range}: for --format tensorrt; an ONNX graph's batch is dynamic")
+    if args.ae is not None and not args.with_decoder:
+        raise InputError(f"--ae {args.ae}: the autoencoder is for --with-decoder (a sampler graph that outputs images)")
     config = read_checkpoint_config(args.ckpt)
     model = DiT.from_pretrained(args.ckpt).eval()
     scfg = _sample_config(config, args)
@@ -717,18 +730,18 @@ def _cmd_export(args):
     ae = load_autoencoder(_autoencoder_spec(config, args), device="cpu") if args.with_decoder else None
     dtype = "float16" if args.fp16 else "bfloat16" if args.bf16 else "float32"
     start = time.perf_counter()
-    onnx_path = args.out if args.format == "onnx" else args.out + ".onnx"
-    meta = export_onnx(model, onnx_path, scfg, ae, dtype, args.graph, _sigma_min(config))
     what = f"{args.graph} graph, network {dtype}"
-    if args.format == "tensorrt":
+    if args.format == "onnx":
+        meta = export_onnx(model, args.out, scfg, ae, dtype, args.graph, _sigma_min(config))
+    else:
+        import tempfile
+
         from lfm_fast.export.tensorrt import build_engine
 
-        try:
+        with tempfile.TemporaryDirectory(prefix="lfm-fast-export-") as tmp:  # the intermediate graph, never beside --out
+            onnx_path = os.path.join(tmp, "graph.onnx")
+            meta = export_onnx(model, onnx_path, scfg, ae, dtype, args.graph, _sigma_min(config))
             record = build_engine(onnx_path, args.out, batch_range)
-        finally:
-            for p in (onnx_path, onnx_path + ".data"):  # the intermediate graph is not the user's
-                if os.path.exists(p):
-                    os.remove(p)
         what += f", TensorRT {record['tensorrt_version']} on {record['gpu']}, batch {':'.join(map(str, batch_range))}"
     recipe = "" if args.graph == "velocity" else f", {scfg.describe()}, NFE {meta['nfe']}"
     print(f"wrote {args.out} ({what}{recipe}) in {time.perf_counter() - start:.1f} s")

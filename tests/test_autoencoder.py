@@ -31,3 +31,17 @@ def test_load_autoencoder_errors(tmp_path):
         load_autoencoder(str(tmp_path / "missing"))
     with pytest.raises(InputError, match="no config.json"):
         load_autoencoder(str(tmp_path))
+
+
+def test_a_folder_that_is_not_an_autoencoder_is_one_input_error(tmp_path):
+    """A config.json without weights (or of another model) beside it: one line, not diffusers' traceback."""
+    import json
+
+    import pytest
+
+    from lfm_fast.autoencoder import load_autoencoder
+    from lfm_fast.errors import InputError
+
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+    with pytest.raises(InputError, match="not a diffusers AutoencoderKL folder"):
+        load_autoencoder(str(tmp_path), device="cpu")

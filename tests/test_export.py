@@ -196,6 +196,8 @@ def test_cli_export_then_sample_with_onnxruntime(tiny_pipeline, tmp_path, capsys
                          (["--backend", "onnxruntime", "--engine", onnx_path, "--cfg-interval", "0.2:0.8"],
                           "exported with cfg_interval=0.0:1.0"),
                          (["--engine", onnx_path], "engines run with --backend onnxruntime or --backend tensorrt"),
+                         (["--backend", "onnxruntime", "--engine", onnx_path, "--rtol", "1e-3"], "--rtol 0.001: the graph"),
+                         (["--backend", "tensorrt", "--engine", onnx_path], "an ONNX graph; run it with --backend onnxruntime"),
                          (["--backend", "onnxruntime", "--engine", str(tmp_path / "none.onnx")], "no such file")]:
         assert main(common + extra + ["--out", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err.strip()
@@ -233,6 +235,11 @@ def test_cli_velocity_graph_takes_the_recipe_at_sampling_time_and_refuses_mismat
     assert "was exported from other weights" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
     assert main(common + ["--backend", "onnxruntime", "--engine", graph, "--atol", "1e-3", "--out", str(tmp_path / "y")]) == 2
     assert "--atol 0.001: ab2 is a fixed-step solver" in capsys.readouterr().err
+    for extra, words in [(["--batch-range", "1:8"], "--batch-range 1:8: for --format tensorrt"),
+                         (["--ae", "builtin:shapes"], "--ae builtin:shapes: the autoencoder is for --with-decoder")]:
+        assert main(["export", "--ckpt", dit, *extra, "--out", str(tmp_path / "z.onnx")]) == 2
+        assert words in capsys.readouterr().err
+    assert not (tmp_path / "z.onnx").exists()
 
 
 def test_large_graphs_keep_their_weights_in_one_data_file_and_leave_no_orphans(model, tmp_path):
