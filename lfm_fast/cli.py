@@ -1,4 +1,4 @@
-"""`lfm-fast` command line: demo | train-ae | prepare | train | sample | export | calibrate | eval.
+"""`lfm-fast` command line: demo | train-ae | prepare | train | sample | export | calibrate | eval | presets.
 
 A bad input ends with one line `lfm-fast: error: …` on stderr, exit code 2, and no partial output.
 """
@@ -58,7 +58,14 @@ def _parser() -> argparse.ArgumentParser:
 
     p = _Parser(prog="lfm-fast", description="Latent flow matching: train and sample DiT velocity networks "
                                 "in an autoencoder's latent space.", epilog=EXAMPLES)
+    from lfm_fast import __version__
+
+    p.add_argument("--version", action="version", version=f"lfm-fast {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("presets", help="list the experiment presets, or print one's full config (JSON)")
+    r.add_argument("name", nargs="?", choices=sorted(PRESETS), metavar="NAME", help="a preset: its whole config, as "
+                   "`train --preset NAME` starts from and key=value overrides change")
 
     d = sub.add_parser("demo", help="end to end on the embedded shapes data: AE → latents → DiT → samples → report")
     d.add_argument("--task", choices=("label", "inpaint", "semantic"), default="label",
@@ -769,6 +776,24 @@ def _cmd_calibrate(args):
     return 0
 
 
+def _cmd_presets(args):
+    import json
+
+    from lfm_fast.config import PRESETS, to_dict
+
+    if args.name is not None:
+        print(json.dumps(to_dict(PRESETS[args.name]), indent=2))
+        return
+    width = max(map(len, PRESETS))
+    for name, cfg in PRESETS.items():
+        m = cfg.model
+        size = f"{m.input_size}×{m.input_size}×{m.in_channels} latents"
+        classes = "classes from the data" if m.num_classes < 0 else f"{m.num_classes} classes"
+        cond = f", condition {m.condition}" if m.condition != "none" else (f", {classes}" if m.num_classes else "")
+        print(f"{name:<{width}}  {cfg.data.dataset}: {size}, width {m.hidden_size} × depth {m.depth}, patch {m.patch_size}{cond}, "
+              f"{cfg.train.steps} steps of {cfg.train.batch_size}")
+
+
 def _cmd_eval(args):
     import json
 
@@ -783,7 +808,8 @@ def _cmd_eval(args):
 
 
 COMMANDS = {"demo": _cmd_demo, "train-ae": _cmd_train_ae, "prepare": _cmd_prepare, "train": _cmd_train, "sample": _cmd_sample,
-            "export": _cmd_export, "calibrate": _cmd_calibrate, "eval": _cmd_eval}
+            "export": _cmd_export, "calibrate": _cmd_calibrate, "eval": _cmd_eval,
+            "presets": _cmd_presets}
 
 
 def _relaunch(argv: list[str], nproc: int) -> int:

@@ -136,3 +136,33 @@ def test_help_shows_the_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "images to generate (with --task inpaint|semantic: per input) (default: 64)" in text and "--out OUT folder for the PNGs" in text  # no default: none shown
     assert "(default: None)" not in text
+
+
+def test_version_and_presets(capsys):
+    import json
+
+    from lfm_fast import __version__
+    from lfm_fast.config import PRESETS, from_dict, get_preset, to_dict
+
+    assert main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"lfm-fast {__version__}"
+    assert main(["presets"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == list(PRESETS)
+    assert main(["presets", "small-data"]) == 0
+    assert to_dict(from_dict(json.loads(capsys.readouterr().out))) == to_dict(get_preset("small-data"))
+
+
+def test_the_torch_floor_is_one_the_code_runs_on():
+    """pyproject's torch floor is no lower than the releases that made the APIs the code imports public."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    deps = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]
+    floor = tuple(int(v) for v in re.fullmatch(r"torch>=(\d+)\.(\d+)", next(d for d in deps if d.startswith("torch>="))).groups())
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # public from 2.6
+    from torch.export import Dim
+
+    assert callable(fully_shard) and callable(MixedPrecisionPolicy)
+    assert floor >= (2, 6) and hasattr(Dim, "DYNAMIC") and hasattr(torch.library, "register_autograd")

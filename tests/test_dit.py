@@ -137,3 +137,23 @@ def test_adaln_modulate_matches_its_definition():
     torch.testing.assert_close(ops.adaln_modulate(x, shift, scale), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="unknown norm backend"):
         ops.adaln_modulate(x, shift, scale, backend="fast")
+
+
+@pytest.mark.parametrize("kw", [dict(input_size=8, hidden_size=64, depth=2, num_heads=4, num_classes=6),
+                                dict(input_size=16, hidden_size=96, depth=3, num_heads=3, patch_size=4, condition="inpaint",
+                                     cond_channels=5)])
+def test_flop_formula_is_what_torch_counts(kw):
+    """The MFU's FLOPs per image (train.throughput) against torch.utils.flop_counter on the network's own forward,
+    attention as explicit matmuls (FlopCounterMode has no formula for the CPU SDPA kernel)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lfm_fast.models.dit import set_backends
+    from lfm_fast.train.throughput import forward_flops_per_image
+
+    cfg = DiTConfig(**kw)
+    model = set_backends(DiT(cfg).eval(), attn="math", norm="reference")
+    cond = torch.zeros(2, cfg.in_channels + 1, cfg.input_size, cfg.input_size) if cfg.condition == "inpaint" else None
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(2, 4, cfg.input_size, cfg.input_size), torch.rand(2),
+              torch.zeros(2, dtype=torch.long) if cfg.num_classes else None, cond)
+    assert counter.get_total_flops() / 2 == forward_flops_per_image(cfg)
