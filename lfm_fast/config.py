@@ -55,6 +55,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile each DiT block
     seed: int = 0
     log_every: int = 10
+    log: str = "jsonl"  # "jsonl" or "jsonl,tensorboard": metrics.jsonl always; TensorBoard events under OUT/tensorboard
     sample_every: int = 0  # 0 = only at the end
     ckpt_every: int = 500  # steps between checkpoints (0: only at the end)
     ckpt_every_minutes: float = 0.0  # also checkpoint when this many minutes have passed since the last one (0: off)
@@ -206,6 +207,7 @@ NON_NEGATIVE = {"model": ("cond_channels", "semantic_classes", "cond_stages"), "
                 "train": ("warmup_steps", "lr_min", "lr_period_epochs", "weight_decay", "grad_clip", "label_dropout", "cond_dropout", "ema_decay", "ckpt_every",
                           "ckpt_every_minutes", "sample_every"),
                 "sample": ("cfg",)}
+LOGS = ("jsonl", "tensorboard")
 BELOW_ONE = {("flow", "sigma_min"), ("train", "label_dropout"), ("train", "cond_dropout"), ("train", "ema_decay")}
 
 
@@ -238,6 +240,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     if cfg.model.num_classes < -1:
         raise InputError(f"model.num_classes={cfg.model.num_classes}: expected a class count, 0 (unconditional) "
                          f"or -1 (from the data)")
+    unknown = set(cfg.train.log.split(",")) - set(LOGS)
+    if unknown:
+        raise InputError(f"train.log={cfg.train.log!r}: expected a comma-separated list of {', '.join(LOGS)}")
     from lfm_fast.train.parallelize import parse_ac
 
     parse_ac(cfg.train.activation_checkpointing)
@@ -247,7 +252,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
 # What `--resume` may change: how the run proceeds, not what it is (its model, data, flow, global batch, seed).
 RESUMABLE = {"train": {"steps", "lr", "lr_schedule", "lr_min", "lr_period_epochs", "warmup_steps", "weight_decay", "grad_clip", "max_nonfinite_steps",
                        "ema_decay", "grad_accum", "precision", "activation_checkpointing", "compile", "log_every",
-                       "sample_every", "ckpt_every", "ckpt_every_minutes", "keep_checkpoints", "async_checkpoint"},
+                       "log", "sample_every", "ckpt_every", "ckpt_every_minutes", "keep_checkpoints", "async_checkpoint"},
              "model": {"attn_backend", "norm_backend"},
              "sample": {f.name for f in dataclasses.fields(SampleConfig)}}
 

@@ -221,3 +221,29 @@ def test_conditional_training_resumes_exactly(tmp_path, condition):
     with pytest.raises(InputError, match="carry no inpaint conditions"):
         write_random_latents(str(tmp_path / "plain"))
         train(get_preset("shapes-inpaint"), str(tmp_path / "plain"), str(tmp_path / "x"), progress=False)
+
+
+def test_tensorboard_events_hold_the_metrics_and_the_sample_grid_across_a_resume(tiny_pipeline, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = get_preset("small-data")
+    cfg.model.hidden_size, cfg.model.depth, cfg.model.num_heads = 32, 2, 2
+    cfg.train.steps, cfg.train.batch_size, cfg.train.log_every, cfg.train.ckpt_every = 6, 16, 2, 2
+    cfg.train.log = "jsonl,tensorboard"
+    out = str(tmp_path / "run")
+    latents = str(tiny_pipeline / "latents")
+    train(cfg, latents, out, stop_at=4, progress=False)
+    train(cfg, latents, out, resume=True, progress=False)
+    events = EventAccumulator(os.path.join(out, "tensorboard"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [m["step"] for m in metrics] == [2, 4, 6]
+    assert [e.value for e in loss] == pytest.approx([m["loss"] for m in metrics], rel=1e-6)
+    assert {"train/lr", "train/mfu", "train/grad_norm"} <= set(events.Tags()["scalars"])
+    image = events.Images("samples")[-1]
+    assert image.step == 6 and image.width > 0 and image.encoded_image_string[:4] == b"\x89PNG"
+    cfg.train.log = "jsonl,wandb"
+    with pytest.raises(InputError, match="train.log='jsonl,wandb': expected a comma-separated list of jsonl, tensorboard"):
+        from lfm_fast.config import validate
+
+        validate(cfg)

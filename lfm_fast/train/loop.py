@@ -200,6 +200,7 @@ def train(cfg: ExperimentConfig, latents: str, out: str, resume: bool = False, s
         write_marker(out, "train")
         _truncate_metrics(metrics_path, step)
 
+    board = _tensorboard(out, step) if d.is_main and "tensorboard" in tc.log.split(",") else None
     ae = _load_preview_autoencoder(ds.autoencoder) if d.is_main else None
     num_preview = max(8, min(64, 8 * max(1, cfg.model.num_classes)))
     preview_labels = torch.arange(num_preview) % cfg.model.num_classes if cfg.model.num_classes else None
@@ -216,7 +217,11 @@ def train(cfg: ExperimentConfig, latents: str, out: str, resume: bool = False, s
             lat, _ = generate_latents(net.to(d.device), preview_labels, list(range(num_preview)), preview_config(cfg.sample),
                                       progress=False, conds=preview_cond)
             images = latents_to_images(ae, lat)
-            save_png(os.path.join(out, name), image_grid(images, nrow=8), upscale=max(1, 64 // images.shape[1]))
+            grid = image_grid(images, nrow=8)
+            save_png(os.path.join(out, name), grid, upscale=max(1, 64 // images.shape[1]))
+            if board is not None:
+                board.add_image("samples", grid, step, dataformats="HWC")
+                board.flush()
         d.barrier()
 
     def checkpoint():
@@ -308,6 +313,10 @@ def train(cfg: ExperimentConfig, latents: str, out: str, resume: bool = False, s
                 if metrics:
                     metrics.write(json.dumps(last) + "\n")
                     metrics.flush()
+                if board is not None:  # the same scalars, as train/NAME
+                    for key, value in last.items():
+                        if key != "step":
+                            board.add_scalar(f"train/{key}", value, step)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{img_s:.0f}", mfu=f"{100 * last['mfu']:.0f}%")
                 losses, t_log = [], time.time()
             if tc.ckpt_every and step % tc.ckpt_every == 0 and step < end:
@@ -324,7 +333,19 @@ def train(cfg: ExperimentConfig, latents: str, out: str, resume: bool = False, s
     if d.is_main:
         net.save_pretrained(out, meta=meta)
     write_preview("samples.png", net)
+    if board is not None:
+        board.close()
     return {"step": step, "data_position": position, "last": last, "peak_flops": peak, "peak_source": peak_source}
+
+
+def _tensorboard(out: str, step: int):
+    """A TensorBoard writer for OUT/tensorboard; a resumed run purges the events past its checkpoint's step, as
+    `metrics.jsonl` is truncated there."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise InputError("train.log=tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(os.path.join(out, "tensorboard"), purge_step=step + 1 if step else None)
 
 
 class StopSignals:
