@@ -1,6 +1,6 @@
 """The LFM probability path and its loss (Lipman et al. 2023; LFM, Dao et al. 2023, eq. 3–5).
 
-Time convention (ARCHITECTURE.md): t = 0 is data, t = 1 is noise.
+Time convention (docs/ARCHITECTURE.md): t = 0 is data, t = 1 is noise.
     x_t = (1 − t)·x0 + (σ_min + (1 − σ_min)·t)·ε,     u = dx_t/dt = (1 − σ_min)·ε − x0
 """
 
