@@ -1,4 +1,4 @@
-"""`lfm-fast` command line: demo | train-ae | prepare | train | sample | export | calibrate | eval | presets.
+"""`lfm-fast` command line: demo | train-ae | prepare | train | sample | export | calibrate | eval | presets | convert.
 
 A bad input ends with one line `lfm-fast: error: …` on stderr, exit code 2, and no partial output.
 """
@@ -223,6 +223,18 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="the .onnx file (its weights in OUT.data past 1.5 GiB), or the TensorRT "
                    "engine file, with OUT.json beside it (new; see --overwrite)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
+    c = sub.add_parser("convert", help="DiT weights to or from diffusers' DiTTransformer2DModel folder layout",
+                       description="--to diffusers: an inference checkpoint (config.json + model.safetensors) → a folder "
+                       "that diffusers.DiTTransformer2DModel.from_pretrained loads (pass it timestep = t · time_scale). "
+                       "--from diffusers: such a folder (e.g. facebookresearch/DiT's converted weights; learned-sigma "
+                       "models keep their first C output channels) → an inference checkpoint.")
+    way = c.add_mutually_exclusive_group(required=True)
+    way.add_argument("--to", choices=("diffusers",), help="convert SRC, one of our checkpoints, to this layout")
+    way.add_argument("--from", dest="from_", choices=("diffusers",), help="convert SRC, in this layout, to our checkpoint")
+    c.add_argument("src", metavar="SRC", help="the folder to convert")
+    c.add_argument("out", metavar="OUT", help="the new (or empty) folder to write; see --overwrite")
+    _add_overwrite_flag(c)
 
     v = sub.add_parser("eval", help="FID, precision/recall and latent FD of samples against a reference")
     v.add_argument("--samples", required=True, help="samples.npz (arr_0: N×H×W×3 uint8) or a folder of images")
@@ -776,6 +788,27 @@ def _cmd_calibrate(args):
     return 0
 
 
+def _cmd_convert(args):
+    from lfm_fast.convert import read_diffusers, write_diffusers
+    from lfm_fast.fileio import atomic_dir
+    from lfm_fast.models.dit import DiT
+
+    if args.to:
+        model = DiT.from_pretrained(args.src)
+        with atomic_dir(args.out, "convert", args.overwrite) as tmp:
+            diff = write_diffusers(model, tmp)
+        shift = model.config.time_freq_shift
+        note = ("exact" if diff == 0 else f"the time embedding's sinusoid features change by up to {diff:.3g} (this model "
+                f"uses DiT's frequency table, time_freq_shift={shift:g}; diffusers' has shift 1)")
+        print(f"wrote {args.out} (diffusers DiTTransformer2DModel; pass timestep = t · {model.config.time_scale:g}): {note}")
+    else:
+        model = read_diffusers(args.src)
+        with atomic_dir(args.out, "convert", args.overwrite) as tmp:
+            model.save_pretrained(tmp, meta={"converted_from": os.path.abspath(args.src)})
+        print(f"wrote {args.out} (DiT {model.config.hidden_size}×{model.config.depth}, {model.config.num_classes} classes, "
+              f"time_freq_shift 1, time_scale {model.config.time_scale:g}); it records no autoencoder: pass --ae to sample")
+
+
 def _cmd_presets(args):
     import json
 
@@ -809,7 +842,7 @@ def _cmd_eval(args):
 
 COMMANDS = {"demo": _cmd_demo, "train-ae": _cmd_train_ae, "prepare": _cmd_prepare, "train": _cmd_train, "sample": _cmd_sample,
             "export": _cmd_export, "calibrate": _cmd_calibrate, "eval": _cmd_eval,
-            "presets": _cmd_presets}
+            "presets": _cmd_presets, "convert": _cmd_convert}
 
 
 def _relaunch(argv: list[str], nproc: int) -> int:

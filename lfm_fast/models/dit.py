@@ -53,6 +53,9 @@ class DiTConfig:
     # embedding's frequencies reach 1000 rad per unit of t and the learnt field wiggles in t on a scale of ~0.01,
     # which no ODE solver with fewer steps can follow (measured: bench/REPORT.md, NFE sweep)
     time_scale: float = 1000.0
+    # the sinusoids' frequencies exp(−ln(10⁴)·i / (half − time_freq_shift)): 0 in facebookresearch/DiT (and ours),
+    # 1 in diffusers' `Timesteps(downscale_freq_shift=1)`, which a model converted from diffusers keeps
+    time_freq_shift: float = 0.0
     attn_backend: str = "auto"
     norm_backend: str = "auto"
 
@@ -103,14 +106,14 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
 class TimestepEmbedder(nn.Module):
     """t ∈ [0, 1] → sinusoid of scale·t (1000: DiT's frequency range; 1: LFM's) → 2-layer MLP."""
 
-    def __init__(self, hidden_size: int, freq_dim: int = 256, scale: float = 1000.0):
+    def __init__(self, hidden_size: int, freq_dim: int = 256, scale: float = 1000.0, freq_shift: float = 0.0):
         super().__init__()
-        self.freq_dim, self.scale = freq_dim, scale
+        self.freq_dim, self.scale, self.freq_shift = freq_dim, scale, freq_shift
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - self.freq_shift))
         args = self.scale * t.float()[:, None] * freqs[None]
         return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1).to(self.mlp[0].weight.dtype))
 
@@ -184,7 +187,7 @@ class DiT(nn.Module):
         self.cond_encoder = (SpatialRescaler(cfg.semantic_classes, cfg.cond_channels, cfg.cond_stages)
                              if cfg.condition == "semantic" else None)
         self.x_embedder = nn.Conv2d(cfg.in_channels + cfg.cond_channels, D, kernel_size=p, stride=p)
-        self.t_embedder = TimestepEmbedder(D, scale=cfg.time_scale)
+        self.t_embedder = TimestepEmbedder(D, scale=cfg.time_scale, freq_shift=cfg.time_freq_shift)
         self.y_embedder = LabelEmbedder(cfg.num_classes, D) if cfg.num_classes > 0 else None
         self.register_buffer("pos_embed", sincos_pos_embed_2d(D, cfg.input_size // p)[None], persistent=False)
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
