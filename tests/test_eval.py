@@ -144,3 +144,23 @@ def test_cli_eval_end_to_end(random_inception, tiny_pipeline, tmp_path, capsys):
     assert main(["eval", "--samples", str(tmp_path / "a.npz"), "--ref", str(tmp_path / "s.npz"), "--metrics", "pr",
                  "--inception", path]) == 2
     assert "statistics only" in capsys.readouterr().err
+
+
+def test_an_adm_reference_batch_gives_its_stats_to_fid_and_its_images_to_pr(random_inception, tmp_path):
+    """VIRTUAL_imagenet256_labeled.npz holds arr_0 and mu/sigma: FID against its statistics (as ADM's evaluator),
+    precision/recall on its images; a stats-only file asked for pr is refused before any features are computed."""
+    from lfm_fast.data.shapes import make_shapes
+    from lfm_fast.eval.run import evaluate
+
+    path, _ = random_inception
+    a, b = make_shapes(12, 32, seed=1)[0], make_shapes(12, 32, seed=2)[0]
+    np.savez(tmp_path / "a.npz", arr_0=a)
+    np.savez(tmp_path / "b.npz", arr_0=b)
+    evaluate(str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), ["fid"], path, save_stats=str(tmp_path / "sa.npz"), progress=False)
+    with np.load(tmp_path / "sa.npz") as f:  # the reference's statistics are the samples' own: FID 0 against them
+        np.savez(tmp_path / "adm.npz", arr_0=b, mu=f["mu"], sigma=f["sigma"])
+    both = evaluate(str(tmp_path / "a.npz"), str(tmp_path / "adm.npz"), ["fid", "pr"], path, progress=False)
+    images = evaluate(str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), ["pr"], path, progress=False)
+    assert abs(both["fid"]) < 1e-6 and both["precision"] == images["precision"] and both["num_reference"] == 12
+    with pytest.raises(InputError, match="holds statistics only"):
+        evaluate(str(tmp_path / "a.npz"), str(tmp_path / "sa.npz"), ["pr"], "/nonexistent/inception.pth", progress=False)

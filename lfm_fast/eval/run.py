@@ -26,14 +26,25 @@ def _encode_images(ae, images: np.ndarray) -> np.ndarray:
     return encode(ae, to_tensor(images)).numpy()
 
 
+def _holds_images(path: str) -> bool:
+    with np.load(path) as f:
+        return "arr_0" in f
+
+
 def evaluate(samples: str, ref: str, metrics: list[str], inception: str | None = None, ae: str | None = None,
              batch_size: int = 50, save_stats: str | None = None, progress: bool = True) -> dict:
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise InputError(f"--metrics: unknown {', '.join(unknown)}; expected some of {', '.join(METRICS)}")
     fake = load_images(samples)
-    stats = reference_stats(ref)
-    real = None if stats is not None else load_images(ref, size=fake.shape[1])
+    stats = reference_stats(ref)  # an ADM reference batch holds both: its mu/sigma for FID, its arr_0 images for the rest
+    need_images = [name for m, name in (("pr", "pr"), ("latent_fd", "latent_fd")) if m in metrics]
+    if stats is None or (need_images and _holds_images(ref)):
+        real = load_images(ref, size=fake.shape[1])
+    elif need_images:  # before any features are computed
+        raise InputError(f"--metrics {need_images[0]} needs reference images, but {ref} holds statistics only")
+    else:
+        real = None
     result: dict = {"num_samples": int(len(fake)), "num_reference": None if real is None else int(len(real))}
     if "fid" in metrics or "pr" in metrics or save_stats:
         needed_by = " and ".join(name for m, name in (("fid", "FID"), ("pr", "precision/recall")) if m in metrics) or "--save-stats"
