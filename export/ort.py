@@ -14,6 +14,7 @@ import os
 import numpy as np
 import torch
 
+from lfm_fast import fileio
 from lfm_fast.errors import InputError
 from lfm_fast.export.onnx import read_metadata
 from lfm_fast.export.sampler import GraphNet
@@ -43,7 +44,7 @@ def provider_options(meta: dict, providers: list[str], batch_range=(1, 16, 64), 
         if p == "TensorrtExecutionProvider":
             shapes = [[f"{name}:{'x'.join(str(d) for d in (b, *rest))}" for name, rest in _input_shapes(meta)] for b in batch_range]
             out.append((p, {"device_id": device, "trt_engine_cache_enable": True, "trt_timing_cache_enable": True,
-                            "trt_engine_cache_path": cache_dir or os.path.join(_cache_root(), "ort-trt"),
+                            "trt_engine_cache_path": cache_dir or fileio.cache_dir("ort-trt"),
                             "trt_fp16_enable": meta.get("dtype") == "float16",
                             "trt_profile_min_shapes": ",".join(shapes[0]), "trt_profile_opt_shapes": ",".join(shapes[1]),
                             "trt_profile_max_shapes": ",".join(shapes[2])}))
@@ -52,10 +53,6 @@ def provider_options(meta: dict, providers: list[str], batch_range=(1, 16, 64), 
         else:
             out.append(p)
     return out
-
-
-def _cache_root() -> str:
-    return os.environ.get("LFM_FAST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "lfm-fast"))
 
 
 def _input_shapes(meta: dict) -> list[tuple[str, tuple]]:

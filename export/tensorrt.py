@@ -20,6 +20,7 @@ import torch
 
 from lfm_fast.errors import InputError
 from lfm_fast.export.onnx import file_digest, read_metadata
+from lfm_fast import fileio
 from lfm_fast.fileio import atomic_path, write_json
 
 
@@ -71,7 +72,7 @@ def build_engine(onnx_path: str, engine_path: str, batch_range: tuple[int, int, 
     meta = read_metadata(onnx_path)
     record = {"onnx": meta, "onnx_sha256": file_digest(onnx_path), "batch_range": list(batch_range),
               "tensorrt_version": trt.__version__, **gpu_info()}
-    cache_dir = cache_dir or os.path.join(os.environ.get("LFM_FAST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "lfm-fast")), "engines")
+    cache_dir = cache_dir or fileio.cache_dir("engines")
     key = engine_key(record["onnx_sha256"], batch_range, record["tensorrt_version"], record)
     cached = os.path.join(cache_dir, f"{key}.plan")
     timing_path = os.path.join(cache_dir, f"timing-{key[:8]}-{trt.__version__}.cache")

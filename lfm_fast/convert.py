@@ -25,7 +25,7 @@ import os
 import torch
 
 from lfm_fast.errors import InputError
-from lfm_fast.models.dit import DiT, DiTConfig
+from lfm_fast.models.dit import DiT, DiTConfig, timestep_features
 
 DIFFUSERS_CONFIG = "config.json"
 
@@ -97,14 +97,9 @@ def to_diffusers(model: DiT) -> tuple[dict, dict[str, torch.Tensor], float]:
               "num_embeds_ada_norm": cfg.num_classes, "norm_eps": 1e-6, "norm_elementwise_affine": False,
               "activation_fn": "gelu-approximate", "attention_bias": True, "norm_type": "ada_norm_zero",
               "_lfm_fast_time_scale": cfg.time_scale}
-    t = torch.linspace(0, 1, 1001) * cfg.time_scale
-    return config, out, float((_frequencies(t, cfg.time_freq_shift) - _frequencies(t, 1.0)).abs().max())
-
-
-def _frequencies(t: torch.Tensor, shift: float) -> torch.Tensor:
-    half = 128
-    args = t[:, None] * torch.exp(-torch.log(torch.tensor(10000.0)) * torch.arange(half) / (half - shift))[None]
-    return torch.cat([args.cos(), args.sin()], dim=1)
+    t = torch.linspace(0, 1, 1001)
+    ours, theirs = (timestep_features(t, scale=cfg.time_scale, freq_shift=shift) for shift in (cfg.time_freq_shift, 1.0))
+    return config, out, float((ours - theirs).abs().max())
 
 
 def from_diffusers(config: dict, state: dict[str, torch.Tensor]) -> DiT:

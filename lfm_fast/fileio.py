@@ -19,6 +19,11 @@ from lfm_fast.errors import InputError
 MARKER = ".lfm-fast.json"
 
 
+def cache_dir(*parts: str) -> str:
+    """A folder under the user's cache ($LFM_FAST_CACHE, default ~/.cache/lfm-fast): engines, timing caches."""
+    return os.path.join(os.environ.get("LFM_FAST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "lfm-fast")), *parts)
+
+
 def umask_mode(mode: int = 0o777) -> int:
     """`mode` as the process umask lets it be (tempfile makes 0700 folders; runs live on shared storage)."""
     mask = os.umask(0)

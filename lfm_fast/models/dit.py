@@ -112,10 +112,15 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - self.freq_shift))
-        args = self.scale * t.float()[:, None] * freqs[None]
-        return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1).to(self.mlp[0].weight.dtype))
+        return self.mlp(timestep_features(t, self.freq_dim, self.scale, self.freq_shift).to(self.mlp[0].weight.dtype))
+
+
+def timestep_features(t: torch.Tensor, freq_dim: int = 256, scale: float = 1000.0, freq_shift: float = 0.0) -> torch.Tensor:
+    """[cos, sin] of scale·t at the frequencies exp(−ln(10⁴)·i / (freq_dim/2 − freq_shift)), fp32 (B, freq_dim)."""
+    half = freq_dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - freq_shift))
+    args = scale * t.float()[:, None] * freqs[None]
+    return torch.cat([args.cos(), args.sin()], dim=-1)
 
 
 class Attention(nn.Module):
