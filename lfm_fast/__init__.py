@@ -1,6 +1,6 @@
 """lfm-fast: latent flow matching (LFM, Dao et al. 2023) as a performance engine."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def default_device():

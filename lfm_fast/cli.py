@@ -224,16 +224,27 @@ def _parser() -> argparse.ArgumentParser:
                    "engine file, with OUT.json beside it (new; see --overwrite)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
-    c = sub.add_parser("convert", help="DiT weights to or from diffusers' DiTTransformer2DModel folder layout",
+    c = sub.add_parser("convert", help="DiT weights to or from diffusers' DiTTransformer2DModel, or from the LFM paper's .pth",
                        description="--to diffusers: an inference checkpoint (config.json + model.safetensors) → a folder "
                        "that diffusers.DiTTransformer2DModel.from_pretrained loads (pass it timestep = t · time_scale). "
                        "--from diffusers: such a folder (e.g. facebookresearch/DiT's converted weights; learned-sigma "
-                       "models keep their first C output channels) → an inference checkpoint.")
+                       "models keep their first C output channels) → an inference checkpoint. --from lfm: the LFM "
+                       "paper's model_{epoch}.pth or content.pth (VinAIResearch/LFM's DiT) → an inference checkpoint "
+                       "that samples as LFM's model does.")
     way = c.add_mutually_exclusive_group(required=True)
     way.add_argument("--to", choices=("diffusers",), help="convert SRC, one of our checkpoints, to this layout")
-    way.add_argument("--from", dest="from_", choices=("diffusers",), help="convert SRC, in this layout, to our checkpoint")
-    c.add_argument("src", metavar="SRC", help="the folder to convert")
-    c.add_argument("out", metavar="OUT", help="the new (or empty) folder to write; see --overwrite")
+    way.add_argument("--from", dest="from_", choices=("diffusers", "lfm"), help="convert SRC, in this layout, to our checkpoint")
+    c.add_argument("src", metavar="SRC", help="the folder (or, --from lfm, the .pth file) to convert")
+    c.add_argument("out_pos", metavar="OUT", nargs="?", help=argparse.SUPPRESS)  # the first spelling: SRC OUT
+    c.add_argument("--out", help="the new (or empty) folder to write; see --overwrite")
+    c.add_argument("--arch", default=None, help="--from lfm: the DiT it is, e.g. DiT-L/2 (default: content.pth's "
+                   "args.model_type)")
+    c.add_argument("--num-classes", type=int, default=None, metavar="N", help="--from lfm: the class count (default: "
+                   "content.pth's args, else from the label table: 1 row = unconditional, N + 1 rows = N classes)")
+    c.add_argument("--weights", choices=("auto", "ema", "model"), default="auto", help="--from lfm content.pth: its EMA "
+                   "weights (from the optimizer state) or its raw model_dict; auto: EMA where the run kept them")
+    c.add_argument("--ae", default=None, help="the autoencoder to record in the new checkpoint (default: --from lfm, "
+                   "content.pth's args.pretrained_autoencoder_ckpt, else LFM's stabilityai/sd-vae-ft-mse; otherwise none)")
     _add_overwrite_flag(c)
 
     v = sub.add_parser("eval", help="FID, precision/recall and latent FD of samples against a reference")
@@ -789,24 +800,44 @@ def _cmd_calibrate(args):
 
 
 def _cmd_convert(args):
-    from lfm_fast.convert import read_diffusers, write_diffusers
+    from lfm_fast.convert import read_diffusers, read_lfm, write_diffusers
     from lfm_fast.fileio import atomic_dir
     from lfm_fast.models.dit import DiT
 
+    out = args.out or args.out_pos
+    if not out or (args.out and args.out_pos):
+        raise InputError("convert: give the folder to write once, as --out OUT")
+    if args.from_ != "lfm" and (args.arch or args.num_classes is not None or args.weights != "auto"):
+        raise InputError("--arch, --num-classes and --weights are for --from lfm")
     if args.to:
+        if args.ae:
+            raise InputError("--ae: a diffusers DiT folder records no autoencoder")
         model = DiT.from_pretrained(args.src)
-        with atomic_dir(args.out, "convert", args.overwrite) as tmp:
+        with atomic_dir(out, "convert", args.overwrite) as tmp:
             diff = write_diffusers(model, tmp)
         shift = model.config.time_freq_shift
         note = ("exact" if diff == 0 else f"the time embedding's sinusoid features change by up to {diff:.3g} (this model "
                 f"uses DiT's frequency table, time_freq_shift={shift:g}; diffusers' has shift 1)")
-        print(f"wrote {args.out} (diffusers DiTTransformer2DModel; pass timestep = t · {model.config.time_scale:g}): {note}")
+        print(f"wrote {out} (diffusers DiTTransformer2DModel; pass timestep = t · {model.config.time_scale:g}): {note}")
+        return 0
+    meta = {"converted_from": os.path.abspath(args.src)}
+    if args.from_ == "lfm":
+        model, notes, lfm_args = read_lfm(args.src, args.arch, args.num_classes, args.weights)
+        meta["autoencoder"] = args.ae or lfm_args.get("pretrained_autoencoder_ckpt") or "stabilityai/sd-vae-ft-mse"
+        if lfm_args.get("scale_factor") not in (None, 0.18215):
+            notes.append(f"LFM's scale_factor was {lfm_args['scale_factor']:g}: the autoencoder's config must say the same")
     else:
-        model = read_diffusers(args.src)
-        with atomic_dir(args.out, "convert", args.overwrite) as tmp:
-            model.save_pretrained(tmp, meta={"converted_from": os.path.abspath(args.src)})
-        print(f"wrote {args.out} (DiT {model.config.hidden_size}×{model.config.depth}, {model.config.num_classes} classes, "
-              f"time_freq_shift 1, time_scale {model.config.time_scale:g}); it records no autoencoder: pass --ae to sample")
+        model, notes = read_diffusers(args.src), ["time_freq_shift 1"]
+        if args.ae:
+            meta["autoencoder"] = args.ae
+    with atomic_dir(out, "convert", args.overwrite) as tmp:
+        model.save_pretrained(tmp, meta=meta)
+    c = model.config
+    classes = f"{c.num_classes} classes" if c.num_classes else "unconditional"
+    ae = f"autoencoder {meta['autoencoder']}" if "autoencoder" in meta else "it records no autoencoder: pass --ae to sample"
+    print(f"wrote {out} (DiT {c.hidden_size}×{c.depth}, patch {c.patch_size}, {c.input_size}×{c.input_size}×{c.in_channels} "
+          f"latents, {classes}, time_scale {c.time_scale:g}; {'; '.join(notes)}); {ae}")
+    return 0
 
 
 def _cmd_presets(args):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from lfm_fast.errors import InputError
 from lfm_fast.flow import FlowConfig
-from lfm_fast.models.dit import DiTConfig, arch_config
+from lfm_fast.models.dit import DiTConfig, arch_config, saved_model_config
 from lfm_fast.sampling import SampleConfig
 
 ModelConfig = DiTConfig
@@ -196,7 +196,7 @@ def _choices() -> dict[tuple[str, str], tuple[str, ...]]:
             ("train", "lr_schedule"): ("constant", "cosine", "cosine_epoch"),
             ("data", "posterior"): ("sample", "mean"), ("train", "async_checkpoint"): ("auto", "true", "false"), ("sample", "solver"): SOLVERS, ("sample", "grid"): GRIDS,
             ("model", "attn_backend"): ATTENTION_BACKENDS, ("model", "norm_backend"): NORM_BACKENDS,
-            ("model", "condition"): CONDITIONS}
+            ("model", "condition"): CONDITIONS, ("model", "pos_embed"): ("mae", "rows")}
 
 
 POSITIVE = {"model": ("input_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio"),
@@ -327,7 +327,7 @@ def to_dict(cfg: ExperimentConfig) -> dict:
 
 def from_dict(d: dict) -> ExperimentConfig:
     try:
-        cfg = ExperimentConfig(name=d.get("name", "custom"), model=DiTConfig(**d["model"]), flow=FlowConfig(**d["flow"]),
+        cfg = ExperimentConfig(name=d.get("name", "custom"), model=DiTConfig(**saved_model_config(d["model"])), flow=FlowConfig(**d["flow"]),
                                data=DataConfig(**d["data"]), train=TrainConfig(**d["train"]), sample=SampleConfig(**d["sample"]))
     except (KeyError, TypeError) as e:
         raise InputError(f"config: {e}") from None

@@ -3,10 +3,11 @@ checkpoints on the hub).
 
 The two networks compute the same function once three conventions are mapped:
 
-- Position embedding: ours puts the row index in the first half of the channels, MAE/DiT/diffusers the column
-  index. The two differ by a swap of the two halves of the residual stream's channels, and a network is unchanged
+- Position embedding: MAE/DiT/diffusers put the column index in the first half of the channels, and so do our
+  models (`model.pos_embed="mae"`); checkpoints written before lfm-fast 0.2 put the row index there ("rows"). The
+  two orders differ by a swap of the two halves of the residual stream's channels, and a network is unchanged
   when every weight that reads or writes the residual stream is permuted alike (LayerNorm without affine is
-  permutation-invariant), so the conversion permutes those weights: exact, no retraining.
+  permutation-invariant), so converting a "rows" model permutes those weights: exact, no retraining.
 - Time: diffusers embeds `timestep` with frequencies exp(−ln(10⁴)·i / (half − 1)) (`downscale_freq_shift=1`),
   DiT with / half: `model.time_freq_shift` 1 or 0. A model converted from diffusers keeps 1 (exact); converting a
   shift-0 model to diffusers changes its embedding, and `to_diffusers` measures by how much. diffusers takes the
@@ -25,7 +26,7 @@ import os
 import torch
 
 from lfm_fast.errors import InputError
-from lfm_fast.models.dit import DiT, DiTConfig, timestep_features
+from lfm_fast.models.dit import DiT, DiTConfig, sincos_pos_embed_2d, timestep_features
 
 DIFFUSERS_CONFIG = "config.json"
 
@@ -69,7 +70,15 @@ def to_diffusers(model: DiT) -> tuple[dict, dict[str, torch.Tensor], float]:
     from the frequency table: 0 for a time_freq_shift=1 model)."""
     cfg = model.config
     _check_convertible(cfg)
-    sd = swap_position_halves({k: v.detach().float().cpu() for k, v in model.state_dict().items() if k != "pos_embed"}, cfg)
+    sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    pos = sd.pop("pos_embed")
+    grid = cfg.input_size // cfg.patch_size
+    if torch.allclose(pos, sincos_pos_embed_2d(cfg.hidden_size, grid, "mae")[None], atol=1e-6):
+        pass
+    elif torch.allclose(pos, sincos_pos_embed_2d(cfg.hidden_size, grid, "rows")[None], atol=1e-6):
+        sd = swap_position_halves(sd, cfg)  # a model written before 0.2: the same network in MAE's order
+    else:
+        raise InputError("this DiT's position embedding is not the fixed sin-cos table diffusers computes")
     d = cfg.hidden_size
     out = {"pos_embed.proj.weight": sd["x_embedder.weight"], "pos_embed.proj.bias": sd["x_embedder.bias"],
            "proj_out_1.weight": sd["final_layer.adaLN_modulation.1.weight"],
@@ -141,7 +150,7 @@ def from_diffusers(config: dict, state: dict[str, torch.Tensor]) -> DiT:
                    b + "attn.proj.weight": state[o + "attn1.to_out.0.weight"], b + "attn.proj.bias": state[o + "attn1.to_out.0.bias"],
                    b + "mlp.0.weight": state[o + "ff.net.0.proj.weight"], b + "mlp.0.bias": state[o + "ff.net.0.proj.bias"],
                    b + "mlp.2.weight": state[o + "ff.net.2.weight"], b + "mlp.2.bias": state[o + "ff.net.2.bias"]})
-    return DiT.from_state_dict(cfg, swap_position_halves({k: v.float() for k, v in sd.items()}, cfg))
+    return DiT.from_state_dict(cfg, {k: v.float() for k, v in sd.items()})
 
 
 def write_diffusers(model: DiT, out: str) -> float:
@@ -169,3 +178,122 @@ def read_diffusers(folder: str) -> DiT:
     if config.get("_class_name") != "DiTTransformer2DModel":
         raise InputError(f"--from diffusers {folder}: a {config.get('_class_name')}, not a DiTTransformer2DModel")
     return from_diffusers(config, load_file(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The LFM paper's released checkpoints (VinAIResearch/LFM, models/DiT.py): facebookresearch/DiT's network with
+# these numerical differences from it, each mapped here or by the config:
+#   1. time: t ∈ [0, 1] enters the sinusoid unscaled (DiT: integer steps 0…999)      → model.time_scale = 1
+#   2. output: learn_sigma=False, C channels, the velocity (1 − σ_min)·noise − data  (DiT: 2C channels, ε and Σ);
+#      a learned-sigma file keeps its first C channels, as from diffusers
+#   3. labels: `y=None` is the last table row; unconditional models have num_classes=1 and no label dropout, so
+#      that one row is added to every time embedding                                  → folded into its last bias
+#   4. CFG (`forward_with_cfg`) guides all C channels (DiT: the first 3); ours guides all of them too
+#   5. timm's PatchEmbed/Attention/Mlp (the same convolution, SDPA and fc1-GELU(tanh)-fc2): key names only
+#   6. t = 1 is noise and t = 0 data, x_t = (1 − t)·x0 + (σ_min + (1 − σ_min)·t)·noise, σ_min 1e-5: our path
+# The position table is MAE's (`pos_embed`, a frozen parameter saved in the file) and the frequency table DiT's
+# (time_freq_shift 0), as ours. Files: `model_{epoch}.pth` (a state dict; EMA weights when LFM trained with
+# --use_ema) or `content.pth` (model_dict, the optimizer whose state holds each parameter's "ema", and args).
+LFM_KEYS = {"x_embedder.proj.": "x_embedder.", ".mlp.fc1.": ".mlp.0.", ".mlp.fc2.": ".mlp.2."}
+
+
+def _load_pth(path: str):
+    import argparse
+
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):  # content.pth pickles LFM's argparse args
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and torch's own errors
+        raise InputError(f"--from lfm {path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0][:160]})") from None
+
+
+def lfm_weights(obj: dict, weights: str = "auto") -> tuple[dict[str, torch.Tensor], str, dict]:
+    """(state dict without DDP's `module.` prefix, which weights they are, LFM's args as a dict or {})."""
+    args = vars(obj["args"]) if hasattr(obj.get("args"), "__dict__") else dict(obj.get("args") or {})
+    if "model_dict" not in obj:  # model_{epoch}.pth: the weights LFM evaluated
+        if weights == "model":
+            raise InputError("--weights model: this file is a plain state dict (model_{epoch}.pth), which holds one set "
+                             "of weights (EMA ones when LFM trained with --use_ema); give content.pth for the raw ones")
+        return {k.removeprefix("module."): v for k, v in obj.items()}, "the file's weights", args
+    model = {k.removeprefix("module."): v for k, v in obj["model_dict"].items()}
+    if weights == "model":
+        return model, "the raw weights (model_dict)", args
+    opt = obj.get("optimizer") or {}
+    ids = [i for g in opt.get("param_groups", []) for i in g["params"]]
+    if len(ids) != len(model):  # parameters() and state_dict() list the same tensors in the same order (no buffers)
+        raise InputError(f"content.pth: its optimizer lists {len(ids)} parameters, its model_dict {len(model)}")
+    ema = {name: opt["state"][i]["ema"] for name, i in zip(model, ids) if "ema" in opt["state"].get(i, {})}
+    if not ema:
+        if weights == "ema":
+            raise InputError("content.pth holds no EMA weights (LFM trained without --use_ema): pass --weights model")
+        return model, "the raw weights (model_dict; the run kept no EMA)", args
+    return {**model, **ema}, f"the EMA weights ({len(ema)} of {len(model)} tensors; the rest are frozen)", args
+
+
+def from_lfm(state: dict[str, torch.Tensor], arch: str, num_classes: int | None = None) -> tuple[DiT, list[str]]:
+    """A DiT (time_scale 1) computing what LFM's DiT with `state` computes at the same t, and the notes to print."""
+    from lfm_fast.models.dit import arch_config
+
+    sd = {}
+    for k, v in state.items():
+        for a, b in LFM_KEYS.items():
+            k = k.replace(a, b)
+        sd[k] = v.float()
+    a, notes = arch_config(arch), []
+    if "x_embedder.weight" not in sd or "pos_embed" not in sd:
+        raise InputError("--from lfm: not an LFM DiT state dict (no x_embedder.proj.weight / pos_embed; LFM's ADM U-Net "
+                         "checkpoints do not convert)")
+    w = sd["x_embedder.weight"]
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    found = (w.shape[0], depth, w.shape[-1])
+    if found != (a["hidden_size"], a["depth"], a["patch_size"]):
+        raise InputError(f"--arch {arch}: the file holds hidden size {found[0]}, depth {found[1]}, patch {found[2]} "
+                         f"(--arch {arch} has {a['hidden_size']}, {a['depth']}, {a['patch_size']})")
+    C, p, T = w.shape[1], a["patch_size"], sd["pos_embed"].shape[1]
+    grid = int(round(T ** 0.5))
+    rows = sd["y_embedder.embedding_table.weight"].shape[0]
+    if num_classes is None:
+        num_classes = 0 if rows == 1 else rows - 1
+    if rows == 1 and num_classes <= 1:  # unconditional: its one row is a constant in every time embedding
+        sd["t_embedder.mlp.2.bias"] = sd["t_embedder.mlp.2.bias"] + sd.pop("y_embedder.embedding_table.weight")[0]
+        num_classes = 0
+        notes.append("unconditional (its one label row is folded into the time embedding)")
+    elif rows == num_classes:
+        table = sd["y_embedder.embedding_table.weight"]
+        sd["y_embedder.embedding_table.weight"] = torch.cat([table, torch.zeros_like(table[:1])])
+        notes.append(f"{num_classes} classes and no trained null class (LFM trained it without label dropout): "
+                     "sample with --cfg 1")
+    elif rows == num_classes + 1:
+        notes.append(f"{num_classes} classes + the null class")
+    else:
+        raise InputError(f"--num-classes {num_classes}: the label table has {rows} rows (expected N or N + 1)")
+    out = sd["final_layer.linear.weight"].shape[0] // (p * p)
+    if out == 2 * C:  # learn_sigma: rows ordered (p, q, channel); the first C channels
+        keep = (torch.arange(p * p * out) % out) < C
+        sd["final_layer.linear.weight"], sd["final_layer.linear.bias"] = (sd[n][keep] for n in ("final_layer.linear.weight",
+                                                                                                "final_layer.linear.bias"))
+        notes.append("learn_sigma: the first C output channels are kept")
+    elif out != C:
+        raise InputError(f"--from lfm: {out} output channels for {C} input channels (expected {C} or {2 * C})")
+    cfg = DiTConfig(**a, input_size=grid * p, in_channels=C, num_classes=num_classes, time_scale=1.0, time_freq_shift=0.0)
+    if grid * grid != T:
+        raise InputError(f"--from lfm: pos_embed has {T} tokens, not a square grid")
+    try:
+        return DiT.from_state_dict(cfg, sd), notes
+    except (ValueError, RuntimeError) as e:
+        raise InputError(f"--from lfm: the file does not match a {arch} ({str(e).splitlines()[0][:160]})") from None
+
+
+def read_lfm(path: str, arch: str | None, num_classes: int | None = None, weights: str = "auto") -> tuple[DiT, list[str], dict]:
+    """An LFM `.pth` (model_{epoch}.pth or content.pth) → (DiT, notes, LFM's args or {})."""
+    if not os.path.isfile(path):
+        raise InputError(f"--from lfm {path}: no such file (expected LFM's model_{{epoch}}.pth or content.pth)")
+    obj = _load_pth(path)
+    if not isinstance(obj, dict):
+        raise InputError(f"--from lfm {path}: holds a {type(obj).__name__}, not a state dict")
+    state, which, args = lfm_weights(obj, weights)
+    arch = arch or args.get("model_type")
+    if not arch:
+        raise InputError(f"--from lfm {path}: the file does not say its architecture: pass --arch (e.g. DiT-L/2)")
+    model, notes = from_lfm(state, arch, num_classes if num_classes is not None else args.get("num_classes"))
+    return model, [which] + notes, args

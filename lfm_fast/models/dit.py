@@ -3,8 +3,8 @@
 Pure PyTorch and meant to be read: every fused op goes through `lfm_fast.ops`, so with the
 `reference` backends this file is the numerical reference for the kernels. Differences from the
 original DiT: the output is a velocity with as many channels as the latent (no learned sigma), the
-time embedding takes t ∈ [0, 1] (scaled by 1000 before the sinusoid), optional condition channels
-are concatenated to the input (inpainting / semantic maps), and QK-norm is optional.
+time embedding takes t ∈ [0, 1] (times `time_scale` before the sinusoid: DiT's 1000 or LFM's 1), optional
+condition channels are concatenated to the input (inpainting / semantic maps), and QK-norm is optional.
 """
 
 from __future__ import annotations
@@ -56,6 +56,10 @@ class DiTConfig:
     # the sinusoids' frequencies exp(−ln(10⁴)·i / (half − time_freq_shift)): 0 in facebookresearch/DiT (and ours),
     # 1 in diffusers' `Timesteps(downscale_freq_shift=1)`, which a model converted from diffusers keeps
     time_freq_shift: float = 0.0
+    # the fixed 2-D sin-cos position embedding's channel order: "mae" (MAE's, DiT's and diffusers': the first half
+    # encodes the column, the second the row) or "rows" (the row first: what lfm-fast wrote before 0.2; a saved config
+    # without this field is read as "rows", see `saved_model_config`). The table is a frozen tensor saved with the weights
+    pos_embed: str = "mae"
     attn_backend: str = "auto"
     norm_backend: str = "auto"
 
@@ -90,17 +94,25 @@ def build_dit(name: str, **overrides) -> "DiT":
     return DiT(DiTConfig(**{**arch_config(name), **overrides}))
 
 
-def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
-    """Fixed 2-D sine-cosine position embedding (MAE / DiT), shape (grid², dim)."""
+def saved_model_config(model: dict) -> dict:
+    """A `model` config section read from disk: one written before `pos_embed` existed was row-first."""
+    return {"pos_embed": "rows", **model}
+
+
+def sincos_pos_embed_2d(dim: int, grid: int, order: str = "mae") -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding, shape (grid², dim), tokens row-major: [sin, cos] of the column
+    index in the first half of the channels and of the row index in the second (MAE / DiT), or the halves the other
+    way round (`order="rows"`)."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
     coords = torch.arange(grid, dtype=torch.float64)
-    gy, gx = torch.meshgrid(coords, coords, indexing="ij")
+    row, col = torch.meshgrid(coords, coords, indexing="ij")
 
     def embed_1d(pos):
         angles = pos.reshape(-1, 1) * omega
         return torch.cat([angles.sin(), angles.cos()], dim=1)
 
-    return torch.cat([embed_1d(gy), embed_1d(gx)], dim=1).float()
+    halves = (col, row) if order == "mae" else (row, col)
+    return torch.cat([embed_1d(h) for h in halves], dim=1).float()
 
 
 class TimestepEmbedder(nn.Module):
@@ -194,7 +206,7 @@ class DiT(nn.Module):
         self.x_embedder = nn.Conv2d(cfg.in_channels + cfg.cond_channels, D, kernel_size=p, stride=p)
         self.t_embedder = TimestepEmbedder(D, scale=cfg.time_scale, freq_shift=cfg.time_freq_shift)
         self.y_embedder = LabelEmbedder(cfg.num_classes, D) if cfg.num_classes > 0 else None
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(D, cfg.input_size // p)[None], persistent=False)
+        self.register_buffer("pos_embed", self.fixed_pos_embed())  # frozen, saved with the weights (DiT's parameter)
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg)
         if not self.pos_embed.is_meta:
@@ -213,7 +225,12 @@ class DiT(nn.Module):
         with torch.no_grad():
             for name, p in self.named_parameters():
                 assign_full(p, _init_value(clean_fqn(name), tuple(p.shape), seed))
-            self.pos_embed.copy_(sincos_pos_embed_2d(self.config.hidden_size, self.config.input_size // self.config.patch_size)[None])
+            self.pos_embed.copy_(self.fixed_pos_embed())
+
+    def fixed_pos_embed(self) -> torch.Tensor:
+        """The sin-cos table of `config.pos_embed`'s order, (1, T, D) fp32 on the CPU."""
+        c = self.config
+        return sincos_pos_embed_2d(c.hidden_size, c.input_size // c.patch_size, c.pos_embed)[None]
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, p²·C) → (B, C, H, W)."""
@@ -283,7 +300,7 @@ class DiT(nn.Module):
 
         config = read_checkpoint_config(folder)
         known = {f.name for f in fields(DiTConfig)}
-        cfg = DiTConfig(**{**{k: v for k, v in config["model"].items() if k in known}, **overrides})
+        cfg = DiTConfig(**{**{k: v for k, v in saved_model_config(config["model"]).items() if k in known}, **overrides})
         try:
             validate_section("model", cfg)
         except InputError as e:
@@ -300,14 +317,15 @@ class DiT(nn.Module):
 
     @classmethod
     def from_state_dict(cls, cfg: DiTConfig, state: dict[str, torch.Tensor]) -> "DiT":
-        """A DiT holding `state` (built on the meta device: no time spent on an init that is overwritten)."""
+        """A DiT holding `state` (built on the meta device: no time spent on an init that is overwritten). A state
+        without `pos_embed` (EMA weights, checkpoints written before 0.2) gets the config's fixed table."""
         with torch.device("meta"):
             model = cls(cfg)
+        if "pos_embed" not in state:
+            state = {**state, "pos_embed": model.fixed_pos_embed().to(next(iter(state.values())).device)}
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         if missing or unexpected:
             raise ValueError(f"missing {len(missing)}, unexpected {len(unexpected)} tensors")
-        device = next(iter(state.values())).device
-        model.pos_embed = sincos_pos_embed_2d(cfg.hidden_size, cfg.input_size // cfg.patch_size)[None].to(device)
         return model
 
 

@@ -85,7 +85,7 @@ class Checkpointer:
         dist.broadcast_object_list(box, src=0)  # rank 0 chose the name and made the folder
         name = box[0]
         final, tmp = os.path.join(self.root, name), os.path.join(self.root, name + ".tmp")
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd, _ = _dcp_state(model, optimizer)
         rng = [None] * dist.get_world_size()
         dist.all_gather_object(rng, torch.get_rng_state())
         state = {"model": model_sd, "optim": optim_sd, "ema": ema}
@@ -144,6 +144,14 @@ def _free_name(root: str, step: int) -> str:
     return name
 
 
+def _dcp_state(model, optimizer) -> tuple[dict, dict, dict]:
+    """(model state, optimizer state, fixed buffers). The fixed buffers (the position table, which the config
+    determines) stay out of checkpoints, so runs written before it was saved with the weights resume unchanged."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    fixed = {k: model_sd.pop(k) for k in [k for k in model_sd if k.rsplit(".", 1)[-1] == "pos_embed"]}
+    return model_sd, optim_sd, fixed
+
+
 def read_trainer_state(path: str) -> dict:
     """trainer.json of a committed checkpoint folder."""
     if not os.path.isfile(os.path.join(path, "trainer.json")):
@@ -155,10 +163,10 @@ def read_trainer_state(path: str) -> dict:
 def load_checkpoint(path: str, model, optimizer, ema: dict) -> dict:
     """Collective: restore model, optimizer and EMA shards in place (any world size); returns trainer.json."""
     trainer = read_trainer_state(path)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd, fixed = _dcp_state(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd, "ema": ema}
     dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict={**state["model"], **fixed}, optim_state_dict=state["optim"])
     rng = torch.load(os.path.join(path, "rng.pt"), weights_only=True)
     if rng["world_size"] == dist.get_world_size():  # per-rank streams only map onto the same ranks
         torch.set_rng_state(rng["torch"][dist.get_rank()])
