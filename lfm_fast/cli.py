@@ -21,11 +21,11 @@ EXAMPLES = """examples:
   lfm-fast train-ae --data shapes --out runs/ae --steps 2500 --latent-noise 0.1 --scale-equivariance 0.5
   lfm-fast train --latents runs/latents --preset small-data --out runs/dit --steps 2000 train.lr=5e-4
   lfm-fast train --nproc 2 --latents runs/latents --preset small-data --out runs/dit2 train.precision=bf16
-  lfm-fast sample --ckpt runs/dit --num 64 --labels 0,3 --solver heun --steps 16 --cfg 2 --seed 0 --out runs/samples
-  lfm-fast export --ckpt runs/dit --format onnx --solver heun --steps 8 --cfg 2 --with-decoder --out runs/sampler.onnx
+  lfm-fast sample --ckpt runs/dit --num 64 --labels 0,3 --solver heun --ode-steps 16 --cfg 2 --seed 0 --out runs/samples
+  lfm-fast export --ckpt runs/dit --format onnx --solver heun --ode-steps 8 --cfg 2 --with-decoder --out runs/sampler.onnx
   lfm-fast sample --ckpt runs/dit --backend onnxruntime --engine runs/sampler.onnx --num 64 --out runs/samples-ort
   lfm-fast calibrate --ckpt runs/dit --solver dpm++2m --nfe 16 --cfg 2
-  lfm-fast sample --ckpt runs/dit --solver dpm++2m --steps 16 --cfg 2 --grid calibrated --out runs/samples-cal
+  lfm-fast sample --ckpt runs/dit --solver dpm++2m --ode-steps 16 --cfg 2 --grid calibrated --out runs/samples-cal
 """
 
 
@@ -53,18 +53,18 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from lfm_fast.config import PRESETS
-    from lfm_fast.sampling import FIXED_SOLVERS, SOLVERS
+    """The whole command line, built without importing torch (`--help` answers in a fraction of a second)."""
+    from lfm_fast.choices import FIXED_SOLVERS, SOLVERS
 
     p = _Parser(prog="lfm-fast", description="Latent flow matching: train and sample DiT velocity networks "
                                 "in an autoencoder's latent space.", epilog=EXAMPLES)
     from lfm_fast import __version__
 
     p.add_argument("--version", action="version", version=f"lfm-fast {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of these (each has --help):")
 
     r = sub.add_parser("presets", help="list the experiment presets, or print one's full config (JSON)")
-    r.add_argument("name", nargs="?", choices=sorted(PRESETS), metavar="NAME", help="a preset: its whole config, as "
+    r.add_argument("name", nargs="?", metavar="NAME", help="a preset: its whole config, as "
                    "`train --preset NAME` starts from and key=value overrides change")
 
     d = sub.add_parser("demo", help="end to end on the embedded shapes data: AE → latents → DiT → samples → report")
@@ -132,8 +132,8 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a DiT velocity network on latent shards")
     t.add_argument("--latents", default=None, help="folder written by `lfm-fast prepare` (required, except with --dry-run)")
-    t.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)}; required for a new run (with --resume: "
-                   f"the run's own)")
+    t.add_argument("--preset", default=None, help="a preset name (`lfm-fast presets` lists them); required for a new run (with --resume: "
+                   "the run's own)")
     t.add_argument("--out", default=None, help="run folder: checkpoints/ (sharded, DCP), metrics.jsonl, grids, and the "
                    "final config.json + model.safetensors (the EMA weights; with train.ema_decay=0, as the paper presets have it, the "
                    "trained weights); required, except with --dry-run")
@@ -166,7 +166,7 @@ def _parser() -> argparse.ArgumentParser:
                    "(shapes: 0 background, 1 circle, 2 square, 3 triangle, 4 diamond, 5 cross, 6 ring), or a folder of them")
     s.add_argument("--labels", default=None, help="comma-separated class ids, repeated to --num (default: all classes in turn)")
     s.add_argument("--solver", choices=SOLVERS, default=None, help="default: the checkpoint's preset")
-    s.add_argument("--steps", type=int, default=None, help="fixed-step solvers: number of steps (default: the checkpoint's)")
+    _add_ode_steps(s, "fixed-step solvers: number of ODE steps (default: the checkpoint's)")
     _add_grid_flags(s)
     s.add_argument("--atol", type=float, default=None, help="adaptive solvers' absolute tolerance (default: the checkpoint's)")
     s.add_argument("--rtol", type=float, default=None, help="adaptive solvers' relative tolerance (default: the checkpoint's)")
@@ -189,7 +189,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx", help="what --out holds")
     e.add_argument("--solver", choices=FIXED_SOLVERS, default=None,
                    help="the fixed-step solver to unroll; default: the checkpoint's")
-    e.add_argument("--steps", type=int, default=None, help="solver steps to unroll (default: the checkpoint's)")
+    _add_ode_steps(e, "ODE solver steps to unroll (default: the checkpoint's)")
     _add_grid_flags(e)
 
     k = sub.add_parser("calibrate", help="fit the time grid of a fixed-step solver to a checkpoint (for --grid calibrated)",
@@ -261,7 +261,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_grid_flags(p):
-    from lfm_fast.sampling import GRIDS
+    from lfm_fast.choices import GRIDS
 
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale, 1 = off (default: the checkpoint's)")
     p.add_argument("--cfg-interval", default=None, metavar="LO:HI",
@@ -272,6 +272,17 @@ def _add_grid_flags(p):
                         "--shift); calibrated (fitted by `lfm-fast calibrate`, stored with the checkpoint) "
                         "(default: the checkpoint's)")
     p.add_argument("--shift", type=float, default=None, help="the shifted grid's shift, or the power grid's ρ (default: the checkpoint's)")
+
+
+def _add_ode_steps(p, help: str):
+    """--ode-steps (the ODE solver's; `train --steps` counts optimizer steps), with --steps as its hidden old spelling."""
+    p.add_argument("--ode-steps", dest="steps", type=int, default=None, metavar="N", help=help)
+    p.add_argument("--steps", dest="steps", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _flag(name: str) -> str:
+    """The sampler flag of a SampleConfig field: `steps` → --ode-steps, `cfg_interval` → --cfg-interval."""
+    return "--ode-steps" if name == "steps" else "--" + name.replace("_", "-")
 
 
 def _add_overwrite_flag(p):
@@ -286,16 +297,18 @@ def _add_nproc_flag(p):
 
 
 def _add_backend_flags(p):
-    from lfm_fast.ops import ATTENTION_BACKENDS, NORM_BACKENDS
+    from lfm_fast.choices import ATTENTION_BACKENDS, NORM_BACKENDS
 
     p.add_argument("--attn-backend", choices=ATTENTION_BACKENDS, default=None,
                    help="attention kernels (default: the config's, 'auto' = Triton on CUDA; on CPU plain matmuls (math) for bf16 up to 512 tokens, else SDPA)")
-    p.add_argument("--kernels", choices=NORM_BACKENDS, default=None,
-                   help="adaLN modulate / gated residual kernels (default: the config's, 'auto' = Triton on CUDA)")
+    p.add_argument("--norm-backend", choices=NORM_BACKENDS, default=None,
+                   help="adaLN modulate / gated residual kernels, model.norm_backend (default: the config's, 'auto' = "
+                   "Triton on CUDA)")
+    p.add_argument("--kernels", dest="norm_backend", choices=NORM_BACKENDS, default=None, help=argparse.SUPPRESS)  # old name
 
 
 def _backend_overrides(args) -> dict:
-    return {k: v for k, v in (("attn_backend", args.attn_backend), ("norm_backend", args.kernels)) if v is not None}
+    return {k: v for k, v in (("attn_backend", args.attn_backend), ("norm_backend", args.norm_backend)) if v is not None}
 
 
 def _cmd_demo(args):
@@ -317,10 +330,10 @@ def _cmd_demo(args):
 
 
 def _check_sampler_flags(args):
-    """--steps, --shift, --atol, --rtol positive and --cfg non-negative where given (sample and export)."""
+    """--ode-steps, --shift, --atol, --rtol positive and --cfg non-negative where given (sample and export)."""
     for name in ("steps", "shift", "atol", "rtol"):
         if getattr(args, name, None) is not None:
-            _check_positive(f"--{name}", getattr(args, name))
+            _check_positive(_flag(name), getattr(args, name))
     if args.cfg is not None:
         _check_positive("--cfg", args.cfg, allow_zero=True)
     if getattr(args, "engine", None) and args.backend in ("eager", "compile"):
@@ -493,13 +506,13 @@ def _check_flags_apply(args, scfg):
     if scfg.solver not in NFE_PER_STEP:
         for name in ("steps", "grid", "shift"):
             if name in given:
-                raise InputError(f"--{name} {getattr(args, name)}: {scfg.solver} is adaptive (its steps follow --atol/"
+                raise InputError(f"{_flag(name)} {getattr(args, name)}: {scfg.solver} is adaptive (its steps follow --atol/"
                                  f"--rtol) and takes no {'steps' if name == 'steps' else 'time grid'}; pass a fixed-step solver")
         return
     for name in ("atol", "rtol"):
         if name in given:
             adaptive = ", ".join(s for s in SOLVERS if s not in NFE_PER_STEP)
-            raise InputError(f"--{name} {getattr(args, name)}: {scfg.solver} is a fixed-step solver; tolerances are for "
+            raise InputError(f"{_flag(name)} {getattr(args, name)}: {scfg.solver} is a fixed-step solver; tolerances are for "
                              f"the adaptive ones ({adaptive})")
     if "shift" in given and scfg.grid in ("uniform", "calibrated"):
         raise InputError(f"--shift {args.shift}: the {scfg.grid} grid takes no shift; pass --grid shifted or --grid power")
@@ -580,7 +593,7 @@ def _graph_runner(args, scfg, model, total: int):
                            ("cfg_interval", interval)):
             asked = getattr(args, name)
             if asked is not None and kind(asked) != kind(meta[name]):
-                raise InputError(f"--{name.replace('_', '-')} {asked}: the graph {args.engine} was exported with "
+                raise InputError(f"{_flag(name)} {asked}: the graph {args.engine} was exported with "
                                  f"{name}={meta[name]} (export --graph velocity to choose the recipe when sampling)")
             if name == "cfg_interval":
                 scfg.cfg_lo, scfg.cfg_hi = kind(meta[name])
@@ -738,7 +751,7 @@ def _cmd_export(args):
     if args.graph == "velocity":  # no recipe in the graph: a flag for one would be ignored
         for name in ("solver", "steps", "cfg", "cfg_interval", "grid", "shift"):
             if getattr(args, name) is not None:
-                raise InputError(f"--{name.replace('_', '-')} {getattr(args, name)}: a velocity graph holds the network "
+                raise InputError(f"{_flag(name)} {getattr(args, name)}: a velocity graph holds the network "
                                  f"alone; pass it to `sample`, which drives the graph (or export --graph sampler)")
         if args.with_decoder:
             raise InputError("--with-decoder: a velocity graph holds the network alone; `sample` decodes its latents")
@@ -795,7 +808,7 @@ def _cmd_calibrate(args):
     print(f"wrote {os.path.join(args.ckpt, GRIDS_FILE)}: {scfg.solver} × {scfg.steps} steps ({args.nfe} NFE), cfg "
           f"{float(scfg.cfg):g}{interval.replace(' --cfg-interval', ', interval')}: relative error {r['error']:.4f} on "
           f"{args.num} calibration images (start: {r['start']} grid, {r['start_error']:.4f}); use it with `--grid "
-          f"calibrated --solver {scfg.solver} --steps {scfg.steps} --cfg {float(scfg.cfg):g}{interval}`")
+          f"calibrated --solver {scfg.solver} --ode-steps {scfg.steps} --cfg {float(scfg.cfg):g}{interval}`")
     return 0
 
 
@@ -843,10 +856,10 @@ def _cmd_convert(args):
 def _cmd_presets(args):
     import json
 
-    from lfm_fast.config import PRESETS, to_dict
+    from lfm_fast.config import PRESETS, get_preset, to_dict
 
     if args.name is not None:
-        print(json.dumps(to_dict(PRESETS[args.name]), indent=2))
+        print(json.dumps(to_dict(get_preset(args.name)), indent=2))
         return
     width = max(map(len, PRESETS))
     for name, cfg in PRESETS.items():
@@ -921,12 +934,14 @@ def _child_pids(pid: int) -> list[int]:
         return []
 
 
-def _record(f):
-    """torch.distributed.elastic's `record`: under torchrun, a crash's traceback goes to the error file torchrun
-    reads, so its failure summary shows the failing rank's traceback (a no-op otherwise)."""
+def main(argv: list[str] | None = None) -> int:
+    """Under torchrun (which names an error file), through torch.distributed.elastic's `record`: a crash's traceback
+    goes to the file torchrun reads, so its failure summary shows the failing rank's traceback."""
+    if "TORCHELASTIC_ERROR_FILE" not in os.environ:
+        return _main(argv)
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    return record(f)
+    return record(_main)(argv)
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:
@@ -948,16 +963,15 @@ def _terminate(signum, frame):
     raise Terminated()
 
 
-@_record
-def main(argv: list[str] | None = None) -> int:
-    from lfm_fast.dist import is_main_process, launched_by_torchrun, shutdown
-
+def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     warnings.formatwarning = _format_warning
     try:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # --help, or argparse's one-line error
         return int(e.code or 0)
+    from lfm_fast.dist import is_main_process, launched_by_torchrun, shutdown
+
     nproc = getattr(args, "nproc", None)
     if nproc is not None and nproc < 1:
         print(f"lfm-fast: error: --nproc {nproc}: expected a positive count", file=sys.stderr)

@@ -207,7 +207,7 @@ NON_NEGATIVE = {"model": ("cond_channels", "semantic_classes", "cond_stages"), "
                 "train": ("warmup_steps", "lr_min", "lr_period_epochs", "weight_decay", "grad_clip", "label_dropout", "cond_dropout", "ema_decay", "ckpt_every",
                           "ckpt_every_minutes", "sample_every"),
                 "sample": ("cfg",)}
-LOGS = ("jsonl", "tensorboard")
+LOGS = ("jsonl", "tensorboard", "wandb")
 BELOW_ONE = {("flow", "sigma_min"), ("train", "label_dropout"), ("train", "cond_dropout"), ("train", "ema_decay")}
 
 

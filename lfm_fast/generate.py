@@ -19,15 +19,18 @@ from lfm_fast.train.throughput import forward_flops_per_image
 
 @torch.no_grad()
 def generate(run_batch, labels: torch.Tensor | None, seeds: list[int], shape: tuple[int, ...], batch_size: int = 64,
-             device="cpu", progress: bool = True, conds: torch.Tensor | None = None) -> torch.Tensor:
+             device="cpu", progress: bool = True, conds: torch.Tensor | None = None,
+             noise: torch.Tensor | None = None) -> torch.Tensor:
     """Outputs of `run_batch(noise, labels[, conds])` for each (label, condition, seed), batch by batch; image i
-    depends on seeds[i], labels[i] and conds[i] only, whatever the batch size or the backend that runs the batch."""
+    depends on seeds[i], labels[i] and conds[i] only, whatever the batch size or the backend that runs the batch.
+    `noise` (N, *shape): each image's starting noise given instead of drawn from its seed."""
     out = []
     for i in tqdm(range(0, len(seeds), batch_size), desc="sample", disable=not progress, mininterval=1):
-        noise = per_image_noise(seeds[i:i + batch_size], shape, device=device)
+        x = (per_image_noise(seeds[i:i + batch_size], shape) if noise is None else noise[i:i + batch_size].float())
+        x = x.to(device)
         y = None if labels is None else labels[i:i + batch_size].to(device)
         c = None if conds is None else conds[i:i + batch_size].to(device, torch.float32)
-        out.append(torch.as_tensor(run_batch(noise, y) if c is None else run_batch(noise, y, c)).cpu())
+        out.append(torch.as_tensor(run_batch(x, y) if c is None else run_batch(x, y, c)).cpu())
     return torch.cat(out)
 
 
@@ -51,7 +54,7 @@ class NfeCount:
 
 def generate_latents(model, labels: torch.Tensor | None, seeds: list[int], cfg: SampleConfig, batch_size: int = 64,
                      progress: bool = True, conds: torch.Tensor | None = None,
-                     sigma_min: float = 1e-5) -> tuple[torch.Tensor, NfeCount]:
+                     sigma_min: float = 1e-5, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, NfeCount]:
     """Eager sampling with any solver: fp32 noise and state, the network in its own dtype."""
     mc = model.config
     device = getattr(model, "device", None) or next(model.parameters()).device  # a GraphNet (an exported graph) has no weights
@@ -65,7 +68,7 @@ def generate_latents(model, labels: torch.Tensor | None, seeds: list[int], cfg: 
         return res.latents.float()
 
     latents = generate(run, labels, seeds, (mc.in_channels, mc.input_size, mc.input_size), batch_size, device,
-                       progress, conds)
+                       progress, conds, noise)
     per_image = torch.cat(image_nfe) if image_nfe else torch.zeros(1)
     rows_per_image = rows / max(len(seeds), 1)
     return latents, NfeCount(calls, float(per_image.float().mean()), int(per_image.max()), rows_per_image,

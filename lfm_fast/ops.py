@@ -22,12 +22,12 @@ import torch.nn.functional as F
 
 from lfm_fast.errors import InputError
 
-ATTENTION_BACKENDS = ("auto", "triton", "sdpa", "math", "xformers", "reference")
+from lfm_fast.choices import ATTENTION_BACKENDS, NORM_BACKENDS  # noqa: F401 (their home here)
+
 # On CPU, bf16 SDPA (its flash kernel) is 2.2× slower forward + backward than plain matmuls at DiT-S/2's
 # 256 tokens (48 vs 22 ms per layer, batch 16, 6 heads), even at 1024 tokens, while in fp32 SDPA is the
 # faster one (40 vs 53 ms). The math path keeps the T×T scores for backward: hence the token limit.
 CPU_MATH_ATTENTION_MAX_TOKENS = 512
-NORM_BACKENDS = ("auto", "triton", "compile", "reference")
 
 LAYERNORM_EPS = 1e-6  # DiT's adaLN uses LayerNorm(eps=1e-6, elementwise_affine=False)
 

@@ -21,11 +21,7 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
-FIXED_SOLVERS = ("euler", "midpoint", "heun", "rk4", "ab2", "ab3", "abm3", "dpm++2m")
-ADAPTIVE_SOLVERS = ("dopri5", "bosh3", "adaptive_heun")
-SOLVERS = FIXED_SOLVERS + ADAPTIVE_SOLVERS
-NFE_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "ab2": 1, "ab3": 1, "abm3": 1, "dpm++2m": 1}
-GRIDS = ("uniform", "shifted", "power", "calibrated")
+from lfm_fast.choices import ADAPTIVE_SOLVERS, FIXED_SOLVERS, GRIDS, NFE_PER_STEP, SOLVERS  # noqa: F401 (their home here)
 
 
 @dataclass

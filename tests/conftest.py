@@ -76,3 +76,22 @@ def tiny_pipeline(tmp_path_factory):
     cfg.train.steps, cfg.train.batch_size, cfg.train.log_every = 6, 16, 3
     train(cfg, str(root / "latents"), str(root / "dit"), progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def random_inception(tmp_path_factory):
+    """Random weights (with BatchNorm statistics) in the layout of pytorch-fid's weights file."""
+    from lfm_fast.eval.fid import FIDInceptionV3
+
+    torch.manual_seed(0)
+    net = FIDInceptionV3()
+    state = net.state_dict()
+    for k, v in state.items():
+        if k.endswith("running_var"):
+            state[k] = torch.rand_like(v) + 0.5
+        elif k.endswith("running_mean") or k.endswith("bn.bias"):
+            state[k] = 0.1 * torch.randn_like(v)
+    state["fc.weight"], state["fc.bias"] = torch.randn(1008, 2048) * 0.01, torch.zeros(1008)
+    path = tmp_path_factory.mktemp("inception") / "pt_inception.pth"
+    torch.save(state, path)
+    return str(path), state

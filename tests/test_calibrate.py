@@ -15,7 +15,10 @@ from tests.test_cli import assert_input_error, run_cli
 
 def test_fitted_grid_beats_every_analytic_start_on_held_out_noise():
     torch.manual_seed(0)
-    model = perturbed(DiT(DiTConfig(input_size=8, hidden_size=32, depth=1, num_heads=2, num_classes=3, time_scale=1.0)), scale=0.3)
+    # a fixed random field (the one this test was written on: its position table row-first; in MAE's order the
+    # best analytic grid is already within 5 % of the fitted one on this field, so the margin would say nothing)
+    model = perturbed(DiT(DiTConfig(input_size=8, hidden_size=32, depth=1, num_heads=2, num_classes=3, time_scale=1.0,
+                                    pos_embed="rows")), scale=0.3)
     cfg = SampleConfig(solver="euler", steps=4, cfg=2.0)
 
     def batch(seed, n=24):
@@ -93,7 +96,7 @@ def test_cli_sampler_flag_errors(ckpt, tmp_path, capsys):
                         (["sample", "--grid", "shifted", "--shift", "0", "--out", out], ("--shift 0",)),
                         (["export", "--grid", "power", "--shift", "-2", "--out", str(tmp_path / "x.onnx")], ("--shift -2",)),
                         # flags the chosen solver or grid would ignore are refused
-                        (["sample", "--solver", "dopri5", "--steps", "8", "--out", out], ("--steps 8", "adaptive")),
+                        (["sample", "--solver", "dopri5", "--steps", "8", "--out", out], ("--ode-steps 8", "adaptive")),
                         (["sample", "--solver", "bosh3", "--grid", "shifted", "--out", out], ("--grid shifted", "adaptive")),
                         (["sample", "--solver", "heun", "--atol", "1e-3", "--out", out], ("--atol 0.001", "fixed-step")),
                         (["sample", "--grid", "uniform", "--shift", "3", "--out", out], ("--shift 3.0", "takes no shift"))):

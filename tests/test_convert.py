@@ -204,7 +204,12 @@ def test_cli_converts_lfms_content_pth_ema_or_raw_and_samples_it(tmp_path, capsy
         assert (DiT.from_pretrained(str(tmp_path / "raw"))(x, t, y) - ref).abs().max() > 0.1  # model_dict: other weights
     assert main(["sample", "--ckpt", str(tmp_path / "ema"), "--num", "3", "--labels", "0,4", "--solver", "euler",
                  "--steps", "2", "--cfg", "2", "--out", str(tmp_path / "s")]) == 0  # the AE comes from the checkpoint
-    assert np.load(tmp_path / "s" / "samples.npz")["arr_0"].shape == (3, 32, 32, 3)
+    written = np.load(tmp_path / "s" / "samples.npz")["arr_0"]
+    from lfm_fast import LFMPipeline  # and through the Python API: the same images
+
+    pipe = LFMPipeline.from_pretrained(str(tmp_path / "ema"), device="cpu")
+    out = pipe(class_labels=[0, 4, 0], num_inference_steps=2, solver="euler", guidance_scale=2.0, seed=0, output_type="np")
+    assert written.shape == (3, 32, 32, 3) and np.array_equal(out.images, written)
     capsys.readouterr()
     bad = [(["--arch", "DiT-B/2"], "hidden size 384"), (["--num-classes", "9"], "6 rows"), ([], "exists")]
     for extra, msg in bad:

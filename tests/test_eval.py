@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from lfm_fast.errors import InputError
-from lfm_fast.eval.fid import FIDInceptionV3, inception_features, load_inception
+from lfm_fast.eval.fid import inception_features, load_inception
 from lfm_fast.eval.frechet import frechet_distance
 
 
@@ -66,23 +66,6 @@ def test_frechet_distance_equals_pytorch_fids():
     a = rng.normal(size=(4, 32))
     s = a.T @ a
     assert abs(frechet_distance(m1[:32], s, m2[:32], s) - reference(m1[:32], s, m2[:32], s)) <= 1e-6 * reference(m1[:32], s, m2[:32], s)
-
-
-@pytest.fixture(scope="module")
-def random_inception(tmp_path_factory):
-    """Random weights (with BatchNorm statistics) in the layout of pytorch-fid's weights file."""
-    torch.manual_seed(0)
-    net = FIDInceptionV3()
-    state = net.state_dict()
-    for k, v in state.items():
-        if k.endswith("running_var"):
-            state[k] = torch.rand_like(v) + 0.5
-        elif k.endswith("running_mean") or k.endswith("bn.bias"):
-            state[k] = 0.1 * torch.randn_like(v)
-    state["fc.weight"], state["fc.bias"] = torch.randn(1008, 2048) * 0.01, torch.zeros(1008)
-    path = tmp_path_factory.mktemp("inception") / "pt_inception.pth"
-    torch.save(state, path)
-    return str(path), state
 
 
 def test_inception_features_shapes_determinism_and_batching(random_inception):

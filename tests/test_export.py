@@ -211,7 +211,7 @@ def test_cli_velocity_graph_takes_the_recipe_at_sampling_time_and_refuses_mismat
 
     dit, graph = str(tiny_pipeline / "dit"), str(tmp_path / "v.onnx")
     capsys.readouterr()
-    for extra, words in [(["--steps", "4"], "--steps 4: a velocity graph holds the network alone"),
+    for extra, words in [(["--steps", "4"], "--ode-steps 4: a velocity graph holds the network alone"),
                          (["--with-decoder"], "--with-decoder: a velocity graph"),
                          (["--fp16", "--bf16"], "not allowed with argument")]:
         assert main(["export", "--ckpt", dit, "--graph", "velocity", *extra, "--out", graph]) == 2

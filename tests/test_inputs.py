@@ -12,7 +12,7 @@ from tests.test_cli import assert_input_error, run_cli
 
 
 @pytest.mark.parametrize("flags,words", [
-    (["--steps", "0"], "--steps 0"), (["--batch-size", "0"], "--batch-size 0"), (["--cfg", "-1"], "--cfg -1.0"),
+    (["--ode-steps", "0"], "--ode-steps 0"), (["--batch-size", "0"], "--batch-size 0"), (["--cfg", "-1"], "--cfg -1.0"),
     (["--num", "0"], "--num 0"), (["--solver", "dopri5", "--atol", "0"], "--atol 0.0"), (["--cfg", "nan"], "--cfg nan"),
     (["--solver", "foo"], "sample: argument --solver: invalid choice"),
 ])
@@ -94,7 +94,7 @@ def test_metrics_needing_inception_say_which(tmp_path, capsys, monkeypatch):
 def test_export_refuses_before_writing_anything(tiny_pipeline, tmp_path, capsys):
     ckpt = str(tiny_pipeline / "dit")
     out = tmp_path / "x.onnx"
-    assert_input_error(*run_cli(capsys, "export", "--ckpt", ckpt, "--steps", "0", "--out", str(out)), "--steps 0")
+    assert_input_error(*run_cli(capsys, "export", "--ckpt", ckpt, "--steps", "0", "--out", str(out)), "--ode-steps 0")
     assert_input_error(*run_cli(capsys, "export", "--ckpt", ckpt, "--solver", "dopri5", "--out", str(out)),
                        "--solver: invalid choice: 'dopri5'", "'euler', 'midpoint', 'heun'")
     code, err = run_cli(capsys, "export", "--ckpt", ckpt, "--format", "tensorrt", "--out", str(tmp_path / "x.plan"))

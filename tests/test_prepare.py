@@ -193,3 +193,21 @@ def test_lfm_cosine_steps_once_per_epoch_to_its_floor():
         ref.step()
     cos = TrainConfig(steps=100, lr=1e-3, lr_schedule="cosine", lr_min=1e-4)
     assert lr_lambda(cos, 1)(100) == pytest.approx(0.1) and lr_lambda(cos, 1)(0) == pytest.approx(1.0)
+
+
+def test_the_stepwise_cosine_is_diffusers_schedule_with_a_floor_and_no_idle_first_step():
+    """After the warm-up, "cosine" at lr_min=0 is diffusers' get_cosine_schedule_with_warmup; in the warm-up ours is
+    its next step (diffusers spends step 0 at lr 0); lr_min lifts the curve to its floor: floor + (1 − floor)·theirs."""
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    from lfm_fast.config import TrainConfig
+    from lfm_fast.train.loop import lr_lambda
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    ref = get_cosine_schedule_with_warmup(opt, num_warmup_steps=5, num_training_steps=40)
+    theirs = [ref.lr_lambdas[0](s) for s in range(41)]
+    ours = lr_lambda(TrainConfig(steps=40, lr=1e-3, lr_schedule="cosine", lr_min=0.0, warmup_steps=5), 1)
+    floored = lr_lambda(TrainConfig(steps=40, lr=1e-3, lr_schedule="cosine", lr_min=1e-4, warmup_steps=5), 1)
+    assert [ours(s) for s in range(5)] == pytest.approx(theirs[1:6], abs=1e-12)
+    assert [ours(s) for s in range(5, 41)] == pytest.approx(theirs[5:], abs=1e-12)
+    assert [floored(s) for s in range(5, 41)] == pytest.approx([0.1 + 0.9 * v for v in theirs[5:]], abs=1e-12)

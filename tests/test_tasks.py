@@ -165,3 +165,25 @@ def test_quick_task_demo_end_to_end(tmp_path, task):
     grid = Image.open(tmp_path / task / "samples.png")
     assert grid.size == (2 * ((2 + GRID_SAMPLES) * 34 + 2), 2 * (GRID_INPUTS * 34 + 2))  # a row per input, ×2
     assert ("hole_label_consistency" if task == "inpaint" else "miou") in (tmp_path / task / "report.md").read_text()
+
+
+@pytest.mark.parametrize("kind", ["inpaint", "semantic"])
+def test_the_pipeline_gives_what_sample_writes_for_both_tasks(conditional_runs, tmp_path, kind):
+    from lfm_fast import LFMPipeline
+    from lfm_fast.errors import InputError
+
+    images, holes, maps = write_inputs(tmp_path)
+    flags = (["--image", str(tmp_path / "img"), "--mask", str(tmp_path / "mask")] if kind == "inpaint"
+             else ["--semantic", str(tmp_path / "map")])
+    assert main(["sample", "--ckpt", str(conditional_runs / kind), "--num", "2", "--solver", "euler", "--steps", "2",
+                 "--seed", "5", "--out", str(tmp_path / "out")] + flags) == 0
+    pipe = LFMPipeline.from_pretrained(str(conditional_runs / kind), device="cpu")
+    given = dict(image=list(images), mask_image=[Image.fromarray(h.astype(np.uint8) * 255) for h in holes]) \
+        if kind == "inpaint" else dict(semantic_map=[Image.fromarray(m) for m in maps])
+    out = pipe(**given, num_images=2, num_inference_steps=2, solver="euler", seed=5, output_type="np")
+    assert np.array_equal(out.images, np.load(tmp_path / "out" / "samples.npz")["arr_0"])
+    assert out.nfe.per_batch == 2
+    with pytest.raises(InputError, match="semantic_map" if kind == "inpaint" else "image"):
+        pipe(**given, **({"semantic_map": maps} if kind == "inpaint" else {"image": images}))
+    with pytest.raises(InputError, match="needs"):
+        pipe(num_images=1)

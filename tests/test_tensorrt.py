@@ -307,7 +307,7 @@ def test_cli_tensorrt_export_and_sample_with_their_checks(fake_trt, tiny_pipelin
     capsys.readouterr()
     for engine, extra, words in [(plan, ["--batch-size", "9"], "--batch-size 9: a batch of 9 rows, outside the engine's profile 1..8"),
                                  (vplan, ["--cfg", "2", "--batch-size", "5"], "a batch of 10 rows, outside the engine's profile 1..8"),
-                                 (plan, ["--steps", "3"], "--steps 3: the graph"),
+                                 (plan, ["--steps", "3"], "--ode-steps 3: the graph"),
                                  (str(tmp_path / "none.plan"), [], "no such file")]:
         assert main(["sample", "--ckpt", dit, "--backend", "tensorrt", "--engine", engine, *extra, "--out", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err.strip()

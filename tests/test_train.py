@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import os
 
@@ -223,13 +224,40 @@ def test_conditional_training_resumes_exactly(tmp_path, condition):
         train(get_preset("shapes-inpaint"), str(tmp_path / "plain"), str(tmp_path / "x"), progress=False)
 
 
-def test_tensorboard_events_hold_the_metrics_and_the_sample_grid_across_a_resume(tiny_pipeline, tmp_path):
+def wandb_history(folder: str) -> list[dict]:
+    """The logged rows of every offline wandb run under `folder`, read from its .wandb files: LevelDB's log format
+    (after a 7-byte ':W&B' header, 32 KiB blocks of records, each with a 7-byte header: crc, length, type) holding
+    wandb's protobuf Records."""
+    import glob
+
+    from wandb.proto import wandb_internal_pb2
+
+    rows = []
+    for path in sorted(glob.glob(os.path.join(folder, "offline-run-*", "run-*.wandb"))):
+        data, pos, part = open(path, "rb").read(), 7, b""
+        while pos + 7 <= len(data):
+            left = 32768 - pos % 32768
+            length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+            if left < 7 or (length == 0 and kind == 0):  # the padded end of a block
+                pos += left
+                continue
+            part, pos = part + data[pos + 7:pos + 7 + length], pos + 7 + length
+            if kind in (1, 4):  # FULL, LAST
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(part)
+                if record.WhichOneof("record_type") == "history":
+                    rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item})
+                part = b""
+    return rows
+
+
+def test_tensorboard_and_wandb_hold_the_metrics_and_the_sample_grid_across_a_resume(tiny_pipeline, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cfg = get_preset("small-data")
     cfg.model.hidden_size, cfg.model.depth, cfg.model.num_heads = 32, 2, 2
     cfg.train.steps, cfg.train.batch_size, cfg.train.log_every, cfg.train.ckpt_every = 6, 16, 2, 2
-    cfg.train.log = "jsonl,tensorboard"
+    cfg.train.log = "jsonl,tensorboard,wandb" if importlib.util.find_spec("wandb") else "jsonl,tensorboard"
     out = str(tmp_path / "run")
     latents = str(tiny_pipeline / "latents")
     train(cfg, latents, out, stop_at=4, progress=False)
@@ -242,8 +270,17 @@ def test_tensorboard_events_hold_the_metrics_and_the_sample_grid_across_a_resume
     assert {"train/lr", "train/mfu", "train/grad_norm"} <= set(events.Tags()["scalars"])
     image = events.Images("samples")[-1]
     assert image.step == 6 and image.width > 0 and image.encoded_image_string[:4] == b"\x89PNG"
-    cfg.train.log = "jsonl,wandb"
-    with pytest.raises(InputError, match="train.log='jsonl,wandb': expected a comma-separated list of jsonl, tensorboard"):
+    if "wandb" in cfg.train.log:  # one wandb run (its id kept in the run folder), continued by the resume
+        rows = [r for r in wandb_history(os.path.join(out, "wandb")) if "train/loss" in r]
+        assert [r["_step"] for r in rows] == [2, 4, 6]
+        assert [r["train/loss"] for r in rows] == pytest.approx([m["loss"] for m in metrics], rel=1e-6)
+        assert {p.name.rsplit("-", 1)[-1] for p in (tmp_path / "run" / "wandb").glob("offline-run-*")} == {
+            (tmp_path / "run" / "wandb" / "run_id").read_text()}
+        grids = [r for r in wandb_history(os.path.join(out, "wandb")) if "samples/_type" in r]  # nested keys: a/b
+        assert grids[-1]["_step"] == 6 and grids[-1]["samples/_type"] == "image-file"
+        assert grids[-1]["samples/width"] == image.width and grids[-1]["samples/path"].endswith(".png")
+    cfg.train.log = "jsonl,mlflow"
+    with pytest.raises(InputError, match="train.log='jsonl,mlflow': expected a comma-separated list of jsonl, tensorboard, wandb"):
         from lfm_fast.config import validate
 
         validate(cfg)

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import resource
+import secrets
 import signal
 import sys
 import threading
@@ -28,7 +29,7 @@ from lfm_fast.config import ExperimentConfig, from_dict, resume_changes, to_dict
 from lfm_fast.dist import init_distributed
 from lfm_fast.data.latents import LatentShardDataset
 from lfm_fast.errors import InputError, RunError
-from lfm_fast.fileio import image_grid, portable_path, read_marker, save_png, umask_mode, write_marker
+from lfm_fast.fileio import atomic_path, image_grid, portable_path, read_marker, save_png, umask_mode, write_marker
 from lfm_fast.flow import draw_flow, flow_matching_loss
 from lfm_fast.models.dit import DiT
 from lfm_fast.sampling import FIXED_SOLVERS, SampleConfig
@@ -42,7 +43,12 @@ from lfm_fast.train.throughput import peak_flops, train_flops_per_image
 def lr_lambda(cfg, num_samples: int) -> callable:
     """The lr multiplier of each step: linear warm-up, then constant, or a cosine from 1 to lr_min / lr — over
     the steps ("cosine"), or LFM's CosineAnnealingLR stepped once per epoch of `num_samples` ("cosine_epoch": the
-    multiplier of step s is that of epoch ⌊s·batch / num_samples⌋, period lr_period_epochs)."""
+    multiplier of step s is that of epoch ⌊s·batch / num_samples⌋, period lr_period_epochs).
+
+    Closed forms for torch's LambdaLR, checked against the libraries in tests/test_prepare.py: "cosine_epoch" is
+    CosineAnnealingLR stepped per epoch (LFM's code), "cosine" diffusers' get_cosine_schedule_with_warmup with
+    a floor. Kept by hand because torch's CosineAnnealingLR is recursive (a resume with another lr or length would
+    drift from the closed form) and diffusers' has no floor and spends its first step at lr 0."""
     if cfg.lr_schedule not in ("constant", "cosine", "cosine_epoch"):
         raise InputError(f"train.lr_schedule {cfg.lr_schedule!r}: expected 'constant', 'cosine' or 'cosine_epoch'")
     floor = cfg.lr_min / cfg.lr
@@ -200,7 +206,7 @@ def train(cfg: ExperimentConfig, latents: str, out: str, resume: bool = False, s
         write_marker(out, "train")
         _truncate_metrics(metrics_path, step)
 
-    board = _tensorboard(out, step) if d.is_main and "tensorboard" in tc.log.split(",") else None
+    board = EventLogs(tc.log.split(","), out, step, to_dict(cfg)) if d.is_main else None
     ae = _load_preview_autoencoder(ds.autoencoder) if d.is_main else None
     num_preview = max(8, min(64, 8 * max(1, cfg.model.num_classes)))
     preview_labels = torch.arange(num_preview) % cfg.model.num_classes if cfg.model.num_classes else None
@@ -220,8 +226,7 @@ def train(cfg: ExperimentConfig, latents: str, out: str, resume: bool = False, s
             grid = image_grid(images, nrow=8)
             save_png(os.path.join(out, name), grid, upscale=max(1, 64 // images.shape[1]))
             if board is not None:
-                board.add_image("samples", grid, step, dataformats="HWC")
-                board.flush()
+                board.image("samples", grid, step)
         d.barrier()
 
     def checkpoint():
@@ -314,9 +319,7 @@ def train(cfg: ExperimentConfig, latents: str, out: str, resume: bool = False, s
                     metrics.write(json.dumps(last) + "\n")
                     metrics.flush()
                 if board is not None:  # the same scalars, as train/NAME
-                    for key, value in last.items():
-                        if key != "step":
-                            board.add_scalar(f"train/{key}", value, step)
+                    board.scalars({k: v for k, v in last.items() if k != "step"}, step)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{img_s:.0f}", mfu=f"{100 * last['mfu']:.0f}%")
                 losses, t_log = [], time.time()
             if tc.ckpt_every and step % tc.ckpt_every == 0 and step < end:
@@ -328,6 +331,8 @@ def train(cfg: ExperimentConfig, latents: str, out: str, resume: bool = False, s
     checkpoint()
     checkpointer.wait()
     if step < end:  # stopped by a signal: the checkpoint is all that a resumed run needs
+        if board is not None:
+            board.close()
         return {"step": step, "data_position": position, "last": last, "stopped_by": stop.received or "a signal to another rank"}
     net = ema_model()
     if d.is_main:
@@ -338,14 +343,57 @@ def train(cfg: ExperimentConfig, latents: str, out: str, resume: bool = False, s
     return {"step": step, "data_position": position, "last": last, "peak_flops": peak, "peak_source": peak_source}
 
 
-def _tensorboard(out: str, step: int):
-    """A TensorBoard writer for OUT/tensorboard; a resumed run purges the events past its checkpoint's step, as
-    `metrics.jsonl` is truncated there."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise InputError("train.log=tensorboard needs the tensorboard package: pip install tensorboard") from None
-    return SummaryWriter(os.path.join(out, "tensorboard"), purge_step=step + 1 if step else None)
+class EventLogs:
+    """The event logs `train.log` asks for beside metrics.jsonl: the same scalars (as train/NAME) and the sample
+    grids. TensorBoard writes OUT/tensorboard, and a resumed run purges its events past the checkpoint's step, as
+    `metrics.jsonl` is truncated there. wandb runs offline in OUT/wandb (`wandb sync OUT/wandb/offline-run-*` uploads
+    it), one wandb run per training run: its id is kept in OUT/wandb/run_id, so a resumed run continues it."""
+
+    def __init__(self, kinds: list[str], out: str, step: int, config: dict):
+        self.tb = self.wandb = None
+        if "tensorboard" in kinds:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise InputError("train.log=tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.tb = SummaryWriter(os.path.join(out, "tensorboard"), purge_step=step + 1 if step else None)
+        if "wandb" in kinds:
+            try:
+                import wandb
+            except ImportError:
+                raise InputError("train.log=wandb needs the wandb package: pip install wandb") from None
+            folder = os.path.join(out, "wandb")
+            os.makedirs(folder, mode=umask_mode(), exist_ok=True)
+            id_file = os.path.join(folder, "run_id")
+            if not os.path.isfile(id_file):
+                with atomic_path(id_file) as tmp, open(tmp, "w") as f:
+                    f.write(secrets.token_hex(4))
+            with open(id_file) as f:
+                run_id = f.read().strip()
+            self.wandb = wandb.init(project="lfm-fast", name=os.path.basename(os.path.abspath(out)), id=run_id,
+                                    resume="allow", dir=out, mode="offline", config=config,
+                                    settings=wandb.Settings(console="off", silent=True))  # our output stays ours
+            self._wandb = wandb
+
+    def scalars(self, values: dict, step: int) -> None:
+        if self.tb is not None:
+            for key, value in values.items():
+                self.tb.add_scalar(f"train/{key}", value, step)
+        if self.wandb is not None:
+            self.wandb.log({f"train/{k}": v for k, v in values.items()}, step=step)
+
+    def image(self, name: str, grid, step: int) -> None:
+        if self.tb is not None:
+            self.tb.add_image(name, grid, step, dataformats="HWC")
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log({name: self._wandb.Image(grid)}, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 class StopSignals:

@@ -1,0 +1,70 @@
+"""The README's examples run as written, so they cannot go stale: its Python blocks against a small checkpoint at
+runs/demo/dit, its eval command lines on stand-in files of the names they use."""
+
+import os
+import re
+import shutil
+
+import pytest
+
+README = os.path.join(os.path.dirname(__file__), "..", "README.md")
+
+
+def python_blocks() -> list[str]:
+    with open(README) as f:
+        return re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+
+
+def test_the_readme_has_python_blocks():
+    assert len(python_blocks()) >= 2 and any("LFMPipeline" in b for b in python_blocks())
+
+
+@pytest.mark.parametrize("index", range(len(python_blocks())))
+def test_a_readme_python_block_runs(index, tiny_pipeline, tmp_path, monkeypatch, capsys):
+    for name in ("dit", "ae"):  # the checkpoint records its autoencoder as ../ae
+        shutil.copytree(tiny_pipeline / name, tmp_path / "runs" / "demo" / name, ignore=shutil.ignore_patterns("checkpoints"))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(python_blocks()[index], f"README.md python block {index}", "exec"), {})
+    printed = capsys.readouterr().out
+    if "LFMPipeline" in python_blocks()[index]:
+        assert (tmp_path / "sample.png").is_file() and "NFE 32" in printed
+    else:
+        assert "torch.Size([2, 4, 8, 8]) 16" in printed
+
+
+def readme_commands(prefix: str, section: str) -> list[list[str]]:
+    """The `prefix …` command lines in the bash blocks of one README section (continuations joined)."""
+    import shlex
+
+    with open(README) as f:
+        text = f.read()
+    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return [shlex.split(line.split("#")[0])[1:] for block in re.findall(r"```bash\n(.*?)```", body, flags=re.S)
+            for line in block.replace("\\\n", " ").splitlines() if line.startswith(prefix)]
+
+
+def test_the_readme_eval_examples_run(random_inception, tmp_path, monkeypatch, capsys):
+    """Each `lfm-fast eval` line of README "Evaluation", as written, on stand-ins under the same names: samples, an
+    ADM reference batch (arr_0 + mu/sigma), a reference of images, pytorch-fid's Inception weights file."""
+    import json
+
+    import numpy as np
+
+    from lfm_fast.cli import main
+    from lfm_fast.data.shapes import make_shapes
+    from lfm_fast.eval.run import evaluate
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "samples").mkdir(parents=True)
+    np.savez("runs/samples/samples.npz", arr_0=make_shapes(12, 32, seed=1)[0])
+    np.savez("runs/real.npz", arr_0=make_shapes(12, 32, seed=2)[0])
+    shutil.copy(random_inception[0], "pt_inception-2015-12-05-6726825d.pth")
+    evaluate("runs/real.npz", "runs/real.npz", ["fid"], random_inception[0], save_stats="stats.npz", progress=False)
+    with np.load("stats.npz") as f:
+        np.savez("VIRTUAL_imagenet256_labeled.npz", arr_0=make_shapes(12, 32, seed=2)[0], mu=f["mu"], sigma=f["sigma"])
+    commands = readme_commands("lfm-fast eval", "Evaluation")
+    assert len(commands) == 2
+    for argv in commands:
+        assert main(argv) == 0, argv
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert json.loads((tmp_path / "metrics.json").read_text())["fid"] > 0 and "latent_fd" in printed[-1]
