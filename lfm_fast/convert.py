@@ -153,18 +153,47 @@ def from_diffusers(config: dict, state: dict[str, torch.Tensor]) -> DiT:
     return DiT.from_state_dict(cfg, {k: v.float() for k, v in sd.items()})
 
 
-def write_diffusers(model: DiT, out: str) -> float:
-    """`out`: a folder diffusers' DiTTransformer2DModel.from_pretrained loads. Returns to_diffusers' time difference."""
+def write_diffusers(model: DiT, out: str, meta: dict | None = None) -> float:
+    """`out`: a folder diffusers' DiTTransformer2DModel.from_pretrained loads; our checkpoint's `meta` (autoencoder,
+    class names, recipe) rides along in its config for the way back. Returns to_diffusers' time difference."""
     from safetensors.torch import save_file
 
     from lfm_fast.fileio import atomic_path, write_json
 
     config, state, diff = to_diffusers(model)
+    config["_lfm_fast_meta"] = meta or {}
     os.makedirs(out, exist_ok=True)
     with atomic_path(os.path.join(out, "diffusion_pytorch_model.safetensors")) as tmp:
         save_file({k: v.clone().contiguous() for k, v in state.items()}, tmp)  # the repeated embedders: own copies
     write_json(os.path.join(out, DIFFUSERS_CONFIG), config)
     return diff
+
+
+def time_table_effect(model: DiT, n: int = 8) -> tuple[float, float]:
+    """How much the velocity moves when the time embedding takes diffusers' frequency table instead of the model's:
+    (max abs change, that over the velocity's RMS) on n seeded inputs at t = (i + ½)/n, CFG rows included."""
+    import dataclasses
+
+    cfg = model.config
+    other = DiT.from_state_dict(dataclasses.replace(cfg, time_freq_shift=1.0), dict(model.state_dict())).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
+    t, y = (torch.arange(n) + 0.5) / n, torch.arange(n) % (cfg.num_classes + 1)
+    with torch.no_grad():
+        v, w = model.float()(x, t, y), other.float()(x, t, y)
+    return float((v - w).abs().max()), float((v - w).abs().max() / v.pow(2).mean().sqrt())
+
+
+def diffusers_meta(folder: str) -> dict:
+    """The lfm-fast meta a folder written by `convert --to diffusers` carries ({} for any other), its autoencoder
+    path resolved against the folder."""
+    from lfm_fast.fileio import resolve_path
+
+    with open(os.path.join(folder, DIFFUSERS_CONFIG)) as f:
+        meta = dict(json.load(f).get("_lfm_fast_meta") or {})
+    if meta.get("autoencoder"):
+        meta["autoencoder"] = resolve_path(meta["autoencoder"], folder)
+    return meta
 
 
 def read_diffusers(folder: str) -> DiT:
@@ -204,7 +233,8 @@ def _load_pth(path: str):
         with torch.serialization.safe_globals([argparse.Namespace]):  # content.pth pickles LFM's argparse args
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and torch's own errors
-        raise InputError(f"--from lfm {path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0][:160]})") from None
+        why = "it holds objects other than tensors and LFM's args" if "Weights only load failed" in str(e) else e.__class__.__name__
+        raise InputError(f"--from lfm {path}: not a PyTorch checkpoint that loads safely ({why})") from None
 
 
 def lfm_weights(obj: dict, weights: str = "auto") -> tuple[dict[str, torch.Tensor], str, dict]:
@@ -220,6 +250,8 @@ def lfm_weights(obj: dict, weights: str = "auto") -> tuple[dict[str, torch.Tenso
         return model, "the raw weights (model_dict)", args
     opt = obj.get("optimizer") or {}
     ids = [i for g in opt.get("param_groups", []) for i in g["params"]]
+    if not ids and weights == "auto":
+        return model, "the raw weights (model_dict; the file holds no optimizer state, so no EMA)", args
     if len(ids) != len(model):  # parameters() and state_dict() list the same tensors in the same order (no buffers)
         raise InputError(f"content.pth: its optimizer lists {len(ids)} parameters, its model_dict {len(model)}")
     ema = {name: opt["state"][i]["ema"] for name, i in zip(model, ids) if "ema" in opt["state"].get(i, {})}
@@ -236,15 +268,22 @@ def from_lfm(state: dict[str, torch.Tensor], arch: str, num_classes: int | None 
 
     sd = {}
     for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            raise InputError(f"--from lfm: not an LFM DiT state dict ({k!r} holds a {type(v).__name__}, not a tensor)")
         for a, b in LFM_KEYS.items():
             k = k.replace(a, b)
         sd[k] = v.float()
     a, notes = arch_config(arch), []
-    if "x_embedder.weight" not in sd or "pos_embed" not in sd:
-        raise InputError("--from lfm: not an LFM DiT state dict (no x_embedder.proj.weight / pos_embed; LFM's ADM U-Net "
-                         "checkpoints do not convert)")
+    need = ("x_embedder.weight", "pos_embed", "y_embedder.embedding_table.weight", "final_layer.linear.weight")
+    if any(n not in sd for n in need) or not any(k.startswith("blocks.") for k in sd):
+        missing = next((n for n in need if n not in sd), "blocks.*")
+        raise InputError(f"--from lfm: not an LFM DiT state dict (no {missing.replace('x_embedder.', 'x_embedder.proj.')}; "
+                         "LFM's ADM U-Net checkpoints do not convert)")
     w = sd["x_embedder.weight"]
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    try:
+        depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    except ValueError:
+        raise InputError("--from lfm: not an LFM DiT state dict (its blocks.* keys are not numbered)") from None
     found = (w.shape[0], depth, w.shape[-1])
     if found != (a["hidden_size"], a["depth"], a["patch_size"]):
         raise InputError(f"--arch {arch}: the file holds hidden size {found[0]}, depth {found[1]}, patch {found[2]} "
@@ -281,7 +320,13 @@ def from_lfm(state: dict[str, torch.Tensor], arch: str, num_classes: int | None 
     try:
         return DiT.from_state_dict(cfg, sd), notes
     except (ValueError, RuntimeError) as e:
-        raise InputError(f"--from lfm: the file does not match a {arch} ({str(e).splitlines()[0][:160]})") from None
+        raise InputError(f"--from lfm: the file does not match a {arch} ({mismatch(e)})") from None
+
+
+def mismatch(e: Exception) -> str:
+    """The first line of load_state_dict's complaint that names a tensor."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return next((line for line in lines if "size mismatch" in line or "tensors" in line), lines[0] if lines else "")[:200]
 
 
 def read_lfm(path: str, arch: str | None, num_classes: int | None = None, weights: str = "auto") -> tuple[DiT, list[str], dict]:

@@ -27,17 +27,40 @@ class LFMPipelineOutput:
     nfe: Any  # `lfm_fast.generate.NfeCount`: NFE per batch and per image, network rows and FLOPs per image
 
 
-def _as_array(x, mode: str) -> np.ndarray:
-    """PIL images, arrays (H, W[, 3]) or lists of them → one stacked uint8/int64 array."""
+def _as_array(x, mode: str, name: str) -> np.ndarray:
+    """PIL images, arrays (H, W[, 3]), lists of them or a stacked batch → one stacked array: "RGB" uint8 (floats in [0, 1] scaled),
+    "L" a bool hole mask (bool, 0/1 or 0–255 values; white = hole), "ids" int64 class ids (integers only)."""
     from PIL import Image
 
-    items = x if isinstance(x, (list, tuple)) else [x]
+    batch = 4 if mode == "RGB" else 3  # an array of this many dims is a batch: (N, H, W, 3) images, (N, H, W) masks/maps
+    items = list(x) if isinstance(x, (list, tuple)) or (isinstance(x, np.ndarray) and x.ndim == batch) else [x]
+    if not items:
+        raise InputError(f"{name}: an empty list")
     out = []
     for item in items:
         if isinstance(item, Image.Image):
-            item = np.array(item if mode == "ids" else item.convert(mode))
+            item = item if mode == "ids" else item.convert(mode)
         out.append(np.asarray(item))
-    return np.stack(out)
+    if len({a.shape for a in out}) > 1:
+        raise InputError(f"{name}: its items differ in size ({', '.join(str(a.shape) for a in out[:3])})")
+    a = np.stack(out)
+    if mode == "ids":
+        if a.dtype.kind not in "iu":
+            raise InputError(f"{name}: expected integer class ids, got {a.dtype}")
+        return a.astype(np.int64)
+    if mode == "L":
+        return a.astype(bool) if a.dtype == bool or a.max() <= 1 else a > 127
+    if a.dtype.kind == "f":
+        if a.min() < 0 or a.max() > 1:
+            raise InputError(f"{name}: float pixels must lie in [0, 1] (or pass uint8 0–255)")
+        a = np.round(a * 255)
+    return a.astype(np.uint8)
+
+
+def _count(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InputError(f"{name}={value!r}: expected a positive integer")
+    return int(value)
 
 
 class LFMPipeline:
@@ -86,22 +109,34 @@ class LFMPipeline:
             raise InputError(f"output_type {output_type!r}: expected pil, np or latent")
         recipe = self.config.get("meta", {}).get("experiment", {}).get("sample", {})
         scfg = SampleConfig(**{**dataclasses.asdict(SampleConfig()), **recipe})
+        for name in sample_options:
+            if name in ("steps", "cfg", "solver", "times") or not hasattr(scfg, name):
+                raise InputError(f"unknown sampling option {name!r} (options: grid, shift, atol, rtol, cfg_lo, cfg_hi; the "
+                                 f"steps, scale and solver are num_inference_steps, guidance_scale and solver)")
         for name, value in dict(steps=num_inference_steps, cfg=guidance_scale, solver=solver, **sample_options).items():
-            if not hasattr(scfg, name):
-                raise InputError(f"unknown sampling option {name!r}")
             if value is not None:
                 setattr(scfg, name, value)
+        try:
+            from lfm_fast.config import validate_section
+
+            validate_section("sample", scfg)
+        except InputError as e:  # named as this call names it
+            raise InputError(str(e).replace("sample.steps", "num_inference_steps").replace("sample.cfg=", "guidance_scale=")
+                             .replace("sample.", "")) from None
+        batch_size = _count("batch_size", batch_size)
+        if seed is not None and generator is not None:
+            raise InputError("seed and generator: pass one (seed + i for image i, or generators)")
         conds, composite_with = self._conditions(image, mask_image, semantic_map)
         inputs = 1 if conds is None else len(conds)
         if class_labels is not None:
             if not c.num_classes:
                 raise InputError("class_labels: this checkpoint takes no class labels")
-            labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
-            if ((labels < 0) | (labels >= c.num_classes)).any():
-                raise InputError(f"class_labels must lie in 0..{c.num_classes - 1}")
+            labels = torch.tensor([self._class_id(v) for v in np.atleast_1d(np.asarray(class_labels, dtype=object))])
+            if not len(labels):
+                raise InputError("class_labels: an empty list")
             per = len(labels)
         else:
-            per = num_images or (1 if conds is not None else (c.num_classes or 1))
+            per = _count("num_images", num_images) if num_images is not None else (1 if conds is not None else (c.num_classes or 1))
             labels = torch.arange(per) % c.num_classes if c.num_classes else None
         total = per * inputs
         if labels is not None:
@@ -134,6 +169,16 @@ class LFMPipeline:
 
         return LFMPipelineOutput([Image.fromarray(im) for im in images], nfe)
 
+    def _class_id(self, value) -> int:
+        """A class id, or a class name from the checkpoint (`class_names`)."""
+        c = self.model.config
+        if isinstance(value, str) and value in self.class_names:
+            return self.class_names.index(value)
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= value < c.num_classes:
+            return int(value)
+        names = f" or one of {', '.join(self.class_names)}" if self.class_names else ""
+        raise InputError(f"class_labels: {value!r}: expected a class id in 0..{c.num_classes - 1}{names}")
+
     def _conditions(self, image, mask_image, semantic_map):
         """(conditions (N, ...) or None, (pixels, holes) to composite with or None), checked against the task."""
         from lfm_fast.autoencoder import downsample_factor
@@ -144,19 +189,28 @@ class LFMPipeline:
         need = {"inpaint": ("image", "mask_image"), "semantic": ("semantic_map",)}.get(task, ())
         for name, has in given.items():
             if has != (name in need):
-                raise InputError(f"{name}: this checkpoint is for {task}{' (needs image= and mask_image=)' if task == 'inpaint' else ''}"
-                                 f"{' (needs semantic_map=)' if task == 'semantic' else ''}")
+                what = {"label": "class-conditional generation, which takes no image, mask_image or semantic_map",
+                        "inpaint": "inpainting, which needs image= and mask_image=",
+                        "semantic": "semantic maps, which needs semantic_map= alone"}[task]
+                raise InputError(f"{name}: this checkpoint is for {what}")
         if task == "label":
             return None, None
         if task == "inpaint":
             factor = downsample_factor(self.vae)
             size = c.input_size * factor
-            pixels, holes = _as_array(image, "RGB").astype(np.uint8), _as_array(mask_image, "L") > 127
-            if pixels.shape[1:3] != (size, size) or holes.shape != pixels.shape[:3]:
-                raise InputError(f"image and mask_image: expected {size}×{size} each (got {pixels.shape[1:3]} and {holes.shape[1:]})")
+            pixels, holes = _as_array(image, "RGB", "image"), _as_array(mask_image, "L", "mask_image")
+            if len(holes) == 1 and len(pixels) > 1:  # one mask for every image, as the CLI's
+                holes = holes.repeat(len(pixels), 0)
+            if pixels.shape[1:] != (size, size, 3) or holes.shape[1:] != (size, size) or len(holes) != len(pixels):
+                raise InputError(f"image and mask_image: expected {len(pixels)} RGB image(s) and as many masks (or one), "
+                                 f"{size}×{size} each; got images {pixels.shape} and masks {holes.shape}")
+            for i, h in enumerate(holes):
+                if not h.any() or h.all():
+                    raise InputError(f"mask_image {i}: {'no hole (all black)' if not h.any() else 'all hole (all white)'}; "
+                                     f"white = hole, and part of the image must be kept")
             return inpaint_condition(self.vae, pixels, holes, factor), (pixels, holes)
         size = c.input_size << c.cond_stages
-        maps = _as_array(semantic_map, "ids").astype(np.int64)
+        maps = _as_array(semantic_map, "ids", "semantic_map")
         if maps.shape[1:] != (size, size) or maps.min() < 0 or maps.max() >= c.semantic_classes:
             raise InputError(f"semantic_map: expected {size}×{size} class ids in 0..{c.semantic_classes - 1}")
         return semantic_condition(maps, c.semantic_classes), None

@@ -189,3 +189,4 @@ def test_every_flag_has_a_help_line_and_help_imports_no_torch():
     assert "--ode-steps N" in out and "--norm-backend" in out and "--kernels" not in out and " --steps N" not in out.split("usage: lfm-fast sample")[1].split("usage:")[0]
     sample = p.parse_args(["sample", "--ckpt", "c", "--out", "o", "--steps", "5", "--kernels", "reference"])
     assert (sample.steps, sample.norm_backend) == (5, "reference")  # the old spellings still work
+    assert main(["sample", "--ckpt", "c", "--out", "o", "--steps", "3", "--ode-steps", "1"]) == 2  # both, differing

@@ -72,9 +72,13 @@ def test_a_checkpoint_from_before_the_saved_position_table_loads_as_it_was(tmp_p
 
 
 def test_a_dit_convention_model_says_how_far_its_time_embedding_moves():
+    from lfm_fast.convert import time_table_effect
+
     model = ours(dataclasses.replace(CFG, time_freq_shift=0.0))
     _, _, diff = to_diffusers(model)
     assert 0.1 < diff <= 2.0  # sin/cos features: the frequency tables differ, the converter says by how much
+    worst, rel = time_table_effect(model)  # and how far the velocity moves
+    assert worst > 1e-3 and 0 < rel < 1 and time_table_effect(ours()) == (0.0, 0.0)
 
 
 @pytest.mark.parametrize("learned_sigma", [False, True])
@@ -106,14 +110,20 @@ def test_cli_convert_both_ways_and_sample_the_converted_model(tmp_path, capsys):
     ours().save_pretrained(str(src), meta={"autoencoder": "builtin:shapes"})
     assert main(["convert", "--to", "diffusers", str(src), str(tmp_path / "d")]) == 0
     assert "exact" in capsys.readouterr().out
-    assert main(["convert", "--from", "diffusers", str(tmp_path / "d"), str(tmp_path / "back")]) == 0
-    common = ["sample", "--num", "4", "--solver", "euler", "--steps", "2", "--ae", "builtin:shapes"]
+    assert main(["convert", "--from", "diffusers", str(tmp_path / "d"), "--out", str(tmp_path / "back")]) == 0
+    assert "autoencoder builtin:shapes" in capsys.readouterr().out  # the checkpoint's meta rides along and back
+    common = ["sample", "--num", "4", "--solver", "euler", "--steps", "2"]
     assert main(common + ["--ckpt", str(src), "--out", str(tmp_path / "a")]) == 0
     assert main(common + ["--ckpt", str(tmp_path / "back"), "--out", str(tmp_path / "b")]) == 0
     a, b = np.load(tmp_path / "a" / "samples.npz")["arr_0"], np.load(tmp_path / "b" / "samples.npz")["arr_0"]
     assert np.array_equal(a, b)
     capsys.readouterr()
     assert main(["convert", "--to", "diffusers", str(src), str(tmp_path / "d")]) == 2  # exists: refused
+    dit = tmp_path / "dit-convention"
+    ours(dataclasses.replace(CFG, time_freq_shift=0.0)).save_pretrained(str(dit))
+    assert main(["convert", "--to", "diffusers", str(dit), "--out", str(tmp_path / "d0")]) == 0
+    said = capsys.readouterr().out
+    assert "not exact" in said and "% of its RMS" in said
     assert main(["convert", "--from", "diffusers", str(src), str(tmp_path / "x")]) == 2  # not a diffusers folder
     assert "expected config.json and diffusion_pytorch_model.safetensors" in capsys.readouterr().err
 
@@ -217,7 +227,13 @@ def test_cli_converts_lfms_content_pth_ema_or_raw_and_samples_it(tmp_path, capsy
         assert msg in capsys.readouterr().err
     torch.save({"model_dict": {}, "args": args}, tmp_path / "bad.pth")
     (tmp_path / "junk.pth").write_text("not a checkpoint")
-    for name, msg in (("junk.pth", "not a readable PyTorch checkpoint"), ("none.pth", "no such file")):
-        assert main(["convert", "--from", "lfm", str(tmp_path / name), "--out", str(tmp_path / "z")]) == 2
+    torch.save({"foo": 1}, tmp_path / "notensor.pth")
+    torch.save({k: v for k, v in ema.items() if "y_embedder" not in k}, tmp_path / "nolabels.pth")
+    torch.save({**ema, "module.blocks.a.x": torch.zeros(1)}, tmp_path / "badblock.pth")
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pth")
+    for name, msg in (("junk.pth", "not a PyTorch checkpoint that loads safely"), ("none.pth", "no such file"),
+                      ("notensor.pth", "'foo' holds a int"), ("nolabels.pth", "no y_embedder.embedding_table.weight"),
+                      ("badblock.pth", "not numbered"), ("module.pth", "objects other than tensors")):
+        assert main(["convert", "--from", "lfm", str(tmp_path / name), "--arch", "DiT-S/2", "--out", str(tmp_path / "z")]) == 2
         assert msg in capsys.readouterr().err
     assert not (tmp_path / "z").exists()

@@ -41,7 +41,17 @@ def test_output_types_and_noise_sources(pipe):
 
 def test_bad_calls_are_one_line_input_errors(pipe):
     for kwargs, msg in ((dict(class_labels=[6]), "0..5"), (dict(output_type="pt"), "output_type"),
-                        (dict(image=np.zeros((32, 32, 3), np.uint8)), "image"), (dict(schedule="x"), "unknown sampling option"),
-                        (dict(class_labels=[0, 1], generator=[torch.Generator()]), "1 generators for 2 images")):
+                        (dict(image=np.zeros((32, 32, 3), np.uint8)), "class-conditional generation"),
+                        (dict(schedule="x"), "unknown sampling option"), (dict(steps=4), "num_inference_steps"),
+                        (dict(class_labels=[0, 1], generator=[torch.Generator()]), "1 generators for 2 images"),
+                        (dict(num_images=0), "num_images=0"), (dict(num_images=-1), "num_images=-1"),
+                        (dict(class_labels=[]), "empty"), (dict(class_labels=[1.5]), "1.5"),
+                        (dict(class_labels=["no-such-class"]), "one of"), (dict(num_inference_steps=2.5), "num_inference_steps=2.5"),
+                        (dict(num_inference_steps=0), "num_inference_steps=0"), (dict(batch_size=0), "batch_size=0"),
+                        (dict(solver="rk45"), "solver"), (dict(seed=0, generator=torch.Generator()), "pass one")):
         with pytest.raises(InputError, match=msg):
             pipe(**kwargs)
+    names = pipe.class_names  # class names work as labels
+    by_name = pipe(class_labels=[names[2]], num_inference_steps=1, solver="euler", seed=0, output_type="latent").images
+    by_id = pipe(class_labels=[2], num_inference_steps=1, solver="euler", seed=0, output_type="latent").images
+    assert torch.equal(by_name, by_id)

@@ -187,3 +187,17 @@ def test_the_pipeline_gives_what_sample_writes_for_both_tasks(conditional_runs, 
         pipe(**given, **({"semantic_map": maps} if kind == "inpaint" else {"image": images}))
     with pytest.raises(InputError, match="needs"):
         pipe(num_images=1)
+    if kind == "inpaint":  # masks as bool or 0/1 arrays mean the same holes; an empty or full one is refused
+        bools = pipe(image=list(images), mask_image=list(holes), num_images=2, num_inference_steps=2, solver="euler",
+                     seed=5, output_type="np").images
+        ones = pipe(image=images / 255.0, mask_image=holes.astype(np.uint8), num_images=2, num_inference_steps=2,
+                    solver="euler", seed=5, output_type="np").images
+        assert np.array_equal(bools, out.images) and np.array_equal(ones, out.images)
+        for bad, msg in ((np.zeros_like(holes), "no hole"), (np.ones_like(holes), "all hole")):
+            with pytest.raises(InputError, match=msg):
+                pipe(image=list(images), mask_image=list(bad))
+        with pytest.raises(InputError, match=r"\[0, 1\]"):
+            pipe(image=images * 2.0, mask_image=list(holes))
+    else:
+        with pytest.raises(InputError, match="integer class ids"):
+            pipe(semantic_map=maps.astype(np.float32))

@@ -325,7 +325,8 @@ class DiT(nn.Module):
             state = {**state, "pos_embed": model.fixed_pos_embed().to(next(iter(state.values())).device)}
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         if missing or unexpected:
-            raise ValueError(f"missing {len(missing)}, unexpected {len(unexpected)} tensors")
+            names = ", ".join([f"no {n}" for n in missing[:2]] + [f"unexpected {n}" for n in unexpected[:2]])
+            raise ValueError(f"missing {len(missing)}, unexpected {len(unexpected)} tensors: {names}")
         return model
 
 
