@@ -849,8 +849,8 @@ def _cmd_convert(args):
         else:
             worst, rel = time_table_effect(model)
             note = (f"not exact: diffusers' timestep frequency table (shift 1) is not this model's (time_freq_shift="
-                    f"{shift:g}, DiT's); on 8 test inputs its velocity moves by up to {worst:.3g} ({100 * rel:.2g} % of "
-                    f"its RMS) there; `--from diffusers` of the folder gives a shift-1 model, which computes what diffusers does")
+                    f"{shift:g}, DiT's): on 8 test inputs the velocity moves by up to {worst:.3g} ({100 * rel:.2g} % of "
+                    f"its RMS) under diffusers' table; `--from diffusers` of the folder gives a shift-1 model, which computes what diffusers does")
         print(f"wrote {out} (diffusers DiTTransformer2DModel; pass timestep = t · {model.config.time_scale:g}): {note}")
         return 0
     meta = {"converted_from": os.path.abspath(args.src)}
