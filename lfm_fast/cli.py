@@ -479,12 +479,10 @@ def parse_labels(text: str | None, num: int, num_classes: int):
 
 
 def _sample_config(config: dict, args):
-    import dataclasses
+    from lfm_fast.generate import checkpoint_sample_config
+    from lfm_fast.sampling import NFE_PER_STEP, time_grid
 
-    from lfm_fast.sampling import NFE_PER_STEP, SampleConfig, time_grid
-
-    preset = config.get("meta", {}).get("experiment", {}).get("sample", {})
-    scfg = SampleConfig(**{**dataclasses.asdict(SampleConfig()), **preset})
+    scfg = checkpoint_sample_config(config)
     for name in ("solver", "steps", "cfg", "grid", "shift", "atol", "rtol"):
         if getattr(args, name, None) is not None:
             setattr(scfg, name, getattr(args, name))
@@ -543,13 +541,15 @@ def _parse_interval(text: str) -> tuple[float, float]:
 
 
 def _sigma_min(config: dict) -> float:
-    return float(config.get("meta", {}).get("experiment", {}).get("flow", {}).get("sigma_min", 1e-5))
+    from lfm_fast.generate import checkpoint_sigma_min
+
+    return checkpoint_sigma_min(config)
 
 
 def _autoencoder_spec(config: dict, args) -> str:
-    from lfm_fast.fileio import resolve_path
+    from lfm_fast.generate import checkpoint_autoencoder
 
-    spec = args.ae or resolve_path(config.get("meta", {}).get("autoencoder", ""), args.ckpt)
+    spec = args.ae or checkpoint_autoencoder(config, args.ckpt)
     if not spec:
         raise InputError(f"checkpoint {args.ckpt} records no autoencoder; pass --ae")
     return spec

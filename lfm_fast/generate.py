@@ -3,6 +3,7 @@ of `lfm-fast sample` (one PNG per image, grid.png, samples.npz in the ADM evalua
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -15,6 +16,23 @@ from lfm_fast.data.shapes import to_uint8
 from lfm_fast.fileio import atomic_dir, image_grid, save_png
 from lfm_fast.sampling import SampleConfig, per_image_noise, sample_with
 from lfm_fast.train.throughput import forward_flops_per_image
+
+
+def checkpoint_sample_config(config: dict) -> SampleConfig:
+    """The sampling recipe a checkpoint's config.json records (its experiment's `sample` section over the defaults)."""
+    recipe = config.get("meta", {}).get("experiment", {}).get("sample", {})
+    return SampleConfig(**{**dataclasses.asdict(SampleConfig()), **recipe})
+
+
+def checkpoint_sigma_min(config: dict) -> float:
+    return float(config.get("meta", {}).get("experiment", {}).get("flow", {}).get("sigma_min", 1e-5))
+
+
+def checkpoint_autoencoder(config: dict, folder: str) -> str:
+    """The autoencoder a checkpoint records, a relative path resolved against its folder ("" for none)."""
+    from lfm_fast.fileio import resolve_path
+
+    return resolve_path(config.get("meta", {}).get("autoencoder", ""), folder)
 
 
 @torch.no_grad()

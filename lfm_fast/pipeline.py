@@ -11,7 +11,6 @@ autoencoder's decoder, the exact composite for inpainting); the recipe defaults 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,9 +65,10 @@ def _count(name: str, value) -> int:
 class LFMPipeline:
     def __init__(self, model, vae, config: dict):
         self.model, self.vae, self.config = model, vae, config
-        meta = config.get("meta", {})
-        self.class_names = meta.get("class_names", [])
-        self.sigma_min = float(meta.get("experiment", {}).get("flow", {}).get("sigma_min", 1e-5))
+        from lfm_fast.generate import checkpoint_sigma_min
+
+        self.class_names = config.get("meta", {}).get("class_names", [])
+        self.sigma_min = checkpoint_sigma_min(config)
 
     @classmethod
     def from_pretrained(cls, run: str, device=None, dtype=torch.float32, vae: str | None = None) -> "LFMPipeline":
@@ -76,12 +76,12 @@ class LFMPipeline:
         `vae`: the autoencoder (builtin:NAME, a diffusers AutoencoderKL folder or hub id); default: the checkpoint's."""
         from lfm_fast import default_device
         from lfm_fast.autoencoder import load_autoencoder
-        from lfm_fast.fileio import resolve_path
+        from lfm_fast.generate import checkpoint_autoencoder
         from lfm_fast.models.dit import DiT, read_checkpoint_config
 
         device = torch.device(device) if device is not None else default_device()
         config = read_checkpoint_config(run)
-        spec = vae or resolve_path(config.get("meta", {}).get("autoencoder", ""), run)
+        spec = vae or checkpoint_autoencoder(config, run)
         if not spec:
             raise InputError(f"checkpoint {run} records no autoencoder; pass vae=")
         model = DiT.from_pretrained(run).eval().to(device, dtype)
@@ -101,14 +101,13 @@ class LFMPipeline:
         drawn in order from `generator` (a torch.Generator, or one per image), or from torch's global generator.
         `num_inference_steps`, `guidance_scale`, `solver` and `sample_options` (grid, shift, atol, rtol, cfg_lo,
         cfg_hi) default to the checkpoint's recipe. `output_type`: "pil", "np" (uint8 N×H×W×3) or "latent"."""
-        from lfm_fast.generate import generate_latents, latents_to_images
-        from lfm_fast.sampling import SampleConfig, per_image_noise
+        from lfm_fast.generate import checkpoint_sample_config, generate_latents, latents_to_images
+        from lfm_fast.sampling import per_image_noise
 
         c = self.model.config
         if output_type not in ("pil", "np", "latent"):
             raise InputError(f"output_type {output_type!r}: expected pil, np or latent")
-        recipe = self.config.get("meta", {}).get("experiment", {}).get("sample", {})
-        scfg = SampleConfig(**{**dataclasses.asdict(SampleConfig()), **recipe})
+        scfg = checkpoint_sample_config(self.config)
         for name in sample_options:
             if name in ("steps", "cfg", "solver", "times") or not hasattr(scfg, name):
                 raise InputError(f"unknown sampling option {name!r} (options: grid, shift, atol, rtol, cfg_lo, cfg_hi; the "
@@ -182,7 +181,7 @@ class LFMPipeline:
     def _conditions(self, image, mask_image, semantic_map):
         """(conditions (N, ...) or None, (pixels, holes) to composite with or None), checked against the task."""
         from lfm_fast.autoencoder import downsample_factor
-        from lfm_fast.tasks import inpaint_condition, semantic_condition
+        from lfm_fast.tasks import check_holes, inpaint_condition, semantic_condition
 
         c, task = self.model.config, self.task
         given = {"image": image is not None, "mask_image": mask_image is not None, "semantic_map": semantic_map is not None}
@@ -204,10 +203,7 @@ class LFMPipeline:
             if pixels.shape[1:] != (size, size, 3) or holes.shape[1:] != (size, size) or len(holes) != len(pixels):
                 raise InputError(f"image and mask_image: expected {len(pixels)} RGB image(s) and as many masks (or one), "
                                  f"{size}×{size} each; got images {pixels.shape} and masks {holes.shape}")
-            for i, h in enumerate(holes):
-                if not h.any() or h.all():
-                    raise InputError(f"mask_image {i}: {'no hole (all black)' if not h.any() else 'all hole (all white)'}; "
-                                     f"white = hole, and part of the image must be kept")
+            check_holes(holes, [f"mask_image {i}" for i in range(len(holes))])
             return inpaint_condition(self.vae, pixels, holes, factor), (pixels, holes)
         size = c.input_size << c.cond_stages
         maps = _as_array(semantic_map, "ids", "semantic_map")

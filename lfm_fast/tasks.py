@@ -74,13 +74,18 @@ def read_inpaint_inputs(image: str, mask: str, size: int) -> tuple[list[str], np
     names = list(images)
     pixels = np.stack([_read("--image", images[n], "RGB", size) for n in names])
     holes = np.stack([_read("--mask", masks[n], "L", size) > 127 for n in names])
-    for n, h in zip(names, holes):
-        if not h.any():
-            raise InputError(f"--mask {masks[n]} has no hole (all black): there is nothing to inpaint")
-        if h.all():
-            raise InputError(f"--mask {masks[n]} is all hole (all white): nothing is known, so this is unconditional "
-                             f"generation; give a mask that keeps part of the image")
+    check_holes(holes, [f"--mask {masks[n]}" for n in names])
     return names, pixels, holes
+
+
+def check_holes(holes: np.ndarray, names: list[str]) -> None:
+    """Every mask has a hole and keeps part of the image; `names` say which mask in the error."""
+    for name, h in zip(names, holes):
+        if not h.any():
+            raise InputError(f"{name} has no hole (all black): there is nothing to inpaint")
+        if h.all():
+            raise InputError(f"{name} is all hole (all white): nothing is known, so this is unconditional "
+                             f"generation; give a mask that keeps part of the image")
 
 
 def read_semantic_inputs(semantic: str, size: int, num_classes: int) -> tuple[list[str], np.ndarray]:

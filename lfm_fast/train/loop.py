@@ -350,7 +350,7 @@ class EventLogs:
     it), one wandb run per training run: its id is kept in OUT/wandb/run_id, so a resumed run continues it."""
 
     def __init__(self, kinds: list[str], out: str, step: int, config: dict):
-        self.tb = self.wandb = None
+        self.tb = self.run = None
         if "tensorboard" in kinds:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -370,30 +370,31 @@ class EventLogs:
                     f.write(secrets.token_hex(4))
             with open(id_file) as f:
                 run_id = f.read().strip()
-            self.wandb = wandb.init(project="lfm-fast", name=os.path.basename(os.path.abspath(out)), id=run_id,
-                                    resume="allow", dir=out, mode="offline", config=config,
-                                    settings=wandb.Settings(console="off", silent=True))  # our output stays ours
-            self._wandb = wandb
+            self.run = wandb.init(project="lfm-fast", name=os.path.basename(os.path.abspath(out)), id=run_id,
+                                  resume="allow", dir=out, mode="offline", config=config,
+                                  settings=wandb.Settings(console="off", silent=True))  # our output stays ours
 
     def scalars(self, values: dict, step: int) -> None:
         if self.tb is not None:
             for key, value in values.items():
                 self.tb.add_scalar(f"train/{key}", value, step)
-        if self.wandb is not None:
-            self.wandb.log({f"train/{k}": v for k, v in values.items()}, step=step)
+        if self.run is not None:
+            self.run.log({f"train/{k}": v for k, v in values.items()}, step=step)
 
     def image(self, name: str, grid, step: int) -> None:
         if self.tb is not None:
             self.tb.add_image(name, grid, step, dataformats="HWC")
             self.tb.flush()
-        if self.wandb is not None:
-            self.wandb.log({name: self._wandb.Image(grid)}, step=step)
+        if self.run is not None:
+            import wandb
+
+            self.run.log({name: wandb.Image(grid)}, step=step)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+        if self.run is not None:
+            self.run.finish()
 
 
 class StopSignals:
