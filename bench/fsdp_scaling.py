@@ -4,10 +4,13 @@
 Figures come from the run's own metrics.jsonl (img/s, TFLOP/s, MFU against the peak the trainer measured
 or looked up, peak memory of rank 0), as the median over the steps after the warm-up ones (compile time
 is excluded). The steps run inside torchrun subprocesses, so pytest-benchmark cannot time them; the
-1-process row is the baseline of the same run.
+1-process row is the baseline of the same run. Benchmark runs write no checkpoint and no final weights
+(`train.save_checkpoints=false`); the trainer's output streams through to stderr (its errors show where they happen).
+Each row prints as it is measured: an --out ending in .jsonl gets it appended (with the machine's fields),
+any other --out is the JSON document {machine, rows}, rewritten after each row.
 
     python bench/fsdp_scaling.py --out bench/results/cpu/fsdp.json                    # CPU: DiT-S/2, bf16
-    python bench/fsdp_scaling.py --arch DiT-XL/2 --batch 64 --nproc 1 --configs compile --out …   # one GPU
+    python bench/fsdp_scaling.py --arch DiT-XL/2 --batch 64 --nproc 1 --configs compile --out fsdp.jsonl  # one GPU
 """
 
 import argparse
@@ -44,10 +47,13 @@ def run(latents, arch, nproc, batch, steps, warmup, extra, precision):
         cmd = [sys.executable, "-m", "lfm_fast", "train", "--latents", latents, "--preset", "imagenet256-dit-b2",
                "--out", os.path.join(out, "run"), "--steps", str(steps), "--nproc", str(nproc), *size,
                f"train.batch_size={batch}", f"train.precision={precision}", "train.log_every=1", "train.ckpt_every=0",
-               "train.sample_every=0", "train.warmup_steps=0", *extra]
+               "train.save_checkpoints=false", "train.sample_every=0", "train.warmup_steps=0", *extra]
+        print("+", " ".join(cmd), file=sys.stderr, flush=True)
         t0 = time.time()
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        rc = subprocess.run(cmd, stdout=sys.stderr).returncode  # its output streams through (stdout: our rows alone)
         wall = time.time() - t0
+        if rc:
+            sys.exit(f"fsdp_scaling: the trainer exited with {rc} after {wall:.0f} s (its output is above)")
         rows = [json.loads(line) for line in open(os.path.join(out, "run", "metrics.jsonl"))][warmup:]
     med = {k: statistics.median(r[k] for r in rows) for k in ("img_per_s", "tokens_per_s", "tflops", "mfu")}
     return {**med, "mem_gib_rank0": max(r["mem_gib"] for r in rows), "wall_s": wall, "steps_timed": len(rows)}
@@ -73,6 +79,9 @@ def main():
     p.add_argument("--precision", default="bf16")
     p.add_argument("--out", required=True)
     a = p.parse_args()
+    machine = {"host": platform.node(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+               "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         latents = os.path.join(tmp, "latents")
@@ -85,11 +94,12 @@ def main():
                 r["speedup_vs_1proc"] = r["img_per_s"] / base["img_per_s"] if base else None
                 rows.append(r)
                 print(json.dumps(r), flush=True)
-    machine = {"host": platform.node(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-               "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump({"machine": machine, "rows": rows}, f, indent=2)
+                if a.out.endswith(".jsonl"):
+                    with open(a.out, "a") as f:
+                        f.write(json.dumps(r | machine) + "\n")
+                else:
+                    with open(a.out, "w") as f:
+                        json.dump({"machine": machine, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

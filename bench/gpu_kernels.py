@@ -3,9 +3,11 @@
 Attention fwd+bwd TFLOP/s at DiT-B/2, L/2 and XL/2 head dims (64, 64, 72), the Triton kernels beside
 SDPA (its flash/cuDNN kernel); adaLN (gated residual + modulate, the DiT block's fused pair) GB/s
 fwd+bwd beside torch.compile of the same expression and beside the H200's 4.8 TB/s. Batch 32 and
-256, 256 tokens (256-px images), bf16. Baselines run first in each group. Timed with
-`triton.testing.do_bench` (L2 flushed between reps, median). Gradients come from
-`torch.autograd.grad`, never accumulated into a leaf's `.grad` (which adds a pass to every backward).
+256, 256 tokens (256-px images), bf16. Baselines run first in each group, and each Triton row carries
+its difference from the baseline's outputs and gradients (`err_vs_baseline`: the largest max|a − b| /
+max|b| over them), so a fast wrong kernel shows in the same row. Timed with `triton.testing.do_bench` (L2 flushed between
+reps, median). Gradients come from `torch.autograd.grad`, never accumulated into a leaf's `.grad`
+(which adds a pass to every backward).
 
     python3 bench/gpu_kernels.py --out kernels.jsonl [--batches 32,256]
 """
@@ -15,7 +17,6 @@ import json
 
 import torch
 import torch.nn.functional as F
-import triton.testing
 
 from lfm_fast import ops
 
@@ -25,11 +26,28 @@ HBM_BYTES_PER_S = 4.8e12  # H200
 
 
 def fwd_bwd(fn, inputs, cotangents):
+    """One forward + backward; returns the outputs and the input gradients."""
     def step():
         outs = fn(*inputs)
         outs = outs if isinstance(outs, tuple) else (outs,)
-        torch.autograd.grad(outs, inputs, cotangents)
+        return (*outs, *torch.autograd.grad(outs, inputs, cotangents))
     return step
+
+
+def timed_rows(impls, inputs, cotangents, row):
+    """Time each impl (the baseline first); the others' rows get their relative difference from the baseline."""
+    import triton.testing
+
+    reference = None
+    for impl, fn in impls.items():
+        step = fwd_bwd(fn, inputs, cotangents)
+        results = step()
+        if reference is None:
+            reference, err = results, {}
+        else:
+            err = {"err_vs_baseline": max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+                                          for a, b in zip(results, reference))}
+        yield row(impl, triton.testing.do_bench(step, warmup=25, rep=100)) | err
 
 
 def attention_rows(batch, dtype):
@@ -40,10 +58,9 @@ def attention_rows(batch, dtype):
         flops = 4 * batch * heads * TOKENS**2 * d * 3.5  # forward 1 + backward 2.5
         impls = {"sdpa": lambda x: ops.attention_qkv(x, backend="sdpa"),
                  "triton": lambda x: ops.attention_qkv(x, backend="triton")}
-        for impl, fn in impls.items():  # baseline first
-            ms = triton.testing.do_bench(fwd_bwd(fn, [qkv], [do]), warmup=25, rep=100)
-            yield {"kernel": "attention", "shape": shape, "head_dim": d, "batch": batch, "impl": impl,
-                   "ms": ms, "tflops": flops / ms / 1e9}
+        yield from timed_rows(impls, [qkv], [do], lambda impl, ms: {
+            "kernel": "attention", "shape": shape, "head_dim": d, "batch": batch, "impl": impl, "ms": ms,
+            "tflops": flops / ms / 1e9})
 
 
 def eager_gated_modulate(x, gate, y, shift, scale):
@@ -61,25 +78,27 @@ def adaln_rows(batch, dtype):
         n = batch * TOKENS * hidden * torch.finfo(dtype).bits // 8
         moved = 10 * n  # the minimum: forward reads x, y, writes out, h; backward reads 4, writes 2
         impls = {"compile": compiled, "triton": lambda *a: ops.gated_residual_modulate(*a, backend="triton")}
-        for impl, fn in impls.items():
-            ms = triton.testing.do_bench(fwd_bwd(fn, inputs, cot), warmup=25, rep=100)
-            yield {"kernel": "adaln_fused", "shape": shape, "hidden": hidden, "batch": batch, "impl": impl, "ms": ms,
-                   "gbps": moved / ms / 1e6, "fraction_of_hbm": moved / ms / 1e-3 / HBM_BYTES_PER_S}
+        yield from timed_rows(impls, inputs, cot, lambda impl, ms: {
+            "kernel": "adaln_fused", "shape": shape, "hidden": hidden, "batch": batch, "impl": impl, "ms": ms,
+            "gbps": moved / ms / 1e6, "fraction_of_hbm": moved / ms / 1e-3 / HBM_BYTES_PER_S})
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="JSON-lines file, appended to row by row")
-    p.add_argument("--batches", default="32,256")
+    p.add_argument("--batches", default="32,256", help="comma-separated batch sizes")
     a = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
+    import triton
+
+    machine = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     with open(a.out, "a") as f:
         for batch in (int(b) for b in a.batches.split(",")):
             for rows in (attention_rows(batch, torch.bfloat16), adaln_rows(batch, torch.bfloat16)):
                 for row in rows:
-                    row["device"] = torch.cuda.get_device_name()
-                    print(json.dumps(row), flush=True)
-                    f.write(json.dumps(row) + "\n")
+                    line = json.dumps(row | machine)
+                    print(line, flush=True)
+                    f.write(line + "\n")
                     f.flush()
 
 

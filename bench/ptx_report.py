@@ -6,7 +6,9 @@ passes them), specialised exactly as Triton's runtime would specialise those arg
 binder), and compiled ahead of time for `GPUTarget("cuda", 90, 32)` with every config of the
 autotuner's set. From the PTX and the cubin it records: `wgmma` and `mma.sync` counts, the widths of
 `cp.async` and `ld.global` loads (bytes per thread per instruction), TMA (`cp.async.bulk.tensor`) use,
-registers, spill (local-memory) bytes and shared memory. Prints one JSON object:
+the integer width of 2-D tile offsets (TTIR `tt.addptr`), registers, spill (local-memory) bytes and
+shared memory. Launches without an autotuner compile with their own num_warps / num_stages, as at run
+time. Prints one JSON object:
 
     python bench/ptx_report.py [--dtypes bf16,fp16] [--head-dims 64,72,128] [--first-config]
 
@@ -137,6 +139,16 @@ def _tile_loads(ttgir: str) -> dict:
     return dict(sorted(widths.items()))
 
 
+def _tile_offset_bits(ttir: str) -> dict:
+    """Integer widths (bits -> count) of the offsets of every `tt.addptr` that builds a 2-D tile of
+    pointers, e.g. `tt.addptr %a, %b : tensor<2x2048x!tt.ptr<bf16>>, tensor<2x2048xi64>`: 32-bit tile
+    offsets wrap once a tensor passes 2³¹ elements (1-D row vectors and scalars are not counted)."""
+    widths = {}
+    for bits in re.findall(r"tt\.addptr .*: tensor<\d+x\d+x!tt\.ptr<\w+>>, tensor<\d+x\d+xi(\d+)>", ttir):
+        widths[int(bits)] = widths.get(int(bits), 0) + 1
+    return dict(sorted(widths.items()))
+
+
 def _resources(ptx: str) -> dict:
     """Registers and spills as ptxas (the one Triton uses for sm_90a) reports them."""
     from triton.backends.nvidia.compiler import get_ptxas
@@ -159,7 +171,8 @@ def compile_one(i: int) -> dict:
     """AOT-compile one captured launch under one config; the row of the report."""
     name, fn, config, args, kwargs = _JOBS[i]
     kwargs = dict(kwargs)
-    options = {"num_warps": 4, "num_stages": 3}
+    # what the runtime would use: the launch's own num_warps / num_stages, else Triton's defaults
+    options = {"num_warps": kwargs.pop("num_warps", 4), "num_stages": kwargs.pop("num_stages", 3)}
     if config is not None:
         kwargs.update(config.kwargs)
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
@@ -173,6 +186,7 @@ def compile_one(i: int) -> dict:
     row = {"kernel": name, "config": {k: v for k, v in kwargs.items() if k.startswith("BLOCK")} | options,
            "wgmma": ptx.count("wgmma.mma_async"), "mma_sync": ptx.count("mma.sync"),
            "tma": ptx.count("cp.async.bulk.tensor"), "tile_load_bytes": _tile_loads(kernel.asm["ttgir"]),
+           "tile_offset_bits": _tile_offset_bits(kernel.asm["ttir"]),
            **_count_loads(ptx), **_resources(ptx),
            "shared_bytes": kernel.metadata.shared, "compile_s": round(time.perf_counter() - t0, 2)}
     return row

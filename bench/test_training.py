@@ -181,7 +181,7 @@ def run_small_data_steps(benchmark, model, tc, loss_fn, rounds: int) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        update_ema(ema, model, 0.99)
+        update_ema(ema, model, 0.01)
 
     for _ in range(3):
         step()

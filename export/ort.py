@@ -34,11 +34,16 @@ def default_threads() -> int:
     return max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
+def device_index() -> int:
+    """The GPU of this rank: the sessions' providers run there and `OrtGraph` binds its buffers there."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def provider_options(meta: dict, providers: list[str], batch_range=(1, 16, 64), cache_dir: str | None = None) -> list:
     """ONNX Runtime providers with their options. TensorRT: an engine cache (so a process reuses the engine an
     earlier one built), fp16 kernels for an fp16 graph, and explicit profile shapes over `batch_range` for every
     input (no rebuild when the batch changes); CUDA: the device of this rank."""
-    device = int(os.environ.get("LOCAL_RANK", "0"))
+    device = device_index()
     out = []
     for p in providers:
         if p == "TensorrtExecutionProvider":
@@ -66,7 +71,8 @@ def _input_shapes(meta: dict) -> list[tuple[str, tuple]]:
 
 class OrtGraph:
     """An ONNX Runtime session of an exported graph, run on torch tensors by IO binding (inputs and output by pointer,
-    on `device`: "cpu", or "cuda" with the CUDA / TensorRT providers)."""
+    on `device`: "cpu", or this rank's GPU with the CUDA / TensorRT providers). With the TensorRT provider, every
+    batch must lie in the profile `batch_range` (`check_batch`)."""
 
     def __init__(self, path: str, providers: list[str] | None = None, threads: int | None = None,
                  batch_range=(1, 16, 64)):
@@ -85,19 +91,32 @@ class OrtGraph:
             hint = ("; a bf16 graph needs a runtime with bf16 kernels (TensorRT): export --fp16 for ONNX Runtime"
                     if self.meta.get("dtype") == "bfloat16" else "")
             raise InputError(f"--engine {path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]}){hint}") from None
-        self.device = torch.device("cuda" if self.session.get_providers()[0] != "CPUExecutionProvider" else "cpu")
+        used = self.session.get_providers()
+        self.device = torch.device("cpu") if used[0] == "CPUExecutionProvider" else torch.device("cuda", device_index())
+        # TensorRT's engine has a fixed profile; the CUDA and CPU providers take any batch
+        self.batch_range = tuple(batch_range) if "TensorrtExecutionProvider" in used else None
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         out = self.session.get_outputs()[0]
         self.output, self.out_dtype = out.name, _TYPES[out.type][1]
         self.out_shape = tuple(json.loads(self.meta["output_shape"]))
 
+    def check_batch(self, rows: int, what: str = "--batch-size"):
+        if self.batch_range is None:
+            return
+        lo, _, hi = self.batch_range
+        if not lo <= rows <= hi:
+            raise InputError(f"{what}: a batch of {rows} rows, outside the ONNX Runtime TensorRT provider's profile "
+                             f"{lo}..{hi} (sample in smaller batches)")
+
     def run(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        for name in self.inputs:
+            if feeds.get(name) is None:
+                raise InputError(f"this graph needs a {name!r} input")
+        self.check_batch(feeds[next(iter(self.inputs))].shape[0], "batch")  # before anything reaches the device
         binding = self.session.io_binding()
         kind, index = self.device.type, self.device.index or 0
         keep = []
         for name, arg in self.inputs.items():
-            if name not in feeds or feeds[name] is None:
-                raise InputError(f"this graph needs a {name!r} input")
             want = _TYPES[arg.type]
             value = feeds[name].to(self.device, want[1]).contiguous()
             expected = tuple(arg.shape[1:])

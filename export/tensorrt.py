@@ -79,7 +79,10 @@ def build_engine(onnx_path: str, engine_path: str, batch_range: tuple[int, int, 
     if not os.path.isfile(cached):
         logger = trt.Logger(trt.Logger.WARNING)
         builder = _check(trt.Builder(logger), "Builder()")
-        network = _check(builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)), "create_network")
+        # TensorRT 11 networks are strongly typed by default and its flag enum may no longer name it
+        strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+        flags = 0 if strongly_typed is None else 1 << int(strongly_typed)
+        network = _check(builder.create_network(flags), "create_network")
         parser = trt.OnnxParser(network, logger)
         if not parser.parse_from_file(onnx_path):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))

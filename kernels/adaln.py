@@ -55,19 +55,22 @@ if triton is not None:
     @triton.jit
     def _modulate_fwd_kernel(X, SHIFT, SCALE, Y, MEAN, RSTD, R, T, D, eps,
                              BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        # int64 rows: B·T·D passes 2³¹ at DiT-XL batches (~1,800 × 1,024 tokens × 1,152); each tile's
+        # offsets are built as one int64 tensor, never as pointer + 32-bit part.
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, BLOCK_D)
         mask_r = rows < R
         mask = mask_r[:, None] & (cols < D)[None, :]
-        x = tl.load(X + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        offs = rows[:, None] * D + cols[None, :]
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         mean = tl.sum(x, 1) / D
         xc = tl.where(mask, x - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / D + eps)
-        b = rows // T
-        sc = tl.load(SCALE + b[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        sh = tl.load(SHIFT + b[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        offs_b = (rows // T)[:, None] * D + cols[None, :]
+        sc = tl.load(SCALE + offs_b, mask=mask, other=0.0).to(tl.float32)
+        sh = tl.load(SHIFT + offs_b, mask=mask, other=0.0).to(tl.float32)
         y = xc * rstd[:, None] * (1.0 + sc) + sh
-        tl.store(Y + rows[:, None] * D + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
         tl.store(MEAN + rows, mean, mask=mask_r)
         tl.store(RSTD + rows, rstd, mask=mask_r)
 
@@ -142,25 +145,26 @@ if triton is not None:
     @triton.jit
     def _gated_fwd_kernel(X, GATE, Yin, OUT, SHIFT, SCALE, H, MEAN, RSTD, R, T, D, eps,
                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, MODULATE: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # int64: see _modulate_fwd_kernel
         cols = tl.arange(0, BLOCK_D)
         mask_r = rows < R
         mask = mask_r[:, None] & (cols < D)[None, :]
-        b = rows // T
-        x = tl.load(X + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(Yin + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        gate = tl.load(GATE + b[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        offs = rows[:, None] * D + cols[None, :]
+        offs_b = (rows // T)[:, None] * D + cols[None, :]
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(Yin + offs, mask=mask, other=0.0).to(tl.float32)
+        gate = tl.load(GATE + offs_b, mask=mask, other=0.0).to(tl.float32)
         out = x + gate * y
-        tl.store(OUT + rows[:, None] * D + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+        tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=mask)
         if MODULATE:
             out = out.to(OUT.dtype.element_ty).to(tl.float32)  # normalise what was stored, like the unfused pair
             mean = tl.sum(out, 1) / D
             oc = tl.where(mask, out - mean[:, None], 0.0)
             rstd = 1.0 / tl.sqrt(tl.sum(oc * oc, 1) / D + eps)
-            sc = tl.load(SCALE + b[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            sh = tl.load(SHIFT + b[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            sc = tl.load(SCALE + offs_b, mask=mask, other=0.0).to(tl.float32)
+            sh = tl.load(SHIFT + offs_b, mask=mask, other=0.0).to(tl.float32)
             h = oc * rstd[:, None] * (1.0 + sc) + sh
-            tl.store(H + rows[:, None] * D + cols[None, :], h.to(H.dtype.element_ty), mask=mask)
+            tl.store(H + offs, h.to(H.dtype.element_ty), mask=mask)
             tl.store(MEAN + rows, mean, mask=mask_r)
             tl.store(RSTD + rows, rstd, mask=mask_r)
 
@@ -193,9 +197,16 @@ def _rows_block(D: int) -> tuple[int, int]:
     return max(1, min(16, 4096 // block_d)), block_d
 
 
+def _num_warps(block_r: int, block_d: int) -> int:
+    """16 elements of the tile per thread (two 16-byte bf16 loads). The backward keeps about five fp32
+    tiles live: at Triton's default 4 warps the fused one took 224 registers a thread at hidden 1152
+    (2 × 2048 tile), at 8 warps every adaLN kernel there stays ≤ 128, unspilled (tests/kernels/test_ptx.py)."""
+    return min(16, max(4, block_r * block_d // 512))
+
+
 def _bwd_grid(x: torch.Tensor) -> tuple[tuple[int, int], dict]:
-    """Grid (B, ⌈T / ROWS⌉) and the block constants of a backward kernel. ROWS is 64 tokens, halved
-    (down to 16) while the grid would not fill every SM twice, so small batches still keep enough
+    """Grid (B, ⌈T / ROWS⌉), block constants and num_warps of a backward kernel. ROWS is 64 tokens,
+    halved (down to 16) while the grid would not fill every SM twice, so small batches still keep enough
     loads in flight; at ROWS = 16 the partials add at most 1/6 of the op's bytes (the 1.3× bound)."""
     B, T, D = x.shape
     br, bd = _rows_block(D)
@@ -203,7 +214,7 @@ def _bwd_grid(x: torch.Tensor) -> tuple[tuple[int, int], dict]:
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 0
     while rows > max(br, 16) and B * triton.cdiv(T, rows) < 2 * sms:
         rows //= 2
-    return (B, triton.cdiv(T, rows)), dict(ROWS=rows, BLOCK_R=br, BLOCK_D=bd)
+    return (B, triton.cdiv(T, rows)), dict(ROWS=rows, BLOCK_R=br, BLOCK_D=bd, num_warps=_num_warps(br, bd))
 
 
 def _partials(n: int, grid, D: int, device) -> list[torch.Tensor]:
@@ -224,7 +235,8 @@ def modulate_forward_triton(x, shift, scale, eps: float = EPS):
     mean = torch.empty(B * T, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     br, bd = _rows_block(D)
-    _modulate_fwd_kernel[(triton.cdiv(B * T, br),)](x, shift, scale, y, mean, rstd, B * T, T, D, eps, BLOCK_R=br, BLOCK_D=bd)
+    _modulate_fwd_kernel[(triton.cdiv(B * T, br),)](x, shift, scale, y, mean, rstd, B * T, T, D, eps,
+                                                    BLOCK_R=br, BLOCK_D=bd, num_warps=_num_warps(br, bd))
     return y, mean, rstd
 
 
@@ -253,7 +265,8 @@ def gated_forward_triton(x, gate, y, shift=None, scale=None, eps: float = EPS):
     scale = scale.contiguous() if modulate else gate
     br, bd = _rows_block(D)
     _gated_fwd_kernel[(triton.cdiv(B * T, br),)](x, gate, y, out, shift, scale, h, mean, rstd, B * T, T, D, eps,
-                                                 BLOCK_R=br, BLOCK_D=bd, MODULATE=modulate)
+                                                 BLOCK_R=br, BLOCK_D=bd, MODULATE=modulate,
+                                                 num_warps=_num_warps(br, bd))
     return out, h, mean, rstd
 
 

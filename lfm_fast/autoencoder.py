@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lfm_fast import default_device
+from lfm_fast.dist import to_device
 from lfm_fast.errors import InputError
 from lfm_fast.fileio import atomic_dir, check_out_dir, write_json
 
@@ -78,7 +79,7 @@ def encode(ae, images: torch.Tensor, batch_size: int = 64, std: bool = False):
     """Images in [-1, 1] → scaled latents: the posterior mean (deterministic, as cached latents should be), and with
     `std` also the posterior's standard deviation (scaled alike), so that training can draw z = mean + std·ε."""
     p = next(ae.parameters())
-    dists = [ae.encode(images[i:i + batch_size].to(p.device, p.dtype)).latent_dist for i in range(0, len(images), batch_size)]
+    dists = [ae.encode(to_device(images[i:i + batch_size], p.device, p.dtype)).latent_dist for i in range(0, len(images), batch_size)]
     mean = torch.cat([d.mode() for d in dists]).float().cpu() * ae.config.scaling_factor
     if not std:
         return mean
@@ -89,7 +90,7 @@ def encode(ae, images: torch.Tensor, batch_size: int = 64, std: bool = False):
 def decode(ae, latents: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """Scaled latents → images in [-1, 1] (clamped)."""
     p = next(ae.parameters())
-    out = [ae.decode(latents[i:i + batch_size].to(p.device, p.dtype) / ae.config.scaling_factor).sample
+    out = [ae.decode(to_device(latents[i:i + batch_size], p.device, p.dtype) / ae.config.scaling_factor).sample
            for i in range(0, len(latents), batch_size)]
     return torch.cat(out).float().cpu().clamp(-1, 1)
 

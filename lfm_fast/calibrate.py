@@ -59,6 +59,12 @@ def fit_grid(model, noise, y, ref, cfg: SampleConfig, sigma_min: float = 1e-5, i
             p.requires_grad_(f)
 
 
+def grid_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """The grid the fit moves: steps of softmax(logits) from 1, ending exactly at 0; on the logits' device."""
+    times = 1 - torch.softmax(logits, 0).cumsum(0)
+    return torch.cat([torch.ones_like(times[:1]), times[:-1], torch.zeros_like(times[:1])])
+
+
 def _fit(model, noise, y, ref, cfg, sigma_min, iters, lr, progress) -> dict:
     def error(times) -> torch.Tensor:
         field = Field(model, len(noise), y, None, cfg.cfg, (cfg.cfg_lo, cfg.cfg_hi))
@@ -67,16 +73,15 @@ def _fit(model, noise, y, ref, cfg, sigma_min, iters, lr, progress) -> dict:
     with torch.no_grad():
         starts = {(g, s): float(error(time_grid(cfg.steps, g, s))) for g, s in START_GRIDS}
     start = min(starts, key=starts.get)
-    t0 = torch.tensor(time_grid(cfg.steps, *start), dtype=torch.float64)
+    # the grid's parameters live on the batch's device: the solver meets no host tensor (and copies none) per step
+    t0 = torch.tensor(time_grid(cfg.steps, *start), dtype=torch.float64).to(noise.device)
     logits = torch.log(t0[:-1] - t0[1:]).requires_grad_(True)
     best = (starts[start], t0, logits.detach().clone())
     opt = torch.optim.Adam([logits], lr=lr)
     for _ in tqdm(range(iters), desc="calibrate", disable=not progress, mininterval=1):
-        times = torch.cat([torch.ones(1, dtype=torch.float64), 1 - torch.softmax(logits, 0).cumsum(0)])
-        times = torch.cat([times[:-1], torch.zeros(1, dtype=torch.float64)])  # exactly 0 at the end
-        loss = error(times)
+        loss = error(grid_from_logits(logits))
         if loss.item() <= best[0]:
-            best = (loss.item(), times.detach().clone(), logits.detach().clone())
+            best = (loss.item(), grid_from_logits(logits).detach(), logits.detach().clone())
         elif opt.param_groups[0]["lr"] > 1e-4:  # worse: back to the best grid with half the step (and fresh moments)
             lr = opt.param_groups[0]["lr"] / 2
             with torch.no_grad():

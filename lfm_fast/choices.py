@@ -8,3 +8,4 @@ NFE_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "ab2": 1, "ab3":
 GRIDS = ("uniform", "shifted", "power", "calibrated")
 ATTENTION_BACKENDS = ("auto", "triton", "sdpa", "math", "xformers", "reference")
 NORM_BACKENDS = ("auto", "triton", "compile", "reference")
+INFERENCE_DTYPES = ("auto", "fp32", "bf16", "fp16")  # the network's at sampling; auto: bf16 on CUDA, fp32 elsewhere

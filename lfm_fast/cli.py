@@ -54,7 +54,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     """The whole command line, built without importing torch (`--help` answers in a fraction of a second)."""
-    from lfm_fast.choices import FIXED_SOLVERS, SOLVERS
+    from lfm_fast.choices import FIXED_SOLVERS, INFERENCE_DTYPES, SOLVERS
 
     p = _Parser(prog="lfm-fast", description="Latent flow matching: train and sample DiT velocity networks "
                                 "in an autoencoder's latent space.", epilog=EXAMPLES)
@@ -181,6 +181,9 @@ def _parser() -> argparse.ArgumentParser:
                         "onnxruntime / tensorrt: a graph from `lfm-fast export` (--engine): a sampler graph runs its own "
                         "recipe; a velocity graph is driven by this command's solver, steps, grid and CFG")
     s.add_argument("--engine", default=None, help="the .onnx file (onnxruntime) or engine file (tensorrt, with its .json)")
+    s.add_argument("--dtype", choices=INFERENCE_DTYPES, default="auto",
+                   help="the network's dtype (eager and compile backends; the ODE state stays fp32, and so does the "
+                   "per-sample path below fp32): auto = bf16 on CUDA, fp32 on CPU (default: auto)")
     _add_backend_flags(s)
 
     e = sub.add_parser("export", help="export the fixed-step sampler (N steps, CFG inside) or the velocity network as ONNX "
@@ -310,7 +313,7 @@ def _add_backend_flags(p):
     from lfm_fast.choices import ATTENTION_BACKENDS, NORM_BACKENDS
 
     p.add_argument("--attn-backend", choices=ATTENTION_BACKENDS, default=None,
-                   help="attention kernels (default: the config's, 'auto' = Triton on CUDA; on CPU plain matmuls (math) for bf16 up to 512 tokens, else SDPA)")
+                   help="attention kernels (default: the config's, 'auto' = Triton on CUDA for bf16/fp16, SDPA for fp32; on CPU plain matmuls (math) for bf16 up to 512 tokens, else SDPA)")
     p.add_argument("--norm-backend", choices=NORM_BACKENDS, default=None,
                    help="adaLN modulate / gated residual kernels, model.norm_backend: triton (fused Triton kernels; on "
                    "CPU they run Triton's interpreter only under TRITON_INTERPRET=1), compile (the PyTorch expression, "
@@ -351,6 +354,8 @@ def _check_sampler_flags(args):
     if getattr(args, "engine", None) and args.backend in ("eager", "compile"):
         raise InputError(f"--engine {args.engine}: engines run with --backend onnxruntime or --backend tensorrt "
                          f"(this run's backend is {args.backend})")
+    if getattr(args, "dtype", "auto") != "auto" and args.backend not in ("eager", "compile"):
+        raise InputError(f"--dtype {args.dtype}: a graph runs in the dtype it was exported in (export --fp16 / --bf16)")
 
 
 def _check_positive(name: str, value, allow_zero: bool = False):
@@ -612,15 +617,19 @@ def _graph_runner(args, scfg, model, total: int):
             else:
                 setattr(scfg, name, kind(meta[name]))
         scfg.times = tuple(json.loads(meta["times"]))
-    if args.backend == "onnxruntime":
-        from lfm_fast.export.ort import OrtGraph as Runner
+    per = 2 if velocity and scfg.cfg != 1.0 else 1  # network rows an image: both CFG halves go through a velocity graph
+    if args.backend == "onnxruntime":  # ONNX Runtime's TensorRT provider builds its profile for this run's batches
+        from lfm_fast.export.ort import OrtGraph
+
+        most = min(args.batch_size, total) * per
+        runner = OrtGraph(args.engine, batch_range=(1, most, most))
     else:
-        from lfm_fast.export.tensorrt import TensorRTRunner as Runner
-    runner = Runner(args.engine)
-    if args.backend == "tensorrt":  # the profile's batch range: every batch this run makes
-        per = 2 if velocity and scfg.cfg != 1.0 else 1
-        for rows in {min(args.batch_size, total), total % args.batch_size or args.batch_size}:
-            runner.check_batch(rows * per, f"--batch-size {args.batch_size}" + (" (2 network rows an image under CFG)" if per == 2 else ""))
+        from lfm_fast.export.tensorrt import TensorRTRunner
+
+        runner = TensorRTRunner(args.engine)
+    # every batch this run makes, against the engine's profile (TensorRT, or ONNX Runtime's TensorRT provider)
+    for rows in {min(args.batch_size, total), total % args.batch_size or args.batch_size}:
+        runner.check_batch(rows * per, f"--batch-size {args.batch_size}" + (" (2 network rows an image under CFG)" if per == 2 else ""))
     if velocity:
         from lfm_fast.export.ort import velocity_net
 
@@ -645,7 +654,8 @@ def _cmd_sample(args):
 
     from lfm_fast.autoencoder import load_autoencoder
     from lfm_fast.dist import init_distributed
-    from lfm_fast.generate import NfeCount, generate, generate_latents, latents_to_images, rank_indices, save_samples
+    from lfm_fast.generate import (NfeCount, generate, generate_latents, inference_model, latents_to_images, rank_indices,
+                                   save_samples)
     from lfm_fast.models.dit import DiT, read_checkpoint_config
 
     _check_sampler_flags(args)
@@ -656,6 +666,8 @@ def _cmd_sample(args):
     task = _check_task(args, config)
     d = init_distributed()
     model = DiT.from_pretrained(args.ckpt, **_backend_overrides(args)).eval().to(d.device)
+    if args.backend in ("eager", "compile"):  # (a graph checks the weights it was exported from: they stay fp32 here)
+        model = inference_model(model, d.device, args.dtype)
     c = model.config
     ae = load_autoencoder(_autoencoder_spec(config, args), device=d.device) if task == "inpaint" else None
     conds, source, task_inputs = _task_conditions(args, task, model, ae)

@@ -61,6 +61,7 @@ class TrainConfig:
     ckpt_every_minutes: float = 0.0  # also checkpoint when this many minutes have passed since the last one (0: off)
     keep_checkpoints: int = 2  # the newest N are kept, older ones pruned
     async_checkpoint: str = "auto"  # "true": dcp.async_save (training goes on while shards are written); "auto": on CUDA
+    save_checkpoints: bool = True  # false: no checkpoint and no final weights (benchmark runs)
 
 
 @dataclass
@@ -252,7 +253,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
 # What `--resume` may change: how the run proceeds, not what it is (its model, data, flow, global batch, seed).
 RESUMABLE = {"train": {"steps", "lr", "lr_schedule", "lr_min", "lr_period_epochs", "warmup_steps", "weight_decay", "grad_clip", "max_nonfinite_steps",
                        "ema_decay", "grad_accum", "precision", "activation_checkpointing", "compile", "log_every",
-                       "log", "sample_every", "ckpt_every", "ckpt_every_minutes", "keep_checkpoints", "async_checkpoint"},
+                       "log", "sample_every", "ckpt_every", "ckpt_every_minutes", "keep_checkpoints", "async_checkpoint", "save_checkpoints"},
              "model": {"attn_backend", "norm_backend"},
              "sample": {f.name for f in dataclasses.fields(SampleConfig)}}
 

@@ -12,6 +12,19 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 
+def to_device(t: torch.Tensor | None, device, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """A host tensor on `device` without draining the device's queue: on CUDA through pinned memory with a
+    non-blocking copy (a copy from pageable memory waits for the stream first); elsewhere a plain copy."""
+    if t is None:
+        return None
+    device = torch.device(device)
+    if t.device == device or device.type == "cpu":
+        return t.to(device, dtype)
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory()
+    return t.to(device, dtype, non_blocking=True)
+
+
 @dataclass
 class Dist:
     rank: int
@@ -19,6 +32,7 @@ class Dist:
     local_rank: int
     device: torch.device
     mesh: DeviceMesh
+    host_group: object = None  # a gloo group for host-side flags (the default group where it is gloo already)
 
     @property
     def is_main(self) -> bool:
@@ -39,8 +53,8 @@ class Dist:
         in one reduction."""
         if self.world_size == 1:
             return [bool(f) for f in flags]
-        t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        t = torch.tensor([int(f) for f in flags], dtype=torch.int32)  # on the host: no wait for the device's queue
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
         return [bool(v) for v in t.tolist()]
 
     def synchronize(self) -> None:
@@ -79,7 +93,8 @@ def init_distributed(device: str | None = None) -> Dist:
         else:  # a group of one, no network: the same collectives, trivially
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     mesh = init_device_mesh(dev.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
-    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, dev, mesh)
+    host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" and dist.get_world_size() > 1 else None
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, dev, mesh, host_group)
 
 
 def shutdown() -> None:

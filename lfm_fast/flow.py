@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lfm_fast.dist import to_device
 from lfm_fast.models.cond import drop_labels, null_condition
 
 
@@ -50,6 +51,10 @@ class FlowDraws:
         part = lambda v: None if v is None else v[lo:lo + n]  # noqa: E731
         return FlowDraws(part(self.noise), part(self.t), part(self.u), part(self.uc))
 
+    def to(self, device) -> "FlowDraws":
+        """On `device`, copied without blocking (`to_device`): drawn on the host, they must not stall the device."""
+        return FlowDraws(*(to_device(v, device) for v in (self.noise, self.t, self.u, self.uc)))
+
 
 def draw_flow(n: int, sample_shape: tuple[int, ...], cfg: FlowConfig, generator: torch.Generator,
               label_dropout: float = 0.0, cond_dropout: float = 0.0) -> FlowDraws:
@@ -70,12 +75,12 @@ def flow_matching_loss(model, x0: torch.Tensor, y: torch.Tensor | None, cfg: Flo
     `draws` made by `draw_flow`, so a step is reproducible from its seed alone: what makes resumed runs exact."""
     if draws is None:
         draws = draw_flow(x0.shape[0], tuple(x0.shape[1:]), cfg, generator, label_dropout, cond_dropout if cond is not None else 0.0)
-    noise = draws.noise.to(x0.device, x0.dtype)
-    t = draws.t.to(x0.device)
+    draws = draws.to(x0.device)  # a no-op for draws the loop moved already
+    noise, t = draws.noise.to(x0.dtype), draws.t
     if y is not None and draws.u is not None and getattr(model, "config", None) is not None and model.config.num_classes:
         y = drop_labels(y, label_dropout, model.config.num_classes, draws.u)
     if cond is not None and draws.uc is not None:  # rows that train the null condition (CFG on the condition)
-        drop = (draws.uc.to(cond.device) < cond_dropout).view(-1, *([1] * (cond.dim() - 1)))
+        drop = (draws.uc < cond_dropout).view(-1, *([1] * (cond.dim() - 1)))
         cond = torch.where(drop, null_condition(model.config.condition, cond), cond)
     v = model(interpolate(x0, noise, t, cfg.sigma_min), t, y, cond)
     return (v.float() - target_velocity(x0, noise, cfg.sigma_min).float()).pow(2).mean()

@@ -12,10 +12,35 @@ import torch
 from tqdm.auto import tqdm
 
 from lfm_fast.autoencoder import decode
+from lfm_fast.choices import INFERENCE_DTYPES
 from lfm_fast.data.shapes import to_uint8
+from lfm_fast.dist import to_device
+from lfm_fast.errors import InputError
 from lfm_fast.fileio import atomic_dir, image_grid, save_png
+from lfm_fast.models.dit import cast_token_path
 from lfm_fast.sampling import SampleConfig, per_image_noise, sample_with
 from lfm_fast.train.throughput import forward_flops_per_image
+
+
+def inference_dtype(name: str | torch.dtype | None, device) -> torch.dtype:
+    """The network's dtype at sampling: a torch dtype, or one of INFERENCE_DTYPES; "auto" (or None) is bf16 on CUDA
+    (tensor cores and the fused kernels) and fp32 elsewhere (many CPUs emulate bf16, 10–100× slower)."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "auto"):
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if name not in dtypes:
+        raise InputError(f"dtype {name!r}: expected one of {', '.join(INFERENCE_DTYPES)} or a torch dtype")
+    return dtypes[name]
+
+
+def inference_model(model, device, dtype: str | torch.dtype | None = "auto"):
+    """`model` in eval mode on `device` in the sampling dtype, in place. Below fp32 only the token path is cast: the
+    per-sample time and label embeddings and adaLN modulations stay fp32 (`cast_token_path`, as exported graphs)."""
+    model = model.eval().to(device)
+    dt = inference_dtype(dtype, device)
+    return model.float() if dt == torch.float32 else cast_token_path(model, dt)
 
 
 def checkpoint_sample_config(config: dict) -> SampleConfig:
@@ -45,9 +70,9 @@ def generate(run_batch, labels: torch.Tensor | None, seeds: list[int], shape: tu
     out = []
     for i in tqdm(range(0, len(seeds), batch_size), desc="sample", disable=not progress, mininterval=1):
         x = (per_image_noise(seeds[i:i + batch_size], shape) if noise is None else noise[i:i + batch_size].float())
-        x = x.to(device)
-        y = None if labels is None else labels[i:i + batch_size].to(device)
-        c = None if conds is None else conds[i:i + batch_size].to(device, torch.float32)
+        x = to_device(x, device)
+        y = None if labels is None else to_device(labels[i:i + batch_size], device)
+        c = None if conds is None else to_device(conds[i:i + batch_size], device, torch.float32)
         out.append(torch.as_tensor(run_batch(x, y) if c is None else run_batch(x, y, c)).cpu())
     return torch.cat(out)
 

@@ -4,7 +4,8 @@ Models call `attention` (or `attention_qkv` on a packed projection), `adaln_modu
 and nowhere else, so the plain-PyTorch `reference` backend is the numerical definition every faster
 backend is tested against. Backends:
 
-- attention: ``auto`` (Triton on CUDA; on CPU ``math`` for bf16/fp16 up to 512 tokens, else SDPA),
+- attention: ``auto`` (Triton on CUDA for bf16/fp16, SDPA for fp32; on CPU ``math`` for bf16/fp16 up to 512
+  tokens, else SDPA),
   ``triton``, ``sdpa``, ``math`` (two matmuls and a softmax in the input dtype), ``xformers``
   (installed + CUDA only), ``reference`` (fp32).
 - norms (adaLN modulate, gated residual, and the two fused): ``auto`` (Triton on CUDA, else PyTorch),
@@ -73,10 +74,16 @@ def _attention_xformers(q, k, v):
     return out.transpose(1, 2)
 
 
+def _use_triton_attention(backend: str, t: torch.Tensor) -> bool:
+    """`auto` takes the Triton kernel on CUDA for bf16/fp16 only: in fp32 its dots are IEEE (no tensor cores) and its
+    largest tiles may not fit shared memory at head dim ≥ 128, where SDPA has its own fp32 kernels."""
+    return backend in ("auto", "triton") and _use_triton(backend, t) and (backend == "triton" or t.dtype != torch.float32)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Non-causal multi-head attention on (B, H, T, D) tensors."""
     check_backend(backend, ATTENTION_BACKENDS, "attention")
-    if backend in ("auto", "triton") and _use_triton(backend, q):
+    if _use_triton_attention(backend, q):
         from lfm_fast.kernels.attention import flash_attention
 
         return flash_attention(q, k, v)
@@ -96,7 +103,7 @@ def attention_qkv(qkv: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Attention of a packed (B, T, 3, H, D) qkv projection, returning (B, T, H, D). The Triton kernels
     read q, k, v in place and write the packed gradient: no copy on either side."""
     check_backend(backend, ATTENTION_BACKENDS, "attention")
-    if backend in ("auto", "triton") and _use_triton(backend, qkv):
+    if _use_triton_attention(backend, qkv):
         from lfm_fast.kernels.attention import flash_attention_qkv
 
         return flash_attention_qkv(qkv)

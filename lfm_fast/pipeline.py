@@ -71,12 +71,14 @@ class LFMPipeline:
         self.sigma_min = checkpoint_sigma_min(config)
 
     @classmethod
-    def from_pretrained(cls, run: str, device=None, dtype=torch.float32, vae: str | None = None) -> "LFMPipeline":
+    def from_pretrained(cls, run: str, device=None, dtype="auto", vae: str | None = None) -> "LFMPipeline":
         """RUN: an inference checkpoint folder (config.json + model.safetensors: `train`'s output, `convert`'s).
-        `vae`: the autoencoder (builtin:NAME, a diffusers AutoencoderKL folder or hub id); default: the checkpoint's."""
+        `dtype`: the network's (torch.bfloat16, "bf16", …; "auto": bf16 on CUDA, fp32 elsewhere; below fp32 the
+        per-sample path stays fp32). `vae`: the autoencoder (builtin:NAME, a diffusers AutoencoderKL folder or hub id);
+        default: the checkpoint's."""
         from lfm_fast import default_device
         from lfm_fast.autoencoder import load_autoencoder
-        from lfm_fast.generate import checkpoint_autoencoder
+        from lfm_fast.generate import checkpoint_autoencoder, inference_model
         from lfm_fast.models.dit import DiT, read_checkpoint_config
 
         device = torch.device(device) if device is not None else default_device()
@@ -84,7 +86,7 @@ class LFMPipeline:
         spec = vae or checkpoint_autoencoder(config, run)
         if not spec:
             raise InputError(f"checkpoint {run} records no autoencoder; pass vae=")
-        model = DiT.from_pretrained(run).eval().to(device, dtype)
+        model = inference_model(DiT.from_pretrained(run), device, dtype)
         return cls(model, load_autoencoder(spec, device=device), config)
 
     @property

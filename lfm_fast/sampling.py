@@ -135,7 +135,7 @@ class Field:
             # solver's last step runs past t = 0 and interpolates back: beyond [0, 1] the field continues the one at
             # the end it passed (unguided stages there made the field jump at t = 0 and cost ~20 rejected evaluations)
             tc = tb.clamp(0.0, 1.0)
-            g = (tc >= self.interval[0]) & (tc <= self.interval[1]) if self.guides else torch.zeros(n, dtype=torch.bool)
+            g = (tc >= self.interval[0]) & (tc <= self.interval[1]) if self.guides else torch.zeros(n, dtype=torch.bool, device=x.device)
             guided = bool(g.all()) or (g.nonzero()[:, 0] if g.any() else False)
         if guided is True:
             self.net_rows += 2 * n
@@ -177,11 +177,16 @@ def integrate_fixed(f: Callable, x: torch.Tensor, times, solver: str, sigma_min:
     through the grid, as `calibrate` does). Multistep solvers start (and DPM-Solver++ ends) at a lower order."""
     if solver not in FIXED_SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; expected one of {', '.join(SOLVERS)}")
-    tf = [float(v) for v in (times.detach() if torch.is_tensor(times) else times)]
-    tt = times if torch.is_tensor(times) else torch.tensor(tf, dtype=torch.float64)
-    sc = lambda c: c if isinstance(c, float) else c.to(x.dtype)  # noqa: E731 - a float64 coefficient, state dtype
-    nodes = tt if torch.is_tensor(times) else tf  # the Adams weights: from floats unless the grid is being fitted
-    ev = lambda x_, i: f(x_, sc(tt[i]), tf[i])  # noqa: E731
+    fitting = torch.is_tensor(times)
+    tf = times.detach().tolist() if fitting else [float(v) for v in times]  # one read of a fitted grid a solve
+    # The step arithmetic runs on Python floats (constants of an exported graph, no device work), or on the grid's
+    # tensor on the state's device where the grid is being fitted; the network's time is made on the state's device.
+    tt = times.to(x.device) if fitting else tf
+    sc = lambda c: c if isinstance(c, float) else c.to(x.dtype)  # noqa: E731 - a coefficient in the state's dtype
+    at = lambda v: sc(v) if fitting else torch.full((), v, dtype=x.dtype, device=x.device)  # noqa: E731 - t for f
+    log = torch.log if fitting else math.log
+    nodes = tt  # the Adams weights: from floats unless the grid is being fitted
+    ev = lambda x_, i: f(x_, at(tt[i]), tf[i])  # noqa: E731
     history = []  # multistep: the last velocities or data predictions
     pending = None  # abm3: the last step's corrector, waiting for the evaluation at its end
     steps = len(tf) - 1
@@ -192,16 +197,16 @@ def integrate_fixed(f: Callable, x: torch.Tensor, times, solver: str, sigma_min:
         elif solver in ("midpoint", "rk4"):
             tm, tm_f = (tt[i] + tt[i + 1]) / 2, (tf[i] + tf[i + 1]) / 2
             k1 = ev(x, i)
-            k2 = f(x + sc(h / 2) * k1, sc(tm), tm_f)
+            k2 = f(x + sc(h / 2) * k1, at(tm), tm_f)
             if solver == "midpoint":
                 x = x + sc(h) * k2
             else:
-                k3 = f(x + sc(h / 2) * k2, sc(tm), tm_f)
-                k4 = f(x + sc(h) * k3, sc(tt[i + 1]), tf[i + 1])
+                k3 = f(x + sc(h / 2) * k2, at(tm), tm_f)
+                k4 = f(x + sc(h) * k3, at(tt[i + 1]), tf[i + 1])
                 x = x + sc(h / 6) * (k1 + 2 * k2 + 2 * k3 + k4)
         elif solver == "heun":  # explicit trapezoid
             k1 = ev(x, i)
-            k2 = f(x + sc(h) * k1, sc(tt[i + 1]), tf[i + 1])
+            k2 = f(x + sc(h) * k1, at(tt[i + 1]), tf[i + 1])
             x = x + sc(h / 2) * (k1 + k2)
         elif solver in ("ab2", "ab3", "abm3"):
             history = (history + [ev(x, i)])[-(3 if solver == "abm3" else int(solver[2])):]  # v at t_i, t_i−1, …
@@ -216,7 +221,7 @@ def integrate_fixed(f: Callable, x: torch.Tensor, times, solver: str, sigma_min:
         else:  # dpm++2m: x_t = (σ_t/σ_s)·x_s + α_t(1 − e^{−h})·D, D = x̂0 extrapolated linearly in λ
             sig = lambda k: sigma_min + (1 - sigma_min) * tt[k]  # noqa: E731
             alpha = lambda k: 1 - tt[k]  # noqa: E731
-            lam = lambda k: torch.log(alpha(k)) - torch.log(sig(k))  # noqa: E731
+            lam = lambda k: log(alpha(k)) - log(sig(k))  # noqa: E731
             x0 = data_prediction(x, ev(x, i), sc(tt[i]), sigma_min)
             d = x0
             if history and i < steps - 1:  # second order (the last step first order)

@@ -212,21 +212,22 @@ def test_per_block_compile_and_activation_checkpointing_train_the_same_run(runs,
 
 
 def test_reductions_put_their_tensors_on_the_groups_device(monkeypatch):
-    """An NCCL group has no CPU backend: every tensor a `Dist` reduces must live on its device. A fake device
-    ("meta") and a recording all_reduce catch a tensor made without `device=` (the CUDA crash before step 1)."""
+    """An NCCL group has no CPU backend: a value `Dist` reduces lives on its device. A fake device ("meta") and a
+    recording all_reduce catch a tensor made without `device=` (the CUDA crash before step 1). The per-step flags
+    (signals, checkpoint timers) are host values: reduced on the host group (gloo), they never wait for the device."""
     import torch.distributed as dist
 
     from lfm_fast.dist import Dist
 
     seen = []
-    monkeypatch.setattr(dist, "all_reduce", lambda t, op=None: seen.append(t.device))
-    d = Dist(rank=0, world_size=2, local_rank=0, device=torch.device("meta"), mesh=None)
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op=None, group=None: seen.append((t.device, group)))
+    d = Dist(rank=0, world_size=2, local_rank=0, device=torch.device("meta"), mesh=None, host_group="gloo group")
     for call in (lambda: d.all_mean(1.0), lambda: d.any(True, False)):
         try:
             call()
         except (NotImplementedError, RuntimeError):  # reading a meta tensor back; the device was already recorded
             pass
-    assert seen == [torch.device("meta")] * 2
+    assert seen == [(torch.device("meta"), None), (torch.device("cpu"), "gloo group")]
 
 
 def test_the_ema_export_gathers_to_rank_0_only(monkeypatch):

@@ -295,3 +295,114 @@ def test_tensorrt_engine_matches_onnxruntime(tiny_pipeline, tmp_path):
             outs.append((runner(noise.cuda(), y.cuda()), OrtSampler(onnx_path)(noise, y)))
         for out, ref in outs:
             assert (out.cpu() - ref).abs().max() <= 1e-3
+
+
+class StandInSession:
+    """An ONNX Runtime session as a GPU machine would make it: it reports the providers it was given, has the real
+    graph's inputs and outputs, and records the IO bindings instead of running them."""
+
+    made: list = []  # every session made, newest last
+
+    def __init__(self, path, options, providers, session=None):
+        StandInSession.made.append(self)
+        self.provider_options = providers
+        self.graph = session(path, options, providers=["CPUExecutionProvider"])
+        self.bound, self.runs = [], 0
+
+    def get_providers(self):
+        return [p if isinstance(p, str) else p[0] for p in self.provider_options]
+
+    def get_inputs(self):
+        return self.graph.get_inputs()
+
+    def get_outputs(self):
+        return self.graph.get_outputs()
+
+    def io_binding(self):
+        bound = self.bound
+
+        class Binding:
+            def bind_input(self, name, kind, index, dtype, shape, pointer):
+                bound.append((name, kind, index))
+
+            bind_output = bind_input
+
+        return Binding()
+
+    def run_with_iobinding(self, binding):
+        self.runs += 1
+
+
+@pytest.fixture
+def gpu_providers(monkeypatch, tmp_path):
+    """ONNX Runtime with the TensorRT and CUDA providers, as on a GPU machine (sessions are `StandInSession`s)."""
+    import functools
+
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", functools.partial(StandInSession, session=onnxruntime.InferenceSession))
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setenv("LFM_FAST_CACHE", str(tmp_path / "cache"))
+    return monkeypatch
+
+
+def stub_cuda_buffers(monkeypatch) -> list:
+    """Tensors that `OrtGraph.run` puts on a GPU stay on the CPU (this torch build has no CUDA); returns the devices
+    asked for. Applied after the test has made its inputs: only `run`'s calls fit the stubs."""
+    asked, to, empty = [], torch.Tensor.to, torch.empty
+
+    def moved(tensor, device, dtype):
+        asked.append(device)
+        return to(tensor, dtype)
+
+    def allocated(shape, dtype, device):
+        asked.append(device)
+        return empty(shape, dtype=dtype)
+
+    monkeypatch.setattr(torch.Tensor, "to", moved)
+    monkeypatch.setattr(torch, "empty", allocated)
+    return asked
+
+
+def test_ort_graph_binds_its_buffers_on_the_gpu_its_session_runs_on(gpu_providers, model, tmp_path):
+    """On rank 1 the providers get device 1, and so do the inputs, the output and their bindings (not cuda:0)."""
+    path = str(tmp_path / "s.onnx")
+    export_onnx(model, path, SampleConfig("euler", 1, 1.0))
+    gpu_providers.setenv("LOCAL_RANK", "1")
+    runner = OrtSampler(path)
+    assert [options["device_id"] for _, options in runner.session.provider_options[:2]] == [1, 1]
+    noise, y = inputs(3)
+    asked = stub_cuda_buffers(gpu_providers)
+    runner(noise, y)
+    assert runner.session.bound == [("noise", "cuda", 1), ("labels", "cuda", 1), (runner.output, "cuda", 1)]
+    assert asked == [torch.device("cuda", 1)] * 3 and runner.device == torch.device("cuda", 1) and runner.session.runs == 1
+
+
+def test_ort_tensorrt_provider_refuses_a_batch_outside_its_profile_before_running(gpu_providers, model, tmp_path):
+    path = str(tmp_path / "s.onnx")
+    export_onnx(model, path, SampleConfig("euler", 1, 1.0))
+    runner = OrtSampler(path, batch_range=(1, 4, 8))
+    noise, y = inputs(9)
+    asked = stub_cuda_buffers(gpu_providers)
+    with pytest.raises(InputError, match=r"^batch: a batch of 9 rows, outside the .* TensorRT provider's profile 1\.\.8"):
+        runner(noise, y)
+    assert runner.session.runs == 0 and runner.session.bound == [] and asked == []
+    runner(noise[:8], y[:8])
+    assert runner.session.runs == 1
+    gpu_providers.setattr("onnxruntime.get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    OrtSampler(path, batch_range=(1, 4, 8)).check_batch(9)  # the CUDA provider takes any batch
+
+
+def test_cli_onnxruntime_builds_the_tensorrt_providers_profile_for_the_runs_batches(gpu_providers, tiny_pipeline, tmp_path):
+    """A velocity graph under CFG takes two network rows an image: `sample --batch-size 40 --cfg 2` asks ONNX Runtime's
+    TensorRT provider for a profile up to 80 rows (its default stops at 64)."""
+    from lfm_fast import cli
+
+    dit, graph = str(tiny_pipeline / "dit"), str(tmp_path / "v.onnx")
+    export_onnx(DiT.from_pretrained(dit).eval(), graph, SampleConfig(), graph="velocity")
+    args = cli._parser().parse_args(["sample", "--ckpt", dit, "--backend", "onnxruntime", "--engine", graph, "--num", "50",
+                                     "--batch-size", "40", "--cfg", "2", "--out", str(tmp_path / "s")])
+    net = cli._graph_runner(args, SampleConfig(cfg=2.0), DiT.from_pretrained(dit), 50)
+    trt = dict(p for p in StandInSession.made[-1].provider_options if isinstance(p, tuple))["TensorrtExecutionProvider"]
+    assert trt["trt_profile_max_shapes"].split(",")[0] .startswith("x:80x") and net.config.num_classes

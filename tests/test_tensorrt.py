@@ -128,7 +128,9 @@ class FakeTensorRT(Recorded):
                 pass
 
             def create_network(self, flags):
-                assert flags == 1 << 1  # 1 << STRONGLY_TYPED: precision from the graph's types
+                # 1 << STRONGLY_TYPED (precision from the graph's types); no flags where the enum has no such member
+                member = getattr(fake.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+                assert flags == (0 if member is None else 1 << member), flags
                 return Network()
 
             def create_builder_config(self):
@@ -278,6 +280,17 @@ def test_every_failure_tensorrt_reports_by_its_return_value_is_one_line_naming_t
         trt_module.TensorRTSampler(str(tmp_path / "s.plan"))(*inputs(2, model))
     assert building or (tmp_path / "s.plan").exists()
     assert not building or not (tmp_path / "s.plan").exists()
+
+
+def test_tensorrt_11_without_the_strongly_typed_flag_builds_a_network_with_no_flags(fake_trt, graphs, tmp_path):
+    """TensorRT 11 networks are strongly typed by default; where its flag enum has no STRONGLY_TYPED, no flags."""
+    model, path = graph(graphs)
+    fake_trt.__version__ = "11.4.0.106"
+    fake_trt.NetworkDefinitionCreationFlag = Enum()
+    record = trt_module.build_engine(path, str(tmp_path / "s.plan"), batch_range=(1, 4, 8))
+    assert record["tensorrt_version"] == "11.4.0.106"
+    noise, y = inputs(3, model)
+    assert torch.equal(trt_module.TensorRTSampler(str(tmp_path / "s.plan"))(noise, y), OrtSampler(path, threads=1)(noise, y))
 
 
 def test_engine_built_for_another_tensorrt_or_gpu_is_refused(fake_trt, graphs, tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ def drop_labels(y: torch.Tensor, p: float, null_class: int, u: torch.Tensor) -> 
     """Replace label i by the null class where u[i] < p, u uniform on [0, 1) (CFG training, Ho & Salimans 2022)."""
     if p <= 0:
         return y
-    return torch.where(u.to(y.device) < p, torch.full_like(y, null_class), y)
+    return torch.where(u < p, torch.full_like(y, null_class), y)  # u on y's device (`FlowDraws.to`)
 
 
 CONDITIONS = ("none", "inpaint", "semantic")

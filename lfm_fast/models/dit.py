@@ -251,8 +251,9 @@ class DiT(nn.Module):
                 cond = self.cond_encoder(cond)
             x = torch.cat([x, cond.to(x.dtype)], dim=1)
         x = x.to(self.x_embedder.weight.dtype)  # the net runs in its weights' dtype (e.g. bf16 under FSDP2)
-        h = self.x_embedder(x).flatten(2).transpose(1, 2)
-        h = h + self.pos_embed.to(h.dtype)
+        patches = self.x_embedder(x).flatten(2).transpose(1, 2)  # (B, T, D), strided as (B, D, T)
+        h = self.pos_embed.to(patches.dtype) + patches  # the table first: the sum takes its contiguous layout, so block 0
+        # gets a contiguous input like every other block (one compiled graph, no copies in the fused ops)
         c = self.t_embedder(t)
         if self.y_embedder is not None:
             if y is None:  # unlabelled call on a conditional model: the null class

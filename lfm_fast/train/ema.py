@@ -23,12 +23,14 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def update_ema(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
+def update_ema(ema: dict[str, torch.Tensor], model: torch.nn.Module, weight: float | torch.Tensor) -> None:
+    """ema ← ema + weight·(θ − ema), with weight = 1 − decay: a float, or a 0-dim tensor on the weights' device (the
+    training step's, 0 on a skipped step; one weight per tensor, since the single-tensor overload reads it on the host)."""
     ema_t, params = [], []
     for n, p in model.named_parameters():
         ema_t.append(_local(ema[clean_fqn(n)]))
         params.append(_local(p.detach()))
-    torch._foreach_lerp_(ema_t, params, 1.0 - decay)
+    torch._foreach_lerp_(ema_t, params, [weight] * len(params) if torch.is_tensor(weight) else weight)
 
 
 def full_state(ema: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

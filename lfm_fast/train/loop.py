@@ -20,17 +20,18 @@ import sys
 import threading
 import time
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from lfm_fast.config import ExperimentConfig, from_dict, resume_changes, to_dict, validate
-from lfm_fast.dist import init_distributed
+from lfm_fast.dist import init_distributed, to_device
 from lfm_fast.data.latents import LatentShardDataset
 from lfm_fast.errors import InputError, RunError
 from lfm_fast.fileio import atomic_path, image_grid, portable_path, read_marker, save_png, umask_mode, write_marker
-from lfm_fast.flow import draw_flow, flow_matching_loss
+from lfm_fast.flow import FlowDraws, draw_flow, flow_matching_loss
 from lfm_fast.models.dit import DiT
 from lfm_fast.sampling import FIXED_SOLVERS, SampleConfig
 from lfm_fast.train.checkpoint import (Checkpointer, fault_active, fault_point, latest_checkpoint, load_checkpoint,
@@ -186,7 +187,7 @@ def train(cfg: ExperimentConfig, latents: str, out: str, resume: bool = False, s
     ema = create_ema(model)
     optimizer = make_optimizer(model, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    step, position, nonfinite, nonfinite_run = 0, 0, 0, 0
+    step, position, nonfinite = 0, 0, 0
     if resume:
         trainer = load_checkpoint(ckpt, model, optimizer, ema)
         step, position, nonfinite = trainer["step"], trainer["data_position"], trainer.get("nonfinite_steps", 0)
@@ -194,6 +195,7 @@ def train(cfg: ExperimentConfig, latents: str, out: str, resume: bool = False, s
         _apply_resumed_hyperparameters(optimizer, scheduler, tc, schedule)
         if d.is_main:
             print(f"lfm-fast: resuming {out} at step {step}{' with ' + '; '.join(changes) if changes else ''}", file=sys.stderr)
+    health = NonfiniteSteps(d.device, nonfinite, tc.max_nonfinite_steps, out)
     saved_step = step  # the step of the newest checkpoint (none to write at step 0)
     checkpointer = Checkpointer(out, tc.keep_checkpoints, tc.async_checkpoint == "true" or
                                 (tc.async_checkpoint == "auto" and d.device.type == "cuda"))
@@ -211,35 +213,40 @@ def train(cfg: ExperimentConfig, latents: str, out: str, resume: bool = False, s
     num_preview = max(8, min(64, 8 * max(1, cfg.model.num_classes)))
     preview_labels = torch.arange(num_preview) % cfg.model.num_classes if cfg.model.num_classes else None
     condition = cfg.model.condition
+    # the conditional tasks draw one preview for each of the first samples' conditions
     preview_cond = None if condition == "none" else ds.get_condition(list(range(min(num_preview, len(ds)))), condition)
-    num_preview = num_preview if preview_cond is None else len(preview_cond)  # the first samples' conditions
+    paused = 0.0  # seconds of the current log interval spent in checkpoints and previews (not training)
 
     def ema_model() -> DiT | None:  # collective: gathers the EMA shards to rank 0 (None on the others)
         state = full_state(ema)
         return DiT.from_state_dict(cfg.model, state) if d.is_main else None
 
     def write_preview(name: str, net: DiT | None):  # net: the EMA model on rank 0
+        nonlocal paused
+        t0 = time.time()
         if ae is not None and d.is_main:
-            lat, _ = generate_latents(net.to(d.device), preview_labels, list(range(num_preview)), preview_config(cfg.sample),
-                                      progress=False, conds=preview_cond)
-            images = latents_to_images(ae, lat)
+            images = draw_preview(net, ae, preview_labels, preview_cond, cfg.sample, d.device)
             grid = image_grid(images, nrow=8)
             save_png(os.path.join(out, name), grid, upscale=max(1, 64 // images.shape[1]))
             if board is not None:
                 board.image("samples", grid, step)
         d.barrier()
+        paused += time.time() - t0
 
     def checkpoint():
-        nonlocal saved_step, t_ckpt
-        if step == saved_step:  # nothing new since the last save (a resumed run that had already reached its end)
-            return
-        finite = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in model.parameters())
-        if d.all_mean(float(finite)) < 1:  # any rank's shard
+        nonlocal saved_step, t_ckpt, paused
+        if step == saved_step or not tc.save_checkpoints:  # nothing new since the last save (a resumed run that had
+            return  # already reached its end), or a benchmark run
+        d.synchronize()  # the training queued so far belongs to the log interval, the save does not
+        t0 = time.time()
+        health.check()  # a run that has diverged since its last save writes nothing
+        if d.all_mean(float(all_finite(model.parameters()))) < 1:  # any rank's shard
             raise RunError(f"step {step}: the weights are not finite; no checkpoint written (the last one is kept)")
-        trainer = {"step": step, "data_position": position, "nonfinite_steps": nonfinite, "world_size": d.world_size,
+        trainer = {"step": step, "data_position": position, "nonfinite_steps": health.total_steps(), "world_size": d.world_size,
                    "micro_batch": micro, "scheduler": scheduler.state_dict(), "config": to_dict(cfg)}
         checkpointer.save(step, model, optimizer, ema, trainer)
         saved_step, t_ckpt = step, time.time()
+        paused += t_ckpt - t0
 
     flops_per_image = train_flops_per_image(cfg.model)
     peak, peak_source = peak_flops(d.device, cfg.model, micro, torch.bfloat16 if tc.precision == "bf16" else torch.float32)
@@ -254,48 +261,13 @@ def train(cfg: ExperimentConfig, latents: str, out: str, resume: bool = False, s
                                      mininterval=1) as bar:  # closed (its line ended) before any error is printed
         while step < end:
             due = bool(tc.ckpt_every_minutes) and time.time() - t_ckpt >= 60 * tc.ckpt_every_minutes
-            stopping, due = d.any(stop.received is not None, due)  # one reduction: all ranks agree on both
+            stopping, due = d.any(stop.received is not None, due)  # one host-side reduction: all ranks agree on both
             if stopping:
                 break
             if due and step != saved_step:
                 checkpoint()
-            indices = sampler.indices(position, tc.batch_size)
-            draws = draw_flow(tc.batch_size, ds.latent_shape, cfg.flow, step_generator(tc.seed, 0, step), tc.label_dropout,
-                              tc.cond_dropout if condition != "none" else 0.0)
-            picks = (torch.randint(ds.meta["inpaint_masks"], (tc.batch_size,), generator=step_generator(tc.seed, 2, step))
-                     if condition == "inpaint" else None)  # which of each sample's stored masks this step uses
-            flips, eps = draw_augmentation(tc.batch_size, ds.latent_shape, cfg.data, step_generator(tc.seed, 3, step))
-            step_loss = torch.zeros((), dtype=torch.float64, device=d.device)  # summed on device: no sync per step
-            for k in range(tc.grad_accum):
-                lo = lo_rank + k * micro
-                rows = slice(lo, lo + micro)
-                x0, y = ds.get_batch(indices[rows], None if flips is None else flips[rows], None if eps is None else eps[rows])
-                x0, y = x0.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
-                cond = None if condition == "none" else ds.get_condition(
-                    indices[rows], condition, None if picks is None else picks[rows],
-                    None if flips is None else flips[rows]).to(d.device)
-                if hasattr(model, "set_requires_gradient_sync"):  # FSDP2-wrapped
-                    model.set_requires_gradient_sync(k == tc.grad_accum - 1)
-                loss = flow_matching_loss(model, x0, y if cfg.model.num_classes else None, cfg.flow,
-                                          label_dropout=tc.label_dropout, cond=cond, draws=draws.rows(lo, micro),
-                                          cond_dropout=tc.cond_dropout)
-                if fault_active("nan", step + 1):
-                    loss = loss * float("nan")
-                (loss / tc.grad_accum).backward()
-                step_loss += loss.detach().double() / tc.grad_accum
-            clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-            grad_norm = _full(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-            if torch.isfinite(grad_norm):  # one host sync a step; NaN/inf in the loss shows here too, the same on every rank
-                optimizer.step()
-                update_ema(ema, model, ema_decay_at(step, tc.ema_decay))
-                nonfinite_run = 0
-            else:  # skip the update: the weights, optimizer state and EMA stay as they were
-                nonfinite, nonfinite_run = nonfinite + 1, nonfinite_run + 1
-                if nonfinite_run >= tc.max_nonfinite_steps:
-                    raise RunError(f"step {step + 1}: {nonfinite_run} steps in a row had a non-finite loss or gradient "
-                                   f"(train.max_nonfinite_steps={tc.max_nonfinite_steps}); stopped. Lower train.lr, or "
-                                   f"--resume from the last checkpoint in {out}")
-            optimizer.zero_grad(set_to_none=True)
+            batches = micro_batches(ds, cfg, step, sampler.indices(position, tc.batch_size), lo_rank, micro, d.device)
+            step_loss, grad_norm = train_step(model, optimizer, ema, batches, cfg, step, health)
             scheduler.step()
             step += 1
             position += tc.batch_size
@@ -304,16 +276,17 @@ def train(cfg: ExperimentConfig, latents: str, out: str, resume: bool = False, s
             fault_point("step", step)
             if fault_active("slow", step):  # the signal tests: a step long enough to be interrupted mid-run
                 time.sleep(0.5)
-            if step % tc.log_every == 0 or step == end:
-                finite = [v for v in losses if torch.isfinite(v)]
-                loss = d.all_mean(float(torch.stack(finite).mean()) if finite else float("nan"))  # of the finite steps
+            if step % tc.log_every == 0 or step == end:  # the host reads the device here, and only here
+                loss, grad, nonfinite = _interval_means(losses, grad_norm, health)
+                health.check()
+                loss = d.all_mean(loss)  # of the finite steps
                 d.synchronize()  # the interval ends when the device has done the work queued in it
-                dt = time.time() - t_log
+                dt = time.time() - t_log - paused
                 img_s = len(losses) * tc.batch_size / dt
                 last = {"step": step, "loss": loss, "img_per_s": img_s,
                         "tokens_per_s": img_s * cfg.model.num_tokens, "tflops": img_s * flops_per_image / 1e12,
                         "mfu": img_s * flops_per_image / peak, "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": float(grad_norm), "nonfinite_steps": nonfinite,
+                        "grad_norm": grad, "nonfinite_steps": nonfinite,
                         "mem_gib": memory_gib(d.device), "world_size": d.world_size}
                 if metrics:
                     metrics.write(json.dumps(last) + "\n")
@@ -321,13 +294,14 @@ def train(cfg: ExperimentConfig, latents: str, out: str, resume: bool = False, s
                 if board is not None:  # the same scalars, as train/NAME
                     board.scalars({k: v for k, v in last.items() if k != "step"}, step)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{img_s:.0f}", mfu=f"{100 * last['mfu']:.0f}%")
-                losses, t_log = [], time.time()
+                losses, t_log, paused = [], time.time(), 0.0
             if tc.ckpt_every and step % tc.ckpt_every == 0 and step < end:
                 checkpoint()
             if tc.sample_every and step % tc.sample_every == 0 and step < end:
                 write_preview(f"samples_{step:06d}.png", ema_model())
     if metrics:
         metrics.close()
+    health.check()
     checkpoint()
     checkpointer.wait()
     if step < end:  # stopped by a signal: the checkpoint is all that a resumed run needs
@@ -335,12 +309,122 @@ def train(cfg: ExperimentConfig, latents: str, out: str, resume: bool = False, s
             board.close()
         return {"step": step, "data_position": position, "last": last, "stopped_by": stop.received or "a signal to another rank"}
     net = ema_model()
-    if d.is_main:
+    if d.is_main and tc.save_checkpoints:
         net.save_pretrained(out, meta=meta)
     write_preview("samples.png", net)
     if board is not None:
         board.close()
     return {"step": step, "data_position": position, "last": last, "peak_flops": peak, "peak_source": peak_source}
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of a step on the training device: latents, labels (None for an unconditional model), the
+    condition (None without one) and the flow's draws for these rows."""
+    x0: torch.Tensor
+    y: torch.Tensor | None
+    cond: torch.Tensor | None
+    draws: FlowDraws
+
+
+def micro_batches(ds: LatentShardDataset, cfg: ExperimentConfig, step: int, indices: list[int], lo_rank: int, micro: int,
+                  device) -> list[MicroBatch]:
+    """This rank's micro-batches of step `step`, whose global batch is the samples `indices`: the noise, times and
+    drops, the mask picks and the augmentation are drawn for the whole global batch from (seed, step) generators and
+    sliced, then everything goes to `device` without blocking (`to_device`)."""
+    tc, condition = cfg.train, cfg.model.condition
+    draws = draw_flow(tc.batch_size, ds.latent_shape, cfg.flow, step_generator(tc.seed, 0, step), tc.label_dropout,
+                      tc.cond_dropout if condition != "none" else 0.0)
+    picks = (torch.randint(ds.meta["inpaint_masks"], (tc.batch_size,), generator=step_generator(tc.seed, 2, step))
+             if condition == "inpaint" else None)  # which of each sample's stored masks this step uses
+    flips, eps = draw_augmentation(tc.batch_size, ds.latent_shape, cfg.data, step_generator(tc.seed, 3, step))
+    out = []
+    for k in range(tc.grad_accum):
+        lo = lo_rank + k * micro
+        rows = slice(lo, lo + micro)
+        x0, y = ds.get_batch(indices[rows], None if flips is None else flips[rows], None if eps is None else eps[rows])
+        cond = None if condition == "none" else ds.get_condition(
+            indices[rows], condition, None if picks is None else picks[rows], None if flips is None else flips[rows])
+        out.append(MicroBatch(to_device(x0, device), to_device(y, device) if cfg.model.num_classes else None,
+                              to_device(cond, device), draws.rows(lo, micro).to(device)))
+    return out
+
+
+def train_step(model, optimizer, ema: dict, batches: list[MicroBatch], cfg: ExperimentConfig, step: int,
+               health: "NonfiniteSteps") -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step, queued on the device with no host sync: forward and backward of each micro-batch,
+    gradient clipping, AdamW and the EMA. Where the loss or the gradient is not finite, the update is skipped on the
+    device: fused AdamW's `found_inf` leaves weights and moments as they were, and the EMA's weight is 0 (what
+    `GradScaler` does for fp16). Returns (the step's loss, the gradient norm), both still on the device."""
+    tc = cfg.train
+    step_loss = torch.zeros((), dtype=torch.float64, device=batches[0].x0.device)  # summed on the device
+    for k, b in enumerate(batches):
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2-wrapped: reduce the gradients on the last one
+            model.set_requires_gradient_sync(k == len(batches) - 1)
+        loss = flow_matching_loss(model, b.x0, b.y, cfg.flow, label_dropout=tc.label_dropout, cond=b.cond, draws=b.draws,
+                                  cond_dropout=tc.cond_dropout)
+        if fault_active("nan", step + 1):
+            loss = loss * float("nan")
+        (loss / len(batches)).backward()
+        step_loss += loss.detach().double() / len(batches)
+    grad_norm = _full(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf")))
+    finite = torch.isfinite(grad_norm)  # a NaN or inf loss shows here too, the same on every rank
+    optimizer.found_inf = (~finite).float()  # read by the fused AdamW kernel: 1 skips the update
+    optimizer.step()
+    update_ema(ema, model, finite.float() * (1.0 - ema_decay_at(step, tc.ema_decay)))
+    optimizer.zero_grad(set_to_none=True)
+    health.count(finite, step + 1)
+    return step_loss, grad_norm
+
+
+class NonfiniteSteps:
+    """Steps with a non-finite loss or gradient, counted on the device (reading a flag each step would stall it), and
+    the step at which `limit` of them had come in a row; `check` reads it (at logging, saving and the end)."""
+
+    def __init__(self, device, total: int, limit: int, out: str = ""):
+        self.limit, self.out = limit, out
+        self.total, self.run, self.stop_at = (torch.full((), v, dtype=torch.int64, device=device) for v in (total, 0, 0))
+
+    def count(self, finite: torch.Tensor, step: int) -> None:
+        bad = (~finite).long()
+        self.total += bad
+        self.run = (self.run + bad) * bad
+        self.stop_at = torch.where((self.run >= self.limit) & (self.stop_at == 0), step, self.stop_at)
+
+    def total_steps(self) -> int:
+        return int(self.total)
+
+    def check(self) -> None:
+        at = int(self.stop_at)
+        if at:
+            raise RunError(f"step {at}: {self.limit} steps in a row had a non-finite loss or gradient "
+                           f"(train.max_nonfinite_steps={self.limit}); stopped. Lower train.lr, or --resume from the "
+                           f"last checkpoint in {self.out}")
+
+
+def all_finite(tensors) -> bool:
+    """Whether every value of `tensors` (parameters or their local shards) is finite: one read of the device."""
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    return bool(torch.stack([torch.isfinite(t).all() for t in local]).all()) if local else True
+
+
+def _interval_means(losses: list[torch.Tensor], grad_norm: torch.Tensor, health: NonfiniteSteps) -> tuple[float, float, int]:
+    """(mean loss of the interval's finite steps, the last gradient norm, non-finite steps so far): one read."""
+    loss = torch.stack(losses)
+    finite = torch.isfinite(loss)
+    mean = torch.where(finite, loss, 0).sum() / finite.sum()  # NaN where no step was finite
+    values = torch.stack([mean, grad_norm.double(), health.total.double()]).tolist()
+    return values[0], values[1], int(values[2])
+
+
+def draw_preview(net: DiT, ae, labels, conds, scfg: SampleConfig, device) -> np.ndarray:
+    """The images (N, H, W, 3) uint8 a run draws of its EMA model: image i from seed i, with labels[i] / conds[i],
+    by the recipe's fixed-step solver (`preview_config`), the network in the sampling dtype (bf16 on CUDA)."""
+    from lfm_fast.generate import generate_latents, inference_model, latents_to_images
+
+    n = len(conds) if conds is not None else len(labels) if labels is not None else 8
+    lat, _ = generate_latents(inference_model(net, device), labels, list(range(n)), preview_config(scfg), progress=False, conds=conds)
+    return latents_to_images(ae, lat)
 
 
 class EventLogs:

@@ -58,3 +58,37 @@ def test_no_kernel_spills_and_all_tiles_load_16_bytes(report):
         where = f"{r['op']} {r['kernel']} {r['dtype']} D={r['dim']} {r['config']}"
         assert r["spill_bytes"] == 0, f"{where}: {r['spill_bytes']} bytes spilled"
         assert set(r["tile_load_bytes"]) <= {"16"}, f"{where}: {r['tile_load_bytes']}"
+
+
+def _adaln_rows(report):
+    return [r for r in report["rows"] if r["op"] == "adaln"]
+
+
+def test_adaln_tile_offsets_are_64_bit(report):
+    """Every 2-D tile of pointers into the (B·T, D) activations is built from int64 offsets: at a
+    CFG-doubled DiT-XL batch (~1,800 × 1,024 tokens × 1,152) B·T·D passes 2³¹ and 32-bit offsets wrap.
+    Tiles are written `PTR + offs` with one int64 `offs`, so no 32-bit part is added on (which would
+    show here as an i32 `tt.addptr`, even where it is harmless)."""
+    rows = _adaln_rows(report)
+    assert rows
+    for r in rows:
+        where = f"{r['kernel']} {r['dtype']} D={r['dim']} {r['config']}"
+        assert r["tile_offset_bits"] and set(r["tile_offset_bits"]) == {"64"}, f"{where}: {r['tile_offset_bits']}"
+
+
+def test_adaln_num_warps_keep_registers_moderate(report):
+    """The launches pass adaln._num_warps (Triton's default 4 warps left _gated_modulate_bwd_kernel at
+    224 registers a thread at hidden 1152); with it every adaLN kernel stays at ≤ 128 registers, so
+    two 8-warp CTAs fit an SM's 64K registers, and nothing spills."""
+    from lfm_fast.kernels.adaln import _num_warps
+
+    rows = _adaln_rows(report)
+    assert rows
+    for r in rows:
+        c = r["config"]
+        where = f"{r['kernel']} {r['dtype']} D={r['dim']} {c}"
+        assert c["num_warps"] == _num_warps(c["BLOCK_R"], c["BLOCK_D"]), where
+        if r["dim"] == 1152:
+            assert c["num_warps"] == 8, where
+        assert r["registers"] <= 128 and r["spill_bytes"] == 0, \
+            f"{where}: {r['registers']} registers, {r['spill_bytes']} B spilled"
