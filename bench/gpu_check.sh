@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
+# Run from the repository root on a CUDA machine (it installs the checkout with pip -e first):
+#   OUT=DIR bash bench/gpu_check.sh 1 && OUT=DIR bash bench/gpu_check.sh 2     # results: DIR/*.jsonl, DIR/partN.log
+# then commit the JSON lines under bench/results/gpu/ (the default OUT) and their numbers in bench/REPORT.md.
+#
 # The GPU check: parts that each fit one call of the lent GPU machine (one H200; 15 minutes of device time a
 # session in all, the machine's start of a few minutes included). A part runs whole under one `timeout` (290 s,
 # killed 5 s later: ≤ 295 s wall, install and imports included); each step in it runs under its own timeout
 # (+5 s to kill), the fixed limits and the last step's, which gets what is left, ending 10 s before the bound.
 # Parts 1 and 2 (≤ 10 minutes) and the start fit 15 minutes: run part 2 right after part 1, on the machine
-# part 1 warmed (it goes back 30 s after a call). Rows come most valuable first, but for the compile backend's.
+# part 1 warmed (it goes back 30 s after a call). Rows come most valuable first, except the compile backend's (last: see part 2).
 #
 #   OUT=DIR bash bench/gpu_check.sh 1   # (1) kernels vs SDPA / torch.compile, batch 256 then 32, each Triton row
 #                                       #     with its relative error against the baseline (kernels.jsonl);

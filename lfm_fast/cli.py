@@ -136,7 +136,8 @@ def _parser() -> argparse.ArgumentParser:
                    "the run's own)")
     t.add_argument("--out", default=None, help="run folder: checkpoints/ (sharded, DCP), metrics.jsonl, grids, and the "
                    "final config.json + model.safetensors (the EMA weights; with train.ema_decay=0, as the paper presets have it, the "
-                   "trained weights); required, except with --dry-run")
+                   "trained weights; none of these with train.save_checkpoints=false, for benchmark runs, which write "
+                   "only metrics.jsonl and the grids); required, except with --dry-run")
     t.add_argument("--dry-run", action="store_true", help="build the preset's model and data pipeline on random latents "
                    "of its shape and print its parameters, forward GFLOP per image, activation memory per GPU count and "
                    "one step's time here (no --latents, no --out; nothing is written)")
@@ -182,8 +183,9 @@ def _parser() -> argparse.ArgumentParser:
                         "recipe; a velocity graph is driven by this command's solver, steps, grid and CFG")
     s.add_argument("--engine", default=None, help="the .onnx file (onnxruntime) or engine file (tensorrt, with its .json)")
     s.add_argument("--dtype", choices=INFERENCE_DTYPES, default="auto",
-                   help="the network's dtype (eager and compile backends; the ODE state stays fp32, and so does the "
-                   "per-sample path below fp32): auto = bf16 on CUDA, fp32 on CPU (default: auto)")
+                   help="the network's dtype with the eager and compile backends: auto = bf16 on CUDA, fp32 on CPU. "
+                   "In bf16/fp16 the per-sample time and label embeddings and adaLN modulations stay fp32, and the "
+                   "ODE state is always fp32")
     _add_backend_flags(s)
 
     e = sub.add_parser("export", help="export the fixed-step sampler (N steps, CFG inside) or the velocity network as ONNX "
@@ -455,13 +457,18 @@ def _cmd_train(args):
     result = train(cfg, args.latents, args.out, resume=args.resume, stop_at=args.stop_at)
     from lfm_fast.dist import is_main_process
 
-    if is_main_process() and "stopped_by" in result:
+    if is_main_process() and "stopped_by" in result and not cfg.train.save_checkpoints:
+        print(f"lfm-fast: {result['stopped_by']}: stopped at step {result['step']} (train.save_checkpoints=false: "
+              f"nothing to resume)", file=sys.stderr)
+    elif is_main_process() and "stopped_by" in result:
         print(f"lfm-fast: {result['stopped_by']}: stopped at step {result['step']} with a checkpoint in {args.out}; "
               f"run the same command with --resume to continue", file=sys.stderr)
     elif is_main_process():
         unfinished = result["step"] < cfg.train.steps  # --stop-at
+        after = ("; no checkpoint or weights (train.save_checkpoints=false)" if not cfg.train.save_checkpoints
+                 else "; --resume continues it" if unfinished else "")
         print(f"wrote {args.out}: step {result['step']}{f' of {cfg.train.steps} (--stop-at)' if unfinished else ''}, "
-              f"loss {result['last'].get('loss', float('nan')):.4f}{'; --resume continues it' if unfinished else ''}")
+              f"loss {result['last'].get('loss', float('nan')):.4f}{after}")
 
 
 def parse_labels(text: str | None, num: int, num_classes: int):
@@ -715,7 +722,8 @@ def _cmd_sample(args):
         inputs = total // args.num
         per = f" ({args.num} for each of {inputs} input{'s' if inputs != 1 else ''})" if source is not None else ""
         nfe = nfe if isinstance(nfe, NfeCount) else f"NFE {nfe}"
-        print(f"wrote {total} image{'s' if total != 1 else ''}{per} to {args.out} ({args.backend}, {scfg.describe()}, "
+        dtype = f" {str(next(model.parameters()).dtype).removeprefix('torch.')}" if args.backend in ("eager", "compile") else ""
+        print(f"wrote {total} image{'s' if total != 1 else ''}{per} to {args.out} ({args.backend}{dtype}, {scfg.describe()}, "
               f"{nfe}, {d.world_size} rank{'s' if d.world_size > 1 else ''})")
 
 

@@ -25,13 +25,13 @@ from lfm_fast.train.throughput import forward_flops_per_image
 def inference_dtype(name: str | torch.dtype | None, device) -> torch.dtype:
     """The network's dtype at sampling: a torch dtype, or one of INFERENCE_DTYPES; "auto" (or None) is bf16 on CUDA
     (tensor cores and the fused kernels) and fp32 elsewhere (many CPUs emulate bf16, 10–100× slower)."""
-    if isinstance(name, torch.dtype):
-        return name
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if name in (None, "auto"):
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if isinstance(name, torch.dtype) and name in dtypes.values():
+        return name
     if name not in dtypes:
-        raise InputError(f"dtype {name!r}: expected one of {', '.join(INFERENCE_DTYPES)} or a torch dtype")
+        raise InputError(f"dtype {name!r}: expected one of {', '.join(INFERENCE_DTYPES)} (or torch.float32, torch.bfloat16, torch.float16)")
     return dtypes[name]
 
 

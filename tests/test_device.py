@@ -20,6 +20,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from lfm_fast.errors import InputError
 from lfm_fast.models.dit import DiT, DiTConfig
 
 aten = torch.ops.aten
@@ -284,6 +285,9 @@ def test_sampling_dtype_is_bf16_on_cuda_with_an_fp32_per_sample_path(tmp_path):
 
     assert inference_dtype("auto", "cuda") is torch.bfloat16 and inference_dtype("auto", "cpu") is torch.float32
     assert inference_dtype(None, torch.device("cuda", 1)) is torch.bfloat16 and inference_dtype("fp16", "cpu") is torch.float16
+    for bad in (torch.int8, torch.float64, "int8"):
+        with pytest.raises(InputError, match="expected one of auto, fp32, bf16, fp16"):
+            inference_dtype(bad, "cpu")
     model = inference_model(meta_dit(), META, "bf16")
     assert model.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
     assert model.t_embedder.mlp[0].weight.dtype == model.blocks[0].adaLN_modulation[1].weight.dtype == torch.float32

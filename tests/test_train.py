@@ -284,3 +284,26 @@ def test_tensorboard_and_wandb_hold_the_metrics_and_the_sample_grid_across_a_res
         from lfm_fast.config import validate
 
         validate(cfg)
+
+
+def test_a_benchmark_run_saves_nothing_and_says_so(random_latents, tmp_path, capsys, monkeypatch):
+    """train.save_checkpoints=false: metrics and grids only, no checkpoint and no weights, and no --resume offered; a
+    run that diverges before its first checkpoint does not send the user to one either."""
+    from lfm_fast.cli import main
+
+    out = tmp_path / "bench"
+    assert main(["train", "--latents", random_latents, "--out", str(out), "--steps", "4", "--stop-at", "2", *CLI_TINY,
+                 "train.save_checkpoints=false"]) == 0
+    assert "step 2 of 4 (--stop-at), loss" in capsys.readouterr().out.strip().splitlines()[-1]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["metrics.jsonl"]
+    assert main(["train", "--latents", random_latents, "--out", str(tmp_path / "full"), "--steps", "4", *CLI_TINY,
+                 "train.save_checkpoints=false"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.endswith("; no checkpoint or weights (train.save_checkpoints=false)") and "--resume" not in last
+    assert not (tmp_path / "full" / "model.safetensors").exists() and not (tmp_path / "full" / "checkpoints").exists()
+    monkeypatch.setenv("LFM_FAST_FAULT", "nan:2-30")
+    assert main(["train", "--latents", random_latents, "--out", str(tmp_path / "nan"), "--steps", "30", *CLI_TINY,
+                 "train.max_nonfinite_steps=3"]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if "lfm-fast" in line]
+    assert err == ["lfm-fast: error: step 4: 3 steps in a row had a non-finite loss or gradient (train.max_nonfinite_steps=3); "
+                   "stopped. Lower train.lr, or start again (no checkpoint was written yet)"], err

@@ -397,9 +397,10 @@ class NonfiniteSteps:
     def check(self) -> None:
         at = int(self.stop_at)
         if at:
+            then = (f"--resume from the last checkpoint in {self.out}" if latest_checkpoint(self.out)
+                    else "start again (no checkpoint was written yet)")
             raise RunError(f"step {at}: {self.limit} steps in a row had a non-finite loss or gradient "
-                           f"(train.max_nonfinite_steps={self.limit}); stopped. Lower train.lr, or --resume from the "
-                           f"last checkpoint in {self.out}")
+                           f"(train.max_nonfinite_steps={self.limit}); stopped. Lower train.lr, or {then}")
 
 
 def all_finite(tensors) -> bool:
