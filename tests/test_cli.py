@@ -89,7 +89,7 @@ def test_sample_defaults_come_from_the_checkpoint(tiny_pipeline, tmp_path, capsy
 
     assert main(["sample", "--ckpt", str(tiny_pipeline / "dit"), "--num", "2", "--steps", "2", "--out", str(tmp_path / "s")]) == 0
     gflop = 8 * forward_flops_per_image(DiT.from_pretrained(str(tiny_pipeline / "dit")).config) / 1e9  # 2 rows × 4 NFE
-    assert (f"(eager, heun × 2 steps, uniform grid, cfg 3, NFE 4, 8 network rows per image ({gflop:.3g} GFLOP), 1 rank)"
+    assert (f"(eager float32, heun × 2 steps, uniform grid, cfg 3, NFE 4, 8 network rows per image ({gflop:.3g} GFLOP), 1 rank)"
             in capsys.readouterr().out)
 
 
