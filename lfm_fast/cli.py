@@ -672,9 +672,9 @@ def _cmd_sample(args):
     config = read_checkpoint_config(args.ckpt)
     task = _check_task(args, config)
     d = init_distributed()
-    model = DiT.from_pretrained(args.ckpt, **_backend_overrides(args)).eval().to(d.device)
-    if args.backend in ("eager", "compile"):  # (a graph checks the weights it was exported from: they stay fp32 here)
-        model = inference_model(model, d.device, args.dtype)
+    model = DiT.from_pretrained(args.ckpt, **_backend_overrides(args))
+    # the network in the sampling dtype; a graph checks the weights it was exported from, which stay fp32 here
+    model = inference_model(model, d.device, args.dtype if args.backend in ("eager", "compile") else "fp32")
     c = model.config
     ae = load_autoencoder(_autoencoder_spec(config, args), device=d.device) if task == "inpaint" else None
     conds, source, task_inputs = _task_conditions(args, task, model, ae)

@@ -185,7 +185,6 @@ def integrate_fixed(f: Callable, x: torch.Tensor, times, solver: str, sigma_min:
     sc = lambda c: c if isinstance(c, float) else c.to(x.dtype)  # noqa: E731 - a coefficient in the state's dtype
     at = lambda v: sc(v) if fitting else torch.full((), v, dtype=x.dtype, device=x.device)  # noqa: E731 - t for f
     log = torch.log if fitting else math.log
-    nodes = tt  # the Adams weights: from floats unless the grid is being fitted
     ev = lambda x_, i: f(x_, at(tt[i]), tf[i])  # noqa: E731
     history = []  # multistep: the last velocities or data predictions
     pending = None  # abm3: the last step's corrector, waiting for the evaluation at its end
@@ -213,10 +212,10 @@ def integrate_fixed(f: Callable, x: torch.Tensor, times, solver: str, sigma_min:
             if pending is not None:  # abm3 (PEC): Moulton corrects the last step with v at its predicted end
                 x_start, w, earlier, h_last = pending
                 x = x_start + sc(h_last) * sum(sc(wj) * vj for wj, vj in zip(w, [history[-1]] + earlier[::-1]))
-            w = _adams_weights([nodes[i - j] for j in range(len(history))], nodes[i], nodes[i + 1])
+            w = _adams_weights([tt[i - j] for j in range(len(history))], tt[i], tt[i + 1])
             x_start, x = x, x + sc(h) * sum(sc(wj) * vj for wj, vj in zip(w, history[::-1]))
             if solver == "abm3":
-                w = _adams_weights([nodes[i + 1]] + [nodes[i - j] for j in range(len(history))], nodes[i], nodes[i + 1])
+                w = _adams_weights([tt[i + 1]] + [tt[i - j] for j in range(len(history))], tt[i], tt[i + 1])
                 pending = (x_start, w, list(history), h)
         else:  # dpm++2m: x_t = (σ_t/σ_s)·x_s + α_t(1 − e^{−h})·D, D = x̂0 extrapolated linearly in λ
             sig = lambda k: sigma_min + (1 - sigma_min) * tt[k]  # noqa: E731

@@ -164,8 +164,6 @@ def train(cfg: ExperimentConfig, latents: str, out: str, resume: bool = False, s
           progress: bool = True, device: str | None = None) -> dict:
     """Train; returns a summary. `stop_at` ends the run early at that step (as a preempted job would).
     Under torchrun every rank calls this; only rank 0 writes logs, grids and the inference checkpoint."""
-    from lfm_fast.generate import generate_latents, latents_to_images
-
     validate(cfg)
     tc = cfg.train
     ds = LatentShardDataset(latents)
