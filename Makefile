@@ -1,7 +1,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench mutate clean
 
 install: $(STAMP)
 
@@ -24,8 +24,11 @@ $(STAMP): pyproject.toml setup.py requirements/torch.txt
 demo: install
 	.venv/bin/lfm-fast demo --out runs/demo --overwrite
 
+# two pytest workers, a file each at a time (its module fixtures built once), one torch thread each: most tests are
+# small tensors, subprocess starts and Python, which two single-threaded workers run twice as fast as one with two
+# threads (and two 2-thread processes on 2 cores oversubscribe them: a training step measured 8× slower)
 test: install
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # CPU suite (≈ 10 minutes): each bench file in a fresh process (in one long-lived process the demo's
 # eager sampling measured 4.6× slower after the other files), merged into bench/results/<date>-<host>.json
@@ -41,5 +44,11 @@ bench: install
 	$(PY) bench/nfe_sweep.py --quick && \
 	$(PY) bench/report.py $$parts/*.json --fsdp $$run-fsdp.json --save $$run.json && rm -rf $$parts
 
+# mutation testing (not part of `make test`; hours for every scope on 2 cores): mutmut 3 on the scopes of
+# bench/mutate.py, scores and survivors to bench/results/cpu/mutation.json. One scope: make mutate SCOPE=ema
+mutate: install
+	$(PY) -m pip install -q mutmut==3.8.1
+	$(PY) bench/mutate.py $(if $(SCOPE),--scope $(SCOPE))
+
 clean:
-	rm -rf .venv runs .pytest_cache .benchmarks *.egg-info
+	rm -rf .venv runs .pytest_cache .benchmarks *.egg-info mutants

@@ -933,8 +933,8 @@ COMMANDS = {"demo": _cmd_demo, "train-ae": _cmd_train_ae, "prepare": _cmd_prepar
 
 
 def _relaunch(argv: list[str], nproc: int) -> int:
-    """`--nproc N` outside torchrun: run the same command under torchrun on N local processes. SIGTERM and SIGINT
-    are passed on to the workers (torchrun's children), which finish their step, checkpoint and exit 0, so torchrun
+    """`--nproc N` outside torchrun: run the same command under torchrun on N local processes. SIGTERM, SIGUSR1 and
+    SIGINT are passed on to the workers (torchrun's children), which finish their step, checkpoint and exit 0, so torchrun
     ends normally; we wait for it, leaving no orphans. (Signalled itself, torchrun would pass the signal on too, but
     end with a SignalException traceback and exit 1 after workers that stopped cleanly.) Before the workers exist,
     torchrun gets the signal."""
@@ -960,7 +960,7 @@ def _relaunch(argv: list[str], nproc: int) -> int:
             except ProcessLookupError:
                 pass
 
-    forward = {s: signal.signal(s, pass_on) for s in (signal.SIGTERM, signal.SIGINT)}
+    forward = {s: signal.signal(s, pass_on) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:
         return child.wait()
     finally:

@@ -21,7 +21,9 @@ def main(argv: list[str]) -> int:
         torchrun(argv)
     except ChildFailedError as e:
         codes = {failure.exitcode for failure in e.failures.values()}
-        if codes <= {2, -15}:  # bad input on some rank (the others were stopped with SIGTERM): its line is printed
+        # bad input on some rank, the others stopped by torchrun's SIGTERM: killed by it (-15), or ended by lfm-fast's
+        # own handler (143 = 128 + SIGTERM) when they were further along: the bad input's line is printed
+        if 2 in codes and codes <= {2, -15, 128 + 15}:
             return 2
         print(e.format_msg(), file=sys.stderr)
         return 1

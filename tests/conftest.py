@@ -1,5 +1,6 @@
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -78,20 +79,86 @@ def tiny_pipeline(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def repeated_sqrtm_once():
+    """scipy's sqrtm of a 2048-wide FID covariance product takes ~18 s here, and the eval tests meet the same few
+    products (the same two image sets, in several commands) again and again: each distinct matrix is computed once a
+    session. The code under test still calls sqrtm; a repeated input gets the first call's result."""
+    import hashlib
+
+    from scipy import linalg
+
+    real, cache = linalg.sqrtm, {}
+
+    def sqrtm(a, *args, **kwargs):
+        a = np.asarray(a)
+        if a.ndim != 2 or a.shape[0] < 512:
+            return real(a, *args, **kwargs)
+        key = (a.shape, a.dtype.str, hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest(), args, tuple(kwargs.items()))
+        if key not in cache:
+            cache[key] = real(a, *args, **kwargs)
+        return cache[key].copy() if isinstance(cache[key], np.ndarray) else cache[key]
+
+    linalg.sqrtm = sqrtm
+    yield
+    linalg.sqrtm = real
+
+
 @pytest.fixture(scope="session")
 def random_inception(tmp_path_factory):
-    """Random weights (with BatchNorm statistics) in the layout of pytorch-fid's weights file."""
-    from lfm_fast.eval.fid import FIDInceptionV3
+    """Random weights in the layout of pytorch-fid's weights file, with BatchNorm statistics measured on shapes images
+    (a forward in train mode): each layer then keeps its inputs' spread, so pool3 features differ from image to image
+    and FIDs, precision and recall take real values (with the BatchNorm statistics drawn at random instead, every
+    image gave the same features to 1e-8, and every FID was 0)."""
+    from lfm_fast.data.shapes import make_shapes
+    from lfm_fast.eval.fid import FIDInceptionV3, inception_features
 
     torch.manual_seed(0)
     net = FIDInceptionV3()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # the cumulative average: the statistics of the batch below
+    net.train()
+    with torch.no_grad():
+        inception_features(net, make_shapes(16, 32, seed=7)[0], batch_size=16, progress=False)
     state = net.state_dict()
-    for k, v in state.items():
-        if k.endswith("running_var"):
-            state[k] = torch.rand_like(v) + 0.5
-        elif k.endswith("running_mean") or k.endswith("bn.bias"):
-            state[k] = 0.1 * torch.randn_like(v)
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     state["fc.weight"], state["fc.bias"] = torch.randn(1008, 2048) * 0.01, torch.zeros(1008)
     path = tmp_path_factory.mktemp("inception") / "pt_inception.pth"
     torch.save(state, path)
     return str(path), state
+
+
+# Skips: on a machine without CUDA exactly the tests marked `gpu` skip; anything else that skips (a broken import
+# behind an importorskip, a missing download of `make install`) fails the run, so that a hard dependency can never
+# silently take its tests with it. With CUDA, a `gpu` test may still skip for TensorRT, which is not on PyPI.
+def skip_problems(reports, cuda: bool) -> list[str]:
+    """What is wrong with the run's skips: a skip of an unmarked test, or (without CUDA) a `gpu` test that ran."""
+    problems = []
+    for r in reports:
+        gpu = "gpu" in getattr(r, "keywords", ())  # a module skipped at collection has no keywords
+        reason = r.longrepr[2] if isinstance(r.longrepr, tuple) else str(r.longrepr)
+        if r.skipped and not gpu:
+            problems.append(f"{r.nodeid} skipped ({reason}): only CUDA and TensorRT tests may skip")
+        elif r.skipped and cuda and "tensorrt" not in reason.lower():
+            problems.append(f"{r.nodeid} skipped on a CUDA machine ({reason})")
+        elif gpu and not cuda and not r.skipped and r.when == "call":
+            problems.append(f"{r.nodeid} is marked gpu but ran without CUDA")
+    return problems
+
+
+def pytest_sessionfinish(session, exitstatus):
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None or exitstatus not in (0, 1, 5):  # passed, failed, or nothing collected (all skipped)
+        return
+    reports = [r for key in ("passed", "failed", "skipped") for r in reporter.stats.get(key, [])
+               if getattr(r, "nodeid", None) and (r.when == "call" or r.skipped)]
+    session.config.skip_problems = skip_problems(reports, torch.cuda.is_available())
+    if session.config.skip_problems:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):  # after pytest_sessionfinish
+    for line in getattr(config, "skip_problems", None) and ["FAILED: unexpected skips", *config.skip_problems] or ():
+        terminalreporter.write_line(line, red=True)

@@ -112,7 +112,9 @@ def test_quick_demo_end_to_end(tmp_path):
     # the judges are judged on real images; the shipped AE keeps the shapes
     assert report["classifier_accuracy"] >= 0.95 and report["shape_judge_accuracy_real"] >= 0.9
     assert report["ae_shape_accuracy"] >= 0.9
-    assert 0 <= report["shape_accuracy"] <= 1 and report["shape_fd"] > report["shape_fd_real_vs_real"] > 0
+    # the samples follow their labels: class accuracy measured 0.77 at this budget and seed, 0.18 (chance: 1/6) when
+    # the trained network is given the null label (bench/condition_floor.py, bench/results/cpu/condition_floor_label.json)
+    assert report["class_accuracy"] >= 0.55
     assert report["latent_fd"] > 0 and report["seconds_total"] < 180
     grid = Image.open(tmp_path / "demo" / "samples.png")
     assert grid.size[0] > 10 * 2 * 34 and grid.size[1] == 6 * 2 * 34 + 4  # 6 labelled rows of 10 (upscaled ×2)

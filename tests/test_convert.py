@@ -13,7 +13,7 @@ from lfm_fast.convert import from_diffusers, read_diffusers, swap_position_halve
 from lfm_fast.models.dit import DiT, DiTConfig
 from tests.conftest import perturbed
 
-diffusers = pytest.importorskip("diffusers")
+import diffusers  # noqa: E402 (a hard dependency: a broken import fails, never skips)
 CFG = DiTConfig(input_size=8, hidden_size=48, depth=2, num_heads=3, num_classes=5, time_scale=1000.0, time_freq_shift=1.0)
 
 

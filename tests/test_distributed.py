@@ -35,8 +35,22 @@ def torchrun(nproc: int, *args: str, fault: str | None = None, check: bool = Tru
     return res
 
 
+def here(*args: str) -> None:
+    """A 1-rank run in this process, one thread like a torchrun worker (`lfm-fast` makes the same group of one that
+    torchrun's single worker joins, and the same FSDP2 wrapping): the launch's ~8 s of process start saved."""
+    from lfm_fast.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(list(args)) == 0, args
+    finally:
+        torch.set_num_threads(threads)
+
+
 def train_run(latents, out, nproc, *extra, **kw):
-    return torchrun(nproc, "train", "--latents", latents, "--out", str(out), "--steps", str(STEPS), *TINY, *extra, **kw)
+    args = ("train", "--latents", latents, "--out", str(out), "--steps", str(STEPS), *TINY, *extra)
+    return here(*args) if nproc == 1 and not kw else torchrun(nproc, *args, **kw)
 
 
 def losses(run) -> dict[int, float]:
@@ -59,11 +73,12 @@ def runs(tmp_path_factory):
     """Uninterrupted reference runs, made once: (precision, ranks, grad_accum) → run folder."""
     root = tmp_path_factory.mktemp("dist")
     latents = str(root / "latents")
-    write_random_latents(latents, n=64, num_classes=3)
+    write_random_latents(latents, n=64, num_classes=3, autoencoder="builtin:shapes")  # (its 4×8×8 latents: previews)
     out = {"latents": latents}
     for precision, nproc, accum in [("fp32", 1, 1), ("fp32", 2, 1), ("fp32", 2, 2), ("bf16", 1, 1), ("bf16", 2, 1)]:
         folder = root / f"{precision}-{nproc}x{accum}"
-        train_run(latents, folder, nproc, f"train.precision={precision}", f"train.grad_accum={accum}")
+        preview = ["train.sample_every=6"] if (precision, accum) == ("fp32", 1) else []  # a gather and a barrier mid-run
+        train_run(latents, folder, nproc, f"train.precision={precision}", f"train.grad_accum={accum}", *preview)
         out[precision, nproc, accum] = str(folder)
     return out
 
@@ -79,71 +94,83 @@ def test_one_and_two_ranks_agree_on_the_same_global_batch(runs):
     b1, b2 = losses(runs["bf16", 1, 1]), losses(runs["bf16", 2, 1])
     np.testing.assert_allclose(list(b2.values()), list(b1.values()), rtol=BF16_RTOL)
     assert trainer_state(runs["fp32", 2, 2])["data_position"] == STEPS * 8
+    # train.sample_every=6: rank 0 draws the EMA weights gathered from every rank's shards mid-run, as one rank does
+    # (and the runs resumed in the tests below, which draw none, still match these bit for bit: a preview takes
+    # nothing from the training's state)
+    from PIL import Image
+
+    one, two = (np.asarray(Image.open(os.path.join(runs["fp32", n, 1], "samples_000006.png")), int) for n in (1, 2))
+    assert one.shape == two.shape and np.abs(one - two).max() <= 2 and one.std() > 10
+    assert not os.path.exists(os.path.join(runs["fp32", 2, 2], "samples_000006.png"))
 
 
-def test_kill9_mid_training_then_resume_continues_exactly(runs, tmp_path):
-    out = tmp_path / "run"
-    res = train_run(runs["latents"], out, 2, "train.precision=fp32", fault="step:7", check=False)
+def test_a_kill_during_a_save_then_a_kill9_mid_training_each_resume_exactly(runs, tmp_path):
+    """SIGKILL of both ranks while step 8's checkpoint is written leaves step 4's (the shards of 8 written, never
+    committed); the resumed run is SIGKILLed after step 7, before its next save: step 4's again; the run resumed from
+    it is the uninterrupted one bit for bit, and its first commit removed the half-written save. The saves are
+    asynchronous (`train.async_checkpoint`, a gloo group of their own), the reference run's synchronous."""
+    out, fp32 = tmp_path / "run", ("train.precision=fp32", "train.async_checkpoint=true")  # 2 ranks' async saves
+    res = train_run(runs["latents"], out, 2, *fp32, fault="save:8", check=False)
+    assert res.returncode != 0
+    assert os.path.isdir(out / "checkpoints" / "step_00000008.tmp")  # the shards were written, never committed
+    assert trainer_state(out)["step"] == 4
+    res = train_run(runs["latents"], out, 2, *fp32, "--resume", fault="step:7", check=False)
     assert res.returncode != 0  # SIGKILL of both ranks after step 7; the last checkpoint is step 4
     state = trainer_state(out)
     assert (state["step"], state["data_position"]) == (4, 4 * 8)
-    train_run(runs["latents"], out, 2, "train.precision=fp32", "--resume")
+    train_run(runs["latents"], out, 2, *fp32, "--resume")
     assert trainer_state(out)["step"] == STEPS
     assert losses(out) == losses(runs["fp32", 2, 1])  # same ranks, same threads: bit for bit
     weights_close(out, runs["fp32", 2, 1])
+    assert not os.path.exists(out / "checkpoints" / "step_00000008.tmp")
 
 
-def test_sigterm_to_the_launcher_checkpoints_and_the_resume_matches_exactly(runs, tmp_path):
-    """`lfm-fast train --nproc 2` gets SIGTERM mid-run (as from a scheduler): it reaches the workers, which finish
-    their step, write a checkpoint and exit 0 with a line saying how to resume; the resumed run is the uninterrupted
-    one, bit for bit. Steps 3… sleep 0.5 s (LFM_FAST_FAULT=slow) so the signal lands mid-run."""
+def test_each_stop_signal_to_the_launcher_checkpoints_and_the_resumes_match_exactly(runs, tmp_path):
+    """`lfm-fast train --nproc 2` gets SIGUSR1 (SLURM's warning before a time limit), then, resumed, SIGINT (Ctrl-C),
+    then, resumed again, SIGTERM (a scheduler) mid-run: each reaches the workers, which finish their step, write a
+    checkpoint and exit 0 with a line saying how to resume; the run resumed after the last is the uninterrupted one,
+    bit for bit. Every step sleeps 0.5 s (LFM_FAST_FAULT=slow) so that each signal lands mid-run."""
     import signal
     import time
 
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1", "LFM_FAST_FAULT": f"slow:3-{STEPS}"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1", "LFM_FAST_FAULT": f"slow:1-{STEPS}"}
     cmd = [sys.executable, "-m", "lfm_fast", "train", "--nproc", "2", "--latents", runs["latents"], "--out", str(out),
            "--steps", str(STEPS), *TINY, "train.precision=fp32"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 5:
-        assert time.time() < deadline and proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-3000:]
-    assert "stopped at step" in stderr and "--resume" in stderr and "Traceback" not in stderr, stderr[-3000:]
-    stopped = trainer_state(out)["step"]
-    assert 5 <= stopped < STEPS and not (out / "model.safetensors").exists()
+    stopped = 0
+    for signum in (signal.SIGUSR1, signal.SIGINT, signal.SIGTERM):
+        proc = subprocess.Popen(cmd + (["--resume"] if stopped else []), env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < stopped + 2:
+            assert time.time() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, (signum, stderr[-3000:])
+        assert f"{signum.name}: stopped at step" in stderr and "--resume" in stderr and "Traceback" not in stderr, stderr[-3000:]
+        stopped, before = trainer_state(out)["step"], stopped
+        assert before + 2 <= stopped < STEPS and not (out / "model.safetensors").exists(), (signum, before, stopped)
     train_run(runs["latents"], out, 2, "train.precision=fp32", "--resume")
     assert losses(out) == losses(runs["fp32", 2, 1])
     weights_close(out, runs["fp32", 2, 1])
 
 
-def test_kill_during_a_checkpoint_save_leaves_the_previous_one(runs, tmp_path):
+def test_resharding_between_world_sizes(runs, tmp_path):
+    """A run checkpointed at 2 ranks resumes at 1, which checkpoints and resumes at 2 again: each resume reshards
+    the model, optimizer and EMA, and the run is the uninterrupted one."""
     out = tmp_path / "run"
-    res = train_run(runs["latents"], out, 2, "train.precision=fp32", fault="save:8", check=False)
-    assert res.returncode != 0
-    assert os.path.isdir(out / "checkpoints" / "step_00000008.tmp")  # the shards were written, never committed
-    assert trainer_state(out)["step"] == 4
-    train_run(runs["latents"], out, 2, "train.precision=fp32", "--resume")
-    assert losses(out) == losses(runs["fp32", 2, 1])
-    assert not os.path.exists(out / "checkpoints" / "step_00000008.tmp")
-
-
-@pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
-def test_resharding_between_world_sizes(runs, tmp_path, first, second):
-    out = tmp_path / "run"
-    train_run(runs["latents"], out, first, "train.precision=fp32", "--stop-at", "6")
-    assert trainer_state(out)["world_size"] == first
-    train_run(runs["latents"], out, second, "train.precision=fp32", "--resume")
-    state = trainer_state(out)
-    assert (state["step"], state["data_position"], state["world_size"]) == (STEPS, STEPS * 8, second)
-    ref = losses(runs["fp32", second, 1])
+    for stage, (nproc, stop) in enumerate([(2, "4"), (1, "8"), (2, None)]):
+        train_run(runs["latents"], out, nproc, "train.precision=fp32", *(["--resume"] if stage else []),
+                  *(["--stop-at", stop] if stop else []))
+        state = trainer_state(out)
+        assert (state["step"], state["data_position"], state["world_size"]) == (int(stop or STEPS), int(stop or STEPS) * 8, nproc)
     got = losses(out)
-    assert list(got) == list(ref)
-    np.testing.assert_allclose(list(got.values()), list(ref.values()), rtol=1e-5)
-    weights_close(out, runs["fp32", second, 1], rtol=1e-4, atol=1e-5)
+    for nproc in (1, 2):
+        ref = losses(runs["fp32", nproc, 1])
+        assert list(got) == list(ref)
+        np.testing.assert_allclose(list(got.values()), list(ref.values()), rtol=1e-5)
+        weights_close(out, runs["fp32", nproc, 1], rtol=1e-4, atol=1e-5)
     ema = read_checkpoint_tensors(latest_checkpoint(str(out)))
     final = load_file(os.path.join(out, "model.safetensors"))
     assert "model.pos_embed" not in ema and "pos_embed" in final  # the fixed table: in the weights, not the run state
@@ -151,12 +178,13 @@ def test_resharding_between_world_sizes(runs, tmp_path, first, second):
 
 
 def test_sampling_does_not_depend_on_the_world_size(tiny_pipeline, tmp_path):
-    args = ["sample", "--ckpt", str(tiny_pipeline / "dit"), "--num", "11", "--batch-size", "4", "--solver", "heun",
-            "--steps", "2", "--cfg", "2"]
-    torchrun(1, *args, "--out", str(tmp_path / "one"))
+    """11 images in batches of 4 on 1 and on 2 ranks are the same files; with more ranks than batches (1 or 3 images
+    in one batch of 64), rank 1 gets no batch and only joins the write, and the images are the 1-rank ones."""
+    args = ["sample", "--ckpt", str(tiny_pipeline / "dit"), "--solver", "heun", "--steps", "2", "--cfg", "2"]
+    here(*args, "--num", "11", "--batch-size", "4", "--out", str(tmp_path / "one"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "lfm_fast", *args, "--nproc", "2", "--out", str(tmp_path / "two")],
-                   env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "lfm_fast", *args, "--num", "11", "--batch-size", "4", "--nproc", "2", "--out",
+                    str(tmp_path / "two")], env=env, check=True, capture_output=True)
     names = sorted(os.listdir(tmp_path / "one"))
     assert names == sorted(os.listdir(tmp_path / "two")) and len([n for n in names if "_class" in n]) == 11
     for n in names:
@@ -164,18 +192,10 @@ def test_sampling_does_not_depend_on_the_world_size(tiny_pipeline, tmp_path):
             assert (tmp_path / "one" / n).read_bytes() == (tmp_path / "two" / n).read_bytes(), n
     a, b = np.load(tmp_path / "one" / "samples.npz"), np.load(tmp_path / "two" / "samples.npz")
     assert a["arr_0"].shape == (11, 32, 32, 3) and np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
-
-
-def test_sampling_with_more_ranks_than_batches(tiny_pipeline, tmp_path):
-    """Rank 1 gets no batch (one image, or 3 images in one batch of 64): it only joins the write."""
-    ref = tmp_path / "ref"
-    args = ["sample", "--ckpt", str(tiny_pipeline / "dit"), "--solver", "euler", "--steps", "1", "--batch-size", "64"]
-    torchrun(1, *args, "--num", "3", "--out", str(ref))
     for num in (1, 3):
-        torchrun(2, *args, "--num", str(num), "--out", str(tmp_path / f"two{num}"))
-        got = np.load(tmp_path / f"two{num}" / "samples.npz")
-        want = np.load(ref / "samples.npz")["arr_0"][:num]
-        assert got["arr_0"].shape == want.shape and np.abs(got["arr_0"].astype(int) - want).max() <= 1  # other batching
+        torchrun(2, *args, "--batch-size", "64", "--num", str(num), "--out", str(tmp_path / f"two{num}"))
+        got, want = np.load(tmp_path / f"two{num}" / "samples.npz")["arr_0"], a["arr_0"][:num]
+        assert got.shape == want.shape and np.abs(got.astype(int) - want).max() <= 1  # other batching
 
 
 def test_meta_device_init_equals_eager_init():
@@ -300,7 +320,7 @@ def test_conditional_training_on_two_ranks_resumes_and_matches_one(tmp_path):
     tiny = ["--preset", "shapes-inpaint", "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "train.batch_size=8",
             "train.log_every=1", "train.ckpt_every=4", "train.cond_dropout=0.3", "train.precision=fp32", "data.flip=true",
             "data.posterior=sample"]  # conditions of the mirror images too
-    torchrun(1, "train", "--latents", latents, "--out", str(tmp_path / "one"), "--steps", str(STEPS), *tiny)
+    here("train", "--latents", latents, "--out", str(tmp_path / "one"), "--steps", str(STEPS), *tiny)
     torchrun(2, "train", "--latents", latents, "--out", str(tmp_path / "two"), "--steps", str(STEPS), *tiny, "--stop-at", "6")
     torchrun(2, "train", "--latents", latents, "--out", str(tmp_path / "two"), "--resume")
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")

@@ -36,12 +36,21 @@ def test_adaln_zero_init_outputs_zero_velocity():
 def test_output_shape_and_the_condition_reaching_the_output(patch, kind):
     model = small(patch_size=patch, **CONDITIONED[kind])
     x, c = torch.randn(2, 4, 8, 8), a_condition(kind, 2)
-    v = model(x, torch.rand(2), torch.tensor([1, 2]), c)
+    t, y = torch.rand(2), torch.tensor([1, 2])
+    v = model(x, t, y, c)
     assert v.shape == x.shape
-    if c is not None:
-        assert not torch.allclose(v, model(x, v.new_tensor([0.3, 0.3]), torch.tensor([1, 2]), c.flip(0)))
-        with pytest.raises(ValueError, match="expects a condition"):
-            model(x, torch.rand(2), None, None)
+    if c is None:
+        return
+    # only the condition changes: each part of it moves every sample's output (inpaint: the masked-image latent
+    # and the hole mask separately; semantic: the map)
+    parts = [slice(0, 4), slice(4, 5)] if kind == "inpaint" else [slice(None)]
+    for part in parts:
+        other = c.clone()
+        other[:, part] = a_condition(kind, 2)[:, part]
+        moved = (model(x, t, y, other) - v).flatten(1).abs().amax(1)
+        assert (moved > 1e-3 * v.abs().max()).all(), (part, moved)
+    with pytest.raises(ValueError, match="expects a condition"):
+        model(x, t, None, None)
 
 
 def test_condition_configs_are_checked():
@@ -64,6 +73,7 @@ def test_cfg_on_a_condition_guides_against_the_null_condition(kind):
     null = null_condition(kind, c)
     assert (null[:, -1] == 1).all() and not null[:, :-1].any() if kind == "inpaint" else not null.any()
     v_c, v_u = model(x, t, None, c), model(x, t, None, null)
+    assert ((v_c - v_u).flatten(1).abs().amax(1) > 1e-2 * v_c.abs().max()).all()  # else the check below cannot fail
     torch.testing.assert_close(model.forward_with_cfg(x, t, None, 2.5, c), v_u + 2.5 * (v_c - v_u), rtol=1e-5, atol=1e-5)
 
 
@@ -72,6 +82,7 @@ def test_cfg_scale_one_is_the_conditional_forward_and_scale_s_is_the_guided_comb
     x, t, y = torch.randn(4, 4, 8, 8), torch.rand(4), torch.tensor([0, 1, 2, 4])
     v_c = model(x, t, y)
     v_u = model(x, t, torch.full_like(y, 5))
+    assert ((v_c - v_u).flatten(1).abs().amax(1) > 1e-2 * v_c.abs().max()).all()  # the label matters to every row
     torch.testing.assert_close(model.forward_with_cfg(x, t, y, 1.0), v_c)
     torch.testing.assert_close(model.forward_with_cfg(x, t, y, 3.0), v_u + 3.0 * (v_c - v_u), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(model(x, t, None), v_u)  # no label = the null class

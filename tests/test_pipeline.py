@@ -55,3 +55,20 @@ def test_bad_calls_are_one_line_input_errors(pipe):
     by_name = pipe(class_labels=[names[2]], num_inference_steps=1, solver="euler", seed=0, output_type="latent").images
     by_id = pipe(class_labels=[2], num_inference_steps=1, solver="euler", seed=0, output_type="latent").images
     assert torch.equal(by_name, by_id)
+
+
+def test_a_bf16_pipeline_runs_its_network_in_bf16_and_gives_what_sample_dtype_bf16_writes(tiny_pipeline, tmp_path):
+    """from_pretrained(dtype=torch.bfloat16): the token path in bf16, the per-sample path (time and label embeddings,
+    adaLN) kept fp32 (`cast_token_path`); the same images as `sample --dtype bf16`, close to the fp32 ones."""
+    bf16 = LFMPipeline.from_pretrained(str(tiny_pipeline / "dit"), device="cpu", dtype=torch.bfloat16)
+    dtypes = {n: p.dtype for n, p in bf16.model.named_parameters()}
+    assert dtypes["blocks.0.attn.qkv.weight"] == dtypes["final_layer.linear.weight"] == torch.bfloat16
+    assert dtypes["t_embedder.mlp.0.weight"] == dtypes["blocks.0.adaLN_modulation.1.weight"] == torch.float32
+    kw = dict(class_labels=[0, 3], num_inference_steps=3, guidance_scale=2.0, solver="heun", seed=7)
+    out = bf16(**kw, output_type="np").images
+    assert main(["sample", "--ckpt", str(tiny_pipeline / "dit"), "--num", "2", "--labels", "0,3", "--solver", "heun",
+                 "--steps", "3", "--cfg", "2", "--seed", "7", "--dtype", "bf16", "--out", str(tmp_path / "s")]) == 0
+    assert np.array_equal(out, np.load(tmp_path / "s" / "samples.npz")["arr_0"])
+    fp32 = LFMPipeline.from_pretrained(str(tiny_pipeline / "dit"), device="cpu")
+    lat32, lat16 = (p(**kw, output_type="latent").images for p in (fp32, bf16))
+    assert lat16.dtype == torch.float32 and 0 < (lat16 - lat32).abs().max() < 0.05 * lat32.abs().max()

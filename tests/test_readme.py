@@ -59,7 +59,7 @@ def test_the_readme_eval_examples_run(random_inception, tmp_path, monkeypatch, c
     np.savez("runs/samples/samples.npz", arr_0=make_shapes(12, 32, seed=1)[0])
     np.savez("runs/real.npz", arr_0=make_shapes(12, 32, seed=2)[0])
     shutil.copy(random_inception[0], "pt_inception-2015-12-05-6726825d.pth")
-    evaluate("runs/real.npz", "runs/real.npz", ["fid"], random_inception[0], save_stats="stats.npz", progress=False)
+    evaluate("runs/real.npz", "runs/real.npz", [], random_inception[0], save_stats="stats.npz", progress=False)  # stats only
     with np.load("stats.npz") as f:
         np.savez("VIRTUAL_imagenet256_labeled.npz", arr_0=make_shapes(12, 32, seed=2)[0], mu=f["mu"], sigma=f["sigma"])
     commands = readme_commands("lfm-fast eval", "Evaluation")
@@ -67,4 +67,11 @@ def test_the_readme_eval_examples_run(random_inception, tmp_path, monkeypatch, c
     for argv in commands:
         assert main(argv) == 0, argv
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert json.loads((tmp_path / "metrics.json").read_text())["fid"] > 0 and "latent_fd" in printed[-1]
+    # the ADM batch's statistics give the FID its images give, and its images the precision/recall (the values
+    # themselves are checked against independent computations in tests/test_eval.py)
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    direct = evaluate("runs/samples/samples.npz", "runs/real.npz", ["fid", "pr"], random_inception[0], progress=False)
+    assert written["fid"] == pytest.approx(direct["fid"], rel=1e-6) and written["fid"] > 1
+    assert (written["precision"], written["recall"]) == (direct["precision"], direct["recall"])
+    assert printed[-1]["latent_fd"] == pytest.approx(
+        evaluate("runs/samples/samples.npz", "runs/real.npz", ["latent_fd"], ae="builtin:shapes")["latent_fd"], rel=1e-9)

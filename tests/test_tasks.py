@@ -21,7 +21,7 @@ def conditional_runs(tmp_path_factory):
     for kind in ("inpaint", "semantic"):
         cfg = get_preset(f"shapes-{kind}")
         cfg.model.hidden_size, cfg.model.depth, cfg.model.num_heads = 32, 2, 2
-        cfg.train.steps, cfg.train.batch_size, cfg.train.log_every = 4, 8, 2
+        cfg.train.steps, cfg.train.batch_size, cfg.train.log_every = 30, 8, 10  # enough that the condition shows
         train(cfg, str(root / "latents"), str(root / kind), progress=False)
     return root
 
@@ -53,7 +53,7 @@ def test_inpainting_keeps_every_known_pixel_and_pairs_outputs_with_inputs(condit
     for k, j in enumerate(f["source"]):
         known = ~holes[j]
         assert np.abs(f["arr_0"][k][known].astype(int) - images[j][known]).max() == 0  # known_region_max_abs_err
-        assert (f["arr_0"][k][holes[j]] != images[j][holes[j]]).any()  # the hole is generated
+        assert (f["arr_0"][k][holes[j]] != images[j][holes[j]]).all(-1).mean() > 0.9  # the hole is generated, all of it
     assert not np.array_equal(f["arr_0"][0], f["arr_0"][1])  # each sample its own seed
     grid = np.array(Image.open(out / "grid.png"))
     assert grid.shape[0] > grid.shape[1] / 5 * 2 * 0.9 and grid.shape[1] == 4 * (5 * (32 + 2) + 2)  # 2 rows of 5 cells
@@ -61,16 +61,25 @@ def test_inpainting_keeps_every_known_pixel_and_pairs_outputs_with_inputs(condit
     assert main(["sample", "--ckpt", str(conditional_runs / "inpaint"), "--image", str(tmp_path / "img" / "s1.png"),
                  "--mask", str(tmp_path / "mask" / "s1.png"), "--num", "3", "--solver", "euler", "--steps", "2",
                  "--seed", "3", "--out", str(single)]) == 0  # --task from the checkpoint; a pair of files
-    assert np.array_equal(np.load(single / "samples.npz")["arr_0"], f["arr_0"][3:])  # image i: seed + i, as before
+    alone = np.load(single / "samples.npz")["arr_0"].astype(int)  # image i: seed + i, as before (another batch size:
+    assert np.abs(alone - f["arr_0"][3:]).max() <= 1  # float rounding, uint8 either way)
 
 
 def test_semantic_maps_give_one_set_per_map(conditional_runs, tmp_path, capsys):
-    write_inputs(tmp_path, n=3)
+    _, _, maps = write_inputs(tmp_path, n=3)
     out = tmp_path / "out"
     assert main(["sample", "--ckpt", str(conditional_runs / "semantic"), "--task", "semantic", "--semantic",
                  str(tmp_path / "map"), "--num", "2", "--solver", "euler", "--steps", "2", "--out", str(out)]) == 0
     assert "wrote 6 images (2 for each of 3 inputs)" in capsys.readouterr().out
-    assert np.load(out / "samples.npz")["source"].tolist() == [0, 0, 1, 1, 2, 2]
+    f = np.load(out / "samples.npz")
+    assert f["source"].tolist() == [0, 0, 1, 1, 2, 2]
+    # the grid: a row per map, its map in the palette then its samples
+    from lfm_fast.tasks import palette
+
+    grid = np.array(Image.open(out / "grid.png"))
+    at = lambda i: slice(4 * (2 + 34 * i), 4 * (2 + 34 * i) + 128, 4)  # noqa: E731 (32-pixel cells, 2-pixel borders, ×4)
+    cell = lambda row, col: grid[at(row), at(col)]  # noqa: E731
+    assert np.array_equal(cell(1, 0), palette(7)[maps[1]]) and np.array_equal(cell(1, 2), f["arr_0"][3])
 
 
 def test_one_mask_serves_a_folder_of_images_and_stray_files_are_named(conditional_runs, tmp_path):
@@ -108,7 +117,19 @@ def test_compile_backend_takes_the_condition_as_eager_does(conditional_runs, tmp
                      "2", "--cfg", "2", "--backend", backend, "--out", str(outs[backend])]) == 0
     eager, compiled = (np.load(outs[b] / "samples.npz")["arr_0"].astype(int) for b in ("eager", "compile"))
     assert np.abs(eager - compiled).max() <= 1  # the same latents to float rounding; uint8 may round either way
-    assert not np.array_equal(eager[0], eager[1])  # each sample its own seed, each input its own condition
+    assert not np.array_equal(eager[0], eager[1])  # each sample its own seed
+    # each input its own condition: input 1's image (inpaint; its mask kept) or map (semantic) replaced by input 0's,
+    # the same seeds: input 0's samples are unchanged, input 1's are drawn anew, in their holes too
+    import shutil
+
+    shutil.copy(tmp_path / ("img" if task == "inpaint" else "map") / "s0.png", tmp_path / ("img" if task == "inpaint" else "map") / "s1.png")
+    assert main(["sample", "--ckpt", str(conditional_runs / task), *inputs, "--num", "2", "--solver", "euler", "--steps",
+                 "2", "--cfg", "2", "--out", str(tmp_path / "swapped")]) == 0
+    swapped = np.load(tmp_path / "swapped" / "samples.npz")["arr_0"].astype(int)
+    holes = np.array(Image.open(tmp_path / "mask" / "s1.png")) > 127 if task == "inpaint" else np.ones((32, 32), bool)
+    assert np.array_equal(swapped[:2], eager[:2])
+    changed = (swapped[2:] != eager[2:]).any(-1)[:, holes].mean()
+    assert changed > 0.5, changed  # measured: 0.999 (inpaint), 0.94 (semantic)
 
 
 def test_task_inputs_get_one_line(conditional_runs, tmp_path, capsys):
@@ -157,10 +178,14 @@ def test_quick_task_demo_end_to_end(tmp_path, task):
         assert 0.3 <= report["hole_ratio_mean"] <= 0.5 and report["shape_hidden_mean"] > 0.5  # centred on the shape
         # the floor hides the shape from the colour-blind judge, while the context still shows the class's colour
         assert report["hole_label_consistency_mean_fill"] < 0.4 and report["context_class_accuracy"] > 0.8
-        assert 0 <= report["hole_label_consistency"] <= 1 and report["fd_hole"] > report["fd_hole_real_vs_real"] > 0
+        # the fills follow the known pixels: the judge's FD of the filled images measured 110 at this budget and seed,
+        # 211 when the network is given the null condition and 131 for the mean-colour fill (bench/condition_floor.py)
+        assert report["fd_hole"] < 150
     else:
         assert report["miou_real"] >= 0.95 and report["miou_ae_reconstruction"] >= 0.93  # the recovery rule's ceiling
-        assert 0 <= report["miou_other_map"] < 0.6 and 0 <= report["miou"] <= 1
+        # the images follow their maps: mIoU measured 0.72 and shape accuracy 0.82 at this budget and seed, 0.12 and
+        # 0.20 when the network is given the null map (bench/condition_floor.py); another input's map: 0.14
+        assert report["miou"] >= 0.5 and report["shape_accuracy"] >= 0.5 and report["miou_other_map"] < 0.3
         assert "colour rule" in report["map_recovery"] and len(report["per_class_iou"]) == 7
     grid = Image.open(tmp_path / task / "samples.png")
     assert grid.size == (2 * ((2 + GRID_SAMPLES) * 34 + 2), 2 * (GRID_INPUTS * 34 + 2))  # a row per input, ×2
@@ -201,3 +226,27 @@ def test_the_pipeline_gives_what_sample_writes_for_both_tasks(conditional_runs, 
     else:
         with pytest.raises(InputError, match="integer class ids"):
             pipe(semantic_map=maps.astype(np.float32))
+
+
+def test_two_ranks_give_the_one_rank_samples_for_both_tasks(conditional_runs, tmp_path):
+    """`sample --nproc 2`: each rank takes its batches' conditions (the inputs' rows, in order) and composites its own
+    images; the files are the 1-rank run's (3 inputs × 2 samples in batches of 4: rank 1 has inputs 2's pair)."""
+    import os
+    import subprocess
+    import sys
+
+    write_inputs(tmp_path, n=3)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for task, inputs in (("inpaint", ["--image", str(tmp_path / "img"), "--mask", str(tmp_path / "mask")]),
+                         ("semantic", ["--semantic", str(tmp_path / "map")])):
+        args = ["sample", "--ckpt", str(conditional_runs / task), *inputs, "--num", "2", "--batch-size", "4", "--solver",
+                "euler", "--steps", "2", "--cfg", "2"]
+        assert main(args + ["--out", str(tmp_path / f"{task}1")]) == 0
+        run = subprocess.run([sys.executable, "-m", "lfm_fast", *args, "--nproc", "2", "--out", str(tmp_path / f"{task}2")],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        one, two = (np.load(tmp_path / f"{task}{n}" / "samples.npz") for n in (1, 2))
+        assert two["source"].tolist() == one["source"].tolist() == [0, 0, 1, 1, 2, 2]
+        assert np.abs(two["arr_0"].astype(int) - one["arr_0"]).max() <= 1  # threads: float rounding, uint8 either way
+        assert np.array_equal(np.array(Image.open(tmp_path / f"{task}2" / "grid.png")).shape,
+                              np.array(Image.open(tmp_path / f"{task}1" / "grid.png")).shape)

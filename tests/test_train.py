@@ -178,17 +178,20 @@ def test_a_checkpoint_commit_is_fsynced_and_never_waits_at_a_barrier(random_late
 
     synced, threads = [], set()
     real = fileio.fsync_path
-    monkeypatch.setattr(fileio, "fsync_path", lambda p: (synced.append(os.path.relpath(p, tmp_path)), real(p))[1])
+    monkeypatch.setattr(fileio, "fsync_path", lambda p: (synced.append((os.path.relpath(p, tmp_path),
+                                                                        threading.current_thread().name)), real(p))[1])
     monkeypatch.setattr("lfm_fast.train.checkpoint.fsync_path", fileio.fsync_path)
     monkeypatch.setattr(dist, "barrier", lambda *a, **k: threads.add(threading.current_thread().name))
     cfg = tiny_config(steps=3)
     cfg.train.ckpt_every = 0
     train(cfg, random_latents, str(tmp_path / "run"), progress=False)
-    ckpt = [p for p in synced if "checkpoints" in p]
+    ckpt = [p for p, _ in synced if "checkpoints" in p]
     assert ckpt == ["run/checkpoints/step_00000003.tmp/rng.pt", "run/checkpoints/step_00000003.tmp/.trainer.json.tmp-%d" % os.getpid(),
                     "run/checkpoints/step_00000003.tmp", "run/checkpoints/step_00000003.tmp",
                     "run/checkpoints/.latest.tmp-%d" % os.getpid(), "run/checkpoints"], ckpt
     assert not any(t.startswith("checkpoint-") for t in threads)
+    committers = {t for p, t in synced if "checkpoints" in p}
+    assert committers == {"checkpoint-step_00000003"}, committers  # the commit is off the training thread
 
 
 @pytest.mark.parametrize("condition", ["inpaint", "semantic"])
@@ -307,3 +310,76 @@ def test_a_benchmark_run_saves_nothing_and_says_so(random_latents, tmp_path, cap
     err = [line for line in capsys.readouterr().err.splitlines() if "lfm-fast" in line]
     assert err == ["lfm-fast: error: step 4: 3 steps in a row had a non-finite loss or gradient (train.max_nonfinite_steps=3); "
                    "stopped. Lower train.lr, or start again (no checkpoint was written yet)"], err
+
+
+def test_a_training_step_is_clipping_adamw_with_decay_on_matrices_and_the_warmed_up_ema():
+    """train_step against the arithmetic written out: the gradient clipped to norm `grad_clip`, AdamW (β = 0.9, 0.999,
+    ε = 1e-8) with decoupled weight decay on the weight matrices only (not biases, norms, embeddings), then
+    ema ← ema + (1 − d)·(θ − ema), d = min(ema_decay, (1 + step) / (10 + step)), over steps whose decay is warming
+    up (0, 1) and saturated (40)."""
+    import copy
+
+    from lfm_fast.flow import draw_flow, flow_matching_loss
+    from lfm_fast.train.ema import create_ema
+    from lfm_fast.train.loop import MicroBatch, NonfiniteSteps, make_optimizer, train_step
+    from tests.conftest import perturbed
+
+    cfg = tiny_config()
+    cfg.model.input_size, cfg.model.in_channels = 8, 4
+    cfg.train.grad_clip, cfg.train.weight_decay, cfg.train.ema_decay, cfg.train.lr = 0.05, 0.3, 0.9, 1e-2
+    torch.manual_seed(0)
+    model = perturbed(DiT(cfg.model)).train()
+    optimizer, ema = make_optimizer(model, cfg.train), create_ema(model)
+    decayed = {n for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n}
+    assert "blocks.0.attn.qkv.weight" in decayed and "x_embedder.weight" in decayed
+    assert not decayed & {"y_embedder.embedding_table.weight", "blocks.0.attn.qkv.bias", "t_embedder.mlp.0.bias"}
+    ref = copy.deepcopy(model)
+    theta = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    m, v = ({n: torch.zeros_like(p) for n, p in theta.items()} for _ in range(2))
+    ref_ema = {n: p.clone() for n, p in theta.items()}
+    health = NonfiniteSteps(torch.device("cpu"), 0, 5)
+    g = torch.Generator().manual_seed(1)
+    for k, step in enumerate([0, 1, 40]):
+        x0, y = torch.randn(8, 4, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)
+        draws = draw_flow(8, (4, 8, 8), cfg.flow, g, cfg.train.label_dropout)
+        loss, norm = train_step(model, optimizer, ema, [MicroBatch(x0, y, None, draws)], cfg, step, health)
+        ref.zero_grad()
+        flow_matching_loss(ref, x0, y, cfg.flow, label_dropout=cfg.train.label_dropout, draws=draws).backward()
+        grads = {n: p.grad for n, p in ref.named_parameters()}
+        total = torch.sqrt(sum((gr.double() ** 2).sum() for gr in grads.values()))
+        assert norm.item() == pytest.approx(total.item(), rel=1e-5) and total > 2 * cfg.train.grad_clip  # clipping acts
+        d = min(0.9, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for n, p in ref.named_parameters():
+                gr = grads[n] * (cfg.train.grad_clip / total.float())
+                m[n] = 0.9 * m[n] + 0.1 * gr
+                v[n] = 0.999 * v[n] + 0.001 * gr ** 2
+                wd = cfg.train.weight_decay if n in decayed else 0.0
+                p.mul_(1 - cfg.train.lr * wd)
+                p.sub_(cfg.train.lr * (m[n] / (1 - 0.9 ** (k + 1))) / ((v[n] / (1 - 0.999 ** (k + 1))).sqrt() + 1e-8))
+                ref_ema[n] = d * ref_ema[n] + (1 - d) * p
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p, dict(ref.named_parameters())[n], rtol=1e-4, atol=2e-5, msg=lambda s: f"{n} at step {step}: {s}")
+            torch.testing.assert_close(ema[n], ref_ema[n], rtol=1e-4, atol=2e-5, msg=n)
+
+
+def test_the_ema_decay_warms_up_and_the_update_is_a_lerp_by_one_minus_it():
+    from lfm_fast.train.ema import create_ema, ema_decay_at, update_ema
+
+    assert [ema_decay_at(s, 0.9999) for s in (0, 1, 8)] == [1 / 10, 2 / 11, 9 / 18]
+    assert ema_decay_at(100_000, 0.9999) == 0.9999 and ema_decay_at(10_000, 0.9999) == 10_001 / 10_010
+    assert ema_decay_at(8991, 0.999) == 0.999 and ema_decay_at(8990, 0.999) == 8991 / 9000
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    compiled = torch.compile(model, backend="eager")  # its parameters are named _orig_mod.0.weight
+    ema = create_ema(compiled)
+    assert list(ema) == ["0.weight", "0.bias"] and all(not v.requires_grad for v in ema.values())
+    start = {k: v.clone() for k, v in ema.items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    update_ema(ema, compiled, 0.25)
+    update_ema(ema, compiled, torch.tensor(0.5))  # the training step's weight: a 0-dim tensor
+    for k, p in zip(ema, model.parameters()):
+        # after the first: start + 0.25·(θ − start) = θ − 0.75; after the second: halfway to θ, θ − 0.375
+        torch.testing.assert_close(ema[k], p.detach() - 0.375, rtol=0, atol=1e-6)
+        torch.testing.assert_close(ema[k], start[k] + 0.625, rtol=0, atol=1e-6)

@@ -154,7 +154,9 @@ def dry_run(cfg: ExperimentConfig, batch: int = 2, steps: int = 3) -> dict:
     with torch.device("meta"):
         params = sum(p.numel() for p in DiT(dataclasses.replace(cfg.model, cond_channels=_cond_channels(cfg))).parameters())
     assert params == p1 + (p2 - p1) * (depth - 1), "the blocks are not identical"
-    seconds = t1 + (t2 - t1) * (depth - 1)
+    # a block's time is what the second block adds; where noise hides it (a busy machine can time 2 blocks faster
+    # than 1), half the 2-block step stands in for it, so the extrapolation never goes below one block's worth
+    seconds = t1 + (t2 - t1 if t2 > t1 else t2 / 2) * (depth - 1)
     fwd = forward_flops_per_image(dataclasses.replace(cfg.model, cond_channels=_cond_channels(cfg)))
     memory = {}
     for gpus in GPU_COUNTS:

@@ -481,9 +481,10 @@ class EventLogs:
 
 
 class StopSignals:
-    """SIGTERM, and SIGUSR1 (what SLURM sends before a time limit), set a flag the loop reads between steps: the
-    run then finishes its step, writes a checkpoint and returns, so a preempted job resumes where it stopped."""
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    """SIGTERM, SIGUSR1 (what SLURM sends before a time limit) and SIGINT (Ctrl-C) set a flag the loop reads between
+    steps: the run then finishes its step, writes a checkpoint and returns, so a preempted job resumes where it
+    stopped. A second SIGINT interrupts at once (KeyboardInterrupt, no checkpoint)."""
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
         self.received, self._previous = None, {}
@@ -496,6 +497,8 @@ class StopSignals:
 
     def _handle(self, signum, frame):
         self.received = signal.Signals(signum).name
+        if signum == signal.SIGINT:  # the next Ctrl-C is the usual one
+            signal.signal(signum, self._previous[signum])
 
     def __exit__(self, *exc):
         for s, handler in self._previous.items():

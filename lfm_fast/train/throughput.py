@@ -12,6 +12,7 @@ C_out out:
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -35,8 +36,10 @@ def train_flops_per_image(cfg: DiTConfig) -> float:
     return 3.0 * forward_flops_per_image(cfg)
 
 
+@functools.lru_cache(maxsize=None)
 def measure_gemm_peak(m: int, k: int, n: int, dtype=torch.bfloat16, device="cpu", seconds: float = 0.5) -> float:
-    """FLOP/s of torch.mm at (m×k)·(k×n), best of repeated timings: the practical peak of this device."""
+    """FLOP/s of torch.mm at (m×k)·(k×n), best of repeated timings: the practical peak of this device (measured once
+    a process for each shape)."""
     a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     torch.mm(a, b)

@@ -46,9 +46,10 @@ def test_adaln_ops_forward_and_gradients(op, B, T, D, dtype):
     ref = grads(torch_fn, inputs, cot)
     got = grads(kernel, [t.to(dtype) for t in inputs], [c.to(dtype) for c in cot])
     low = grads(torch_fn, [t.to(dtype) for t in inputs], [c.to(dtype) for c in cot]) if dtype != torch.float32 else None
+    summed = [False] * n_out + [k == "bd" for k in kinds]  # per-sample gradients sum over the T tokens
     for i, (a, r) in enumerate(zip(got, ref)):
-        # per-sample gradients sum over T tokens: their floor grows with √T
-        floor = 1e-4 * (T ** 0.5 + 1) if dtype == torch.float32 else 2e-3 * (T ** 0.5 + 1)
+        # an output or a per-token gradient is one token's arithmetic; a sum over T tokens errs ~√T more
+        floor = (1e-5 if dtype == torch.float32 else 1e-3) * (T ** 0.5 + 1 if summed[i] else 1)
         tol = floor if low is None else low_precision_tolerance(low[i], r, floor)
         err = (a.float() - r).abs().max().item()
         assert err <= tol, f"{op} output/grad {i}: error {err:.2e} > {tol:.2e}"
