@@ -44,11 +44,12 @@ bench: install
 	$(PY) bench/nfe_sweep.py --quick && \
 	$(PY) bench/report.py $$parts/*.json --fsdp $$run-fsdp.json --save $$run.json && rm -rf $$parts
 
-# mutation testing (not part of `make test`; hours for every scope on 2 cores): mutmut 3 on the scopes of
-# bench/mutate.py, scores and survivors to bench/results/cpu/mutation.json. One scope: make mutate SCOPE=ema
+# mutation testing (not part of `make test`; an hour or more for every scope on 2 cores): mutmut 3 on the scopes of
+# bench/mutate.py, each in mutants-work/SCOPE with its own tests; scores and survivors to bench/results/cpu/mutation.json.
+# Some scopes: make mutate SCOPE=ema,lr_schedule
 mutate: install
 	$(PY) -m pip install -q mutmut==3.8.1
 	$(PY) bench/mutate.py $(if $(SCOPE),--scope $(SCOPE))
 
 clean:
-	rm -rf .venv runs .pytest_cache .benchmarks *.egg-info mutants
+	rm -rf .venv runs .pytest_cache .benchmarks *.egg-info mutants-work

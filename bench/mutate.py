@@ -1,48 +1,75 @@
-"""Mutation testing of the modules whose arithmetic the tests must pin (`make mutate`; mutmut 3, configured in
-pyproject.toml's [tool.mutmut]): mutmut changes one operator, constant or call at a time and runs the tests that
-reach that function; a mutant no test fails on "survived". Prints the score (killed / (killed + survived), timeouts
-counted as killed) of each scope and writes them, with the surviving mutants' names, to --out.
+"""Mutation testing of the modules whose arithmetic the tests must pin (`make mutate`, mutmut 3): mutmut changes one
+operator, constant or call at a time and runs the tests that reach that function; a mutant no test fails on
+"survived". Each scope runs in a copy of the package and tests under mutants-work/SCOPE (mutmut's own working
+folder) with that scope's test files; prints each scope's score (killed / (killed + survived); a timeout counts as
+killed) and writes the scores and the surviving mutants' names to --out.
 
-Usage: python bench/mutate.py [--scope flow,ema,...] [--out bench/results/cpu/mutation.json] [--no-run]
-`mutmut show NAME` (in this folder) prints a survivor's diff; `--no-run` only reads the results of the last run.
-About 1–3 s a mutant that a fast test kills, and the whole selection of tests that reach it for a survivor.
+Usage: python bench/mutate.py [--scope ema,lr_schedule,...] [--out bench/results/cpu/mutation.json] [--tests-from REF]
+`--tests-from REF` takes tests/ from git revision REF (the mutation score of older tests against today's code).
+`cd mutants-work/SCOPE && mutmut show NAME` prints a survivor's diff. About 1–3 s for a mutant a fast test kills;
+a survivor costs every selected test that reaches it.
 """
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
+from fnmatch import fnmatch
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# scope → mutmut mutant-name globs (a function's mutants are named MODULE.x_FUNCTION__mutmut_N, methods xǁCLASSǁNAME)
+# scope → (mutant-name globs: a function's mutants are MODULE.x_FUNCTION__mutmut_N, a method's xǁCLASSǁNAME…,
+#          the test files that exercise it, a -k filter or "")
 SCOPES = {
-    "flow": ["lfm_fast.flow.*"],
-    "sampling": ["lfm_fast.sampling.*"],
-    "ema": ["lfm_fast.train.ema.*"],
-    "tasks": ["lfm_fast.tasks.*"],
-    "masks": ["lfm_fast.data.masks.*"],
-    "conditioning": ["lfm_fast.models.cond.*", "lfm_fast.models.dit.xǁDiTǁforward__mutmut_*",
-                     "lfm_fast.models.dit.xǁDiTǁforward_with_cfg__mutmut_*", "lfm_fast.models.dit.x__check_condition__mutmut_*"],
-    "lr_schedule": ["lfm_fast.train.loop.x_lr_lambda__mutmut_*"],
+    "flow": (["lfm_fast.flow.*"], ["tests/test_flow.py", "tests/test_train.py"], "not tensorboard and not benchmark_run"),
+    "sampling": (["lfm_fast.sampling.*"], ["tests/test_sampling.py", "tests/test_calibrate.py"], "not cli"),
+    "ema": (["lfm_fast.train.ema.*"], ["tests/test_train.py"], "not tensorboard and not benchmark_run"),
+    "tasks": (["lfm_fast.tasks.*"], ["tests/test_tasks.py", "tests/test_pipeline.py"], "not quick and not engine and not two_ranks"),
+    "masks": (["lfm_fast.data.masks.*"], ["tests/test_masks.py"], ""),
+    "conditioning": (["lfm_fast.models.cond.*", "lfm_fast.models.dit.xǁDiTǁforward__mutmut_*",
+                      "lfm_fast.models.dit.xǁDiTǁforward_with_cfg__mutmut_*", "lfm_fast.models.dit.x__check_condition__mutmut_*"],
+                     ["tests/test_dit.py", "tests/test_masks.py", "tests/test_flow.py"], ""),
+    "lr_schedule": (["lfm_fast.train.loop.x_lr_lambda__mutmut_*"], ["tests/test_prepare.py"], "cosine"),
 }
 STATUS = {1: "killed", 3: "killed", 0: "survived", 36: "timeout", 24: "timeout", -24: "timeout", 152: "timeout",
           255: "timeout", 5: "no tests", 33: "no tests", 34: "skipped", None: "not checked"}
 
 
-def results() -> dict[str, int | None]:
-    """{mutant name: exit code} from mutmut's .meta files of the last run."""
-    out = {}
-    for meta in (ROOT / "mutants").rglob("*.meta"):
-        out.update(json.loads(meta.read_text()).get("exit_code_by_key", {}))
-    return out
+def module_files(globs: list[str]) -> list[str]:
+    """lfm_fast/x/y.py for each module a glob names."""
+    mods = {g.split(".x")[0].rstrip("*").rstrip(".") for g in globs}
+    return sorted(m.replace(".", "/") + ".py" for m in mods)
 
 
-def summary(codes: dict[str, int | None], globs: list[str]) -> dict:
-    from fnmatch import fnmatch
+def prepare(scope: str, tests_from: str | None) -> Path:
+    globs, tests, k = SCOPES[scope]
+    work = ROOT / "mutants-work" / scope
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    shutil.copytree(ROOT / "lfm_fast", work / "lfm_fast", ignore=shutil.ignore_patterns("__pycache__"))
+    if tests_from:
+        archive = subprocess.run(["git", "archive", tests_from, "tests"], cwd=ROOT, check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(work)], input=archive, check=True)
+    else:
+        shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    selection = json.dumps(tests + (["-k", k] if k else []))
+    (work / "pyproject.toml").write_text(
+        "[tool.mutmut]\n"
+        'source_paths = ["lfm_fast"]\n'
+        f"only_mutate = {json.dumps(module_files(globs))}\n"
+        'process_isolation = "forkserver"\n'  # torch's thread pools do not survive a fork of a process that ran tests
+        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "no:benchmark", "-p", "no:xdist"]\n'
+        f"pytest_add_cli_args_test_selection = {selection}\n")
+    return work
 
+
+def summary(work: Path, globs: list[str]) -> dict:
+    codes = {}
+    for meta in (work / "mutants").rglob("*.meta"):
+        codes.update(json.loads(meta.read_text()).get("exit_code_by_key", {}))
     mine = {k: v for k, v in codes.items() if any(fnmatch(k, g) for g in globs)}
     counts = Counter(STATUS.get(v, "suspicious") for v in mine.values())
     killed = counts["killed"] + counts["timeout"]
@@ -55,25 +82,27 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scope", default=",".join(SCOPES), help=f"comma-separated, of: {', '.join(SCOPES)}")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "cpu" / "mutation.json"))
-    p.add_argument("--no-run", action="store_true", help="summarise the last run only")
+    p.add_argument("--tests-from", metavar="REF", help="the tests of this git revision (e.g. a 'before' score)")
     a = p.parse_args()
     scopes = a.scope.split(",")
     unknown = [s for s in scopes if s not in SCOPES]
     if unknown:
         p.error(f"--scope: unknown {', '.join(unknown)}")
-    if not a.no_run:
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        mutmut = Path(sys.executable).with_name("mutmut")
-        subprocess.run([str(mutmut), "run", *[g for s in scopes for g in SCOPES[s]]], cwd=ROOT, env=env, check=True)
-    codes = results()
-    table = {s: summary(codes, SCOPES[s]) for s in scopes}
-    for s, r in table.items():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    mutmut = Path(sys.executable).with_name("mutmut")
+    table = {}
+    for scope in scopes:
+        work = prepare(scope, a.tests_from)
+        subprocess.run([str(mutmut), "run", *SCOPES[scope][0]], cwd=work, env=env, check=True, stdout=subprocess.DEVNULL)
+        r = table[scope] = summary(work, SCOPES[scope][0])
         score = "-" if r["score"] is None else f"{100 * r['score']:.1f} %"
-        print(f"{s:13s} {r['mutants']:5d} mutants  killed {r.get('killed', 0):4d}  timeout {r.get('timeout', 0):3d}  "
-              f"survived {r.get('survived', 0):4d}  not checked {r.get('not checked', 0):4d}  score {score}")
+        print(f"{scope:13s} {r['mutants']:5d} mutants  killed {r.get('killed', 0):4d}  timeout {r.get('timeout', 0):3d}  "
+              f"survived {r.get('survived', 0):4d}  not checked {r.get('not checked', 0):4d}  score {score}", flush=True)
+    key = f"tests of {a.tests_from}" if a.tests_from else "tests of the working tree"
     previous = json.loads(Path(a.out).read_text()) if os.path.exists(a.out) else {}
+    previous.setdefault(key, {}).update(table)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({**previous, **table}, indent=1) + "\n")
+    Path(a.out).write_text(json.dumps(previous, indent=1, ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":
