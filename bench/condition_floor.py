@@ -36,9 +36,9 @@ def ignoring_the_condition():
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", choices=tuple(METRICS), required=True)
-    ap.add_argument("--budget", default="quick")
+    ap.add_argument("--budget", default="quick", choices=tuple(BUDGETS["label"]))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args()

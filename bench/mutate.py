@@ -1,8 +1,9 @@
 """Mutation testing of the modules whose arithmetic the tests must pin (`make mutate`, mutmut 3): mutmut changes one
 operator, constant or call at a time and runs the tests that reach that function; a mutant no test fails on
 "survived". Each scope runs in a copy of the package and tests under mutants-work/SCOPE (mutmut's own working
-folder) with that scope's test files; prints each scope's score (killed / (killed + survived); a timeout counts as
-killed) and writes the scores and the surviving mutants' names to --out.
+folder) with that scope's test files; prints each scope's score (killed / (killed + survived + no tests); a timeout
+counts as killed, a mutant no selected test reaches as survived) and writes the scores and the surviving mutants'
+names to --out.
 
 Usage: python bench/mutate.py [--scope ema,lr_schedule,...] [--out bench/results/cpu/mutation.json] [--tests-from REF]
 `--tests-from REF` takes tests/ from git revision REF (the mutation score of older tests against today's code).
@@ -34,8 +35,6 @@ SCOPES = {
                      ["tests/test_dit.py", "tests/test_masks.py", "tests/test_flow.py"], ""),
     "lr_schedule": (["lfm_fast.train.loop.x_lr_lambda__mutmut_*"], ["tests/test_prepare.py"], "cosine"),
 }
-STATUS = {1: "killed", 3: "killed", 0: "survived", 36: "timeout", 24: "timeout", -24: "timeout", 152: "timeout",
-          255: "timeout", 5: "no tests", 33: "no tests", 34: "skipped", None: "not checked"}
 
 
 def module_files(globs: list[str]) -> list[str]:
@@ -70,24 +69,28 @@ def summary(work: Path, globs: list[str]) -> dict:
     codes = {}
     for meta in (work / "mutants").rglob("*.meta"):
         codes.update(json.loads(meta.read_text()).get("exit_code_by_key", {}))
+    from mutmut.stats import status_by_exit_code  # mutmut's own reading of its exit codes
+
     mine = {k: v for k, v in codes.items() if any(fnmatch(k, g) for g in globs)}
-    counts = Counter(STATUS.get(v, "suspicious") for v in mine.values())
+    status = {k: status_by_exit_code[v] for k, v in mine.items()}
+    counts = Counter(status.values())
     killed = counts["killed"] + counts["timeout"]
-    checked = killed + counts["survived"]
+    checked = killed + counts["survived"] + counts["no tests"]  # a mutant no selected test reaches is not caught either
     return {"mutants": len(mine), **dict(counts), "score": round(killed / checked, 4) if checked else None,
-            "survivors": sorted(k for k, v in mine.items() if STATUS.get(v) == "survived")}
+            "survivors": sorted(k for k, s in status.items() if s in ("survived", "no tests"))}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scope", default=",".join(SCOPES), help=f"comma-separated, of: {', '.join(SCOPES)}")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "cpu" / "mutation.json"))
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "cpu" / "mutation.json"),
+                   help="the JSON the scores are merged into, under the tests' revision (default: %(default)s)")
     p.add_argument("--tests-from", metavar="REF", help="the tests of this git revision (e.g. a 'before' score)")
     a = p.parse_args()
-    scopes = a.scope.split(",")
+    scopes = [s for s in a.scope.split(",") if s]
     unknown = [s for s in scopes if s not in SCOPES]
-    if unknown:
-        p.error(f"--scope: unknown {', '.join(unknown)}")
+    if unknown or not scopes:
+        p.error(f"--scope: unknown {', '.join(unknown)}" if unknown else "--scope: name at least one scope")
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     mutmut = Path(sys.executable).with_name("mutmut")
     table = {}
@@ -97,7 +100,7 @@ def main():
         r = table[scope] = summary(work, SCOPES[scope][0])
         score = "-" if r["score"] is None else f"{100 * r['score']:.1f} %"
         print(f"{scope:13s} {r['mutants']:5d} mutants  killed {r.get('killed', 0):4d}  timeout {r.get('timeout', 0):3d}  "
-              f"survived {r.get('survived', 0):4d}  not checked {r.get('not checked', 0):4d}  score {score}", flush=True)
+              f"survived {r.get('survived', 0):4d}  no tests {r.get('no tests', 0):3d}  not checked {r.get('not checked', 0):4d}  score {score}", flush=True)
     key = f"tests of {a.tests_from}" if a.tests_from else "tests of the working tree"
     previous = json.loads(Path(a.out).read_text()) if os.path.exists(a.out) else {}
     previous.setdefault(key, {}).update(table)

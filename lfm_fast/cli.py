@@ -951,7 +951,9 @@ def _relaunch(argv: list[str], nproc: int) -> int:
             skip = True
         elif not a.startswith("--nproc="):
             rest.append(a)
-    child = subprocess.Popen(torchrun_command(nproc, rest))
+    # its own session: a terminal's Ctrl-C (a SIGINT to the foreground process group) reaches us alone, and the workers
+    # get it once, from us (torchrun would also pass it on: a second SIGINT, a KeyboardInterrupt mid-step)
+    child = subprocess.Popen(torchrun_command(nproc, rest), start_new_session=True)
 
     def pass_on(signum, frame):
         for pid in _child_pids(child.pid) or [child.pid]:

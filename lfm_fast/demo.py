@@ -105,7 +105,10 @@ def run_demo(out: str, task: str = "label", budget: str = "full", seed: int = 0,
 
         cfg.train.steps, cfg.train.seed = b.dit_steps, seed
         cfg.train.ckpt_every = max(cfg.train.ckpt_every, b.dit_steps)
-        if "stopped_by" in train(cfg, lat_dir, dit_dir, progress=progress):  # SIGTERM / SIGUSR1 while training
+        stopped = train(cfg, lat_dir, dit_dir, progress=progress).get("stopped_by")  # SIGTERM, SIGUSR1, SIGINT
+        if stopped == "SIGINT":
+            raise KeyboardInterrupt  # Ctrl-C: `lfm-fast: interrupted`, exit 130, as anywhere else
+        if stopped:
             raise RunError("the demo was stopped by a signal while training; nothing of it is left")
         lap("train_dit")
 

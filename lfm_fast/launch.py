@@ -9,6 +9,7 @@ traceback (the workers' `main` runs under torch.distributed.elastic's `record`, 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 
@@ -17,6 +18,9 @@ def main(argv: list[str]) -> int:
     from torch.distributed.run import main as torchrun
 
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the failures are reported below
+    # SLURM's --signal=USR1 reaches every process of the step: torchrun has no handler and would die of it, orphaning
+    # its workers (which stop on it themselves). A handler, not SIG_IGN: the workers it starts get the default back
+    signal.signal(signal.SIGUSR1, lambda signum, frame: None)
     try:
         torchrun(argv)
     except ChildFailedError as e:

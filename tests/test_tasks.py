@@ -180,7 +180,7 @@ def test_quick_task_demo_end_to_end(tmp_path, task):
         assert report["hole_label_consistency_mean_fill"] < 0.4 and report["context_class_accuracy"] > 0.8
         # the fills follow the known pixels: the judge's FD of the filled images measured 110 at this budget and seed,
         # 211 when the network is given the null condition and 131 for the mean-colour fill (bench/condition_floor.py)
-        assert report["fd_hole"] < 150
+        assert report["fd_hole"] < report["fd_hole_mean_fill"]
     else:
         assert report["miou_real"] >= 0.95 and report["miou_ae_reconstruction"] >= 0.93  # the recovery rule's ceiling
         # the images follow their maps: mIoU measured 0.72 and shape accuracy 0.82 at this budget and seed, 0.12 and

@@ -492,7 +492,8 @@ class StopSignals:
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread only
             for s in self.SIGNALS:
-                self._previous[s] = signal.signal(s, self._handle)
+                if signal.getsignal(s) is not signal.SIG_IGN:  # e.g. SIGINT in a background job (`cmd &`)
+                    self._previous[s] = signal.signal(s, self._handle)
         return self
 
     def _handle(self, signum, frame):
