@@ -2,6 +2,7 @@
 after a kill to the bytes of an uninterrupted run, the same shards from 2 ranks; and the paper's augmentation
 (mirror-image latents, posterior samples) as training reads it."""
 
+import math
 import json
 import os
 import subprocess
@@ -211,3 +212,25 @@ def test_the_stepwise_cosine_is_diffusers_schedule_with_a_floor_and_no_idle_firs
     assert [ours(s) for s in range(5)] == pytest.approx(theirs[1:6], abs=1e-12)
     assert [ours(s) for s in range(5, 41)] == pytest.approx(theirs[5:], abs=1e-12)
     assert [floored(s) for s in range(5, 41)] == pytest.approx([0.1 + 0.9 * v for v in theirs[5:]], abs=1e-12)
+
+
+def test_lr_schedule_constant_the_cosine_epochs_default_period_and_no_rise_past_the_end():
+    """"constant" is 1 after the warm-up; "cosine_epoch" without lr_period_epochs spans the run's epochs
+    (⌈steps·batch / samples⌉); past its end a cosine stays at its floor (a run resumed with more steps); a one-step
+    cosine after the warm-up ends at the floor; an unknown schedule is named in one line."""
+    from lfm_fast.config import TrainConfig
+    from lfm_fast.errors import InputError
+    from lfm_fast.train.loop import lr_lambda
+
+    const = lr_lambda(TrainConfig(steps=20, lr=1e-3, lr_schedule="constant", warmup_steps=4), 1)
+    assert [const(s) for s in (0, 3, 4, 19, 50)] == [0.25, 1.0, 1.0, 1.0, 1.0]
+    # 100 steps × 8 over 160 samples: 5 epochs of 20 steps; the multiplier of epoch e is the cosine at e / 5
+    epoch = lr_lambda(TrainConfig(steps=100, batch_size=8, lr=1e-3, lr_schedule="cosine_epoch", lr_min=1e-4), 160)
+    for s, e in ((0, 0), (19, 0), (20, 1), (45, 2), (99, 4), (100, 5), (180, 9)):
+        assert epoch(s) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, e / 5)))), s
+    cos = lr_lambda(TrainConfig(steps=100, lr=1e-3, lr_schedule="cosine", lr_min=1e-4), 1)
+    assert cos(100) == cos(150) == pytest.approx(0.1)
+    short = lr_lambda(TrainConfig(steps=3, lr=1e-3, lr_schedule="cosine", lr_min=1e-4, warmup_steps=2), 1)
+    assert [short(s) for s in (0, 1, 2, 3)] == pytest.approx([0.5, 1.0, 1.0, 0.1])
+    with pytest.raises(InputError, match="train.lr_schedule 'linear': expected 'constant', 'cosine' or 'cosine_epoch'"):
+        lr_lambda(TrainConfig(lr_schedule="linear"), 1)
