@@ -1,3 +1,3 @@
-from lfm_fast.cli import main
+from lfm_fast.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -35,4 +35,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    from lfm_fast.cli import exit_now
+
+    exit_now(main(sys.argv[1:]))

@@ -101,7 +101,8 @@ def read_semantic_inputs(semantic: str, size: int, num_classes: int) -> tuple[li
 
 @torch.no_grad()
 def inpaint_condition(ae, images: np.ndarray, holes: np.ndarray, factor: int, batch_size: int = 64) -> torch.Tensor:
-    """[latent of the image with its holes grey, hole mask max-pooled to the latent grid], as `prepare` stores it."""
+    """[latent of the image with its holes grey, each latent cell's share of hole pixels (the mask average-pooled to
+    the latent grid, in steps of 1/255)], as `prepare` stores it."""
     from lfm_fast.data.masks import masked_image_condition
     from lfm_fast.data.shapes import to_tensor
 

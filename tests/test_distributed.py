@@ -1,7 +1,8 @@
 """FSDP2 training and distributed sampling with real process groups: torchrun, 1 or 2 CPU processes, gloo.
 
-Every run here is `python -m torch.distributed.run … -m lfm_fast train|sample` in a subprocess, one thread per
-process (so 1-rank and 2-rank runs do their arithmetic alike)."""
+Every multi-rank run here is torchrun in a subprocess, through `python -m lfm_fast.launch` (torchrun as `--nproc` runs
+it, ending without Python's module teardown) or as the README writes it (`python -m torch.distributed.run`, the
+two-agent test); one thread per process, so 1-rank and 2-rank runs do their arithmetic alike."""
 
 import json
 import os
@@ -28,7 +29,7 @@ def torchrun(nproc: int, *args: str, fault: str | None = None, check: bool = Tru
     env.pop("LFM_FAST_FAULT", None)
     if fault:
         env["LFM_FAST_FAULT"] = fault
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "lfm_fast", "--", *args]
+    cmd = [sys.executable, "-m", "lfm_fast.launch", "--standalone", f"--nproc_per_node={nproc}", "-m", "lfm_fast", "--", *args]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if check and res.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({res.returncode}):\n{res.stderr[-3000:]}")

@@ -168,3 +168,74 @@ def test_flop_formula_is_what_torch_counts(kw):
         model(torch.randn(2, 4, cfg.input_size, cfg.input_size), torch.rand(2),
               torch.zeros(2, dtype=torch.long) if cfg.num_classes else None, cond)
     assert counter.get_total_flops() / 2 == forward_flops_per_image(cfg)
+
+
+@pytest.mark.parametrize("kind", ["label", "inpaint"])
+def test_guided_rows_alone_get_the_guided_combination_and_scale_one_is_one_plain_forward(kind):
+    """`guided` (a guidance interval, each row its own time): its rows get v_u + s·(v_c − v_u), the others v_c, in
+    one forward of the batch plus the guided rows; at scale 1 the call is the conditional forward itself, at batch n."""
+    model = small() if kind == "label" else small(num_classes=0, **CONDITIONED["inpaint"])
+    x, t = torch.randn(4, 4, 8, 8), torch.rand(4)
+    y, c = (torch.tensor([0, 1, 2, 4]), None) if kind == "label" else (None, a_condition("inpaint", 4))
+    from lfm_fast.models.cond import null_condition
+
+    v_c = model(x, t, y, c)
+    v_u = model(x, t, None if y is None else torch.full_like(y, 5), None if c is None else null_condition("inpaint", c))
+    guided = torch.tensor([True, False, True, False])
+    batches = []
+    model.x_embedder.register_forward_hook(lambda m, args, out: batches.append(args[0].shape[0]))
+    got = model.forward_with_cfg(x, t, y, 3.0, c, guided=guided)
+    torch.testing.assert_close(got[guided], (v_u + 3.0 * (v_c - v_u))[guided], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[~guided], v_c[~guided], rtol=1e-6, atol=1e-6)
+    assert batches == [6]
+    assert torch.equal(model.forward_with_cfg(x, t, y, 1.0, c), model(x, t, y, c)) and batches[1:] == [4, 4]
+    if kind == "label":  # no label to guide by: the unconditional forward, once
+        assert torch.equal(model.forward_with_cfg(x, t, None, 3.0), model(x, t, None)) and batches[3:] == [4, 4]
+
+
+def test_an_unlabelled_call_uses_the_null_class_on_the_models_device_and_bf16_weights_take_fp32_inputs():
+    """y=None on a class-conditional model is the null class, made where the model lives (the meta device here
+    stands for a GPU: a host-side index would fail there); a net with bf16 parameters and an fp32 position table (as
+    FSDP2's bf16 compute casts it) takes fp32 latents, times and one-hot maps, and computes what its fp32 self does to
+    bf16's precision."""
+    model = small()
+    x, t = torch.randn(3, 4, 8, 8), torch.rand(3)
+    assert torch.equal(model(x, t, None), model(x, t, torch.full((3,), 5)))
+    meta, labels = small().to("meta"), []
+    meta.y_embedder.register_forward_pre_hook(lambda m, args: labels.append(args[0]))
+    assert meta(x.to("meta"), t.to("meta"), None).shape == (3, 4, 8, 8)
+    assert labels[0].device.type == "meta" and labels[0].dtype == torch.long and labels[0].shape == (3,)
+    sem = small(**CONDITIONED["semantic"])
+    c = a_condition("semantic", 3)
+    want = sem(x, t, torch.tensor([0, 1, 2]), c)
+    for p in sem.parameters():  # FSDP2's bf16 compute: the parameters cast, the buffers (the position table) not
+        p.data = p.data.bfloat16()
+    got = sem(x, t, torch.tensor([0, 1, 2]), c)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05 * want.abs().max().item())
+
+
+def test_the_semantic_rescaler_is_an_average_of_each_cell_then_a_1x1_convolution():
+    """Bilinear halving (align_corners=False) at exactly ½ averages each 2×2 block: `stages` of them are the average
+    over each 2^stages cell, an independent way to the same map."""
+    import torch.nn.functional as F
+
+    from lfm_fast.models.cond import SpatialRescaler
+
+    torch.manual_seed(0)
+    enc = SpatialRescaler(num_classes=6, out_channels=3, stages=2)
+    onehot = F.one_hot(torch.randint(0, 6, (2, 16, 16)), 6).permute(0, 3, 1, 2).float()
+    torch.testing.assert_close(enc(onehot), enc.proj(F.avg_pool2d(onehot, 4)), rtol=1e-5, atol=1e-6)
+
+
+def test_condition_settings_are_checked_at_their_bounds_with_the_expected_values_named():
+    small(condition="semantic", cond_channels=1, semantic_classes=1)  # the least a semantic model may have
+    small(condition="inpaint", cond_channels=5)  # the latent's 4 channels and the hole mask
+    for kw, words in [({"condition": "inpaint", "cond_channels": 4}, "expected cond_channels=5$"),
+                      ({"condition": "none", "cond_channels": 2}, "expected cond_channels=0$"),
+                      ({"condition": "semantic", "cond_channels": 0, "semantic_classes": 3},
+                       "expected cond_channels=≥ 1 and semantic_classes ≥ 1"),
+                      ({"condition": "semantic", "cond_channels": 2, "semantic_classes": 0}, "semantic_classes ≥ 1"),
+                      ({"condition": "depth"}, "condition 'depth': expected one of none, inpaint, semantic")]:
+        with pytest.raises(InputError, match=words):
+            small(**kw)

@@ -24,6 +24,13 @@ def model():
     return perturbed(DiT(DiTConfig(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=6)))
 
 
+@pytest.fixture(scope="module")
+def heun2(model, tmp_path_factory):
+    """The fp32 Heun-2 sampler graph of `model` (CFG 2), exported once for the tests that read it: (path, metadata)."""
+    path = str(tmp_path_factory.mktemp("heun2") / "s2.onnx")
+    return path, export_onnx(model, path, SampleConfig("heun", 2, 2.0))
+
+
 def inputs(b, size=8):
     return per_image_noise(list(range(b)), (4, size, size)), torch.arange(b) % 6
 
@@ -51,9 +58,8 @@ def test_onnx_multistep_sampler_on_a_calibrated_grid_matches_eager(model, tmp_pa
     assert (out - sample_with(model, noise, y, cfg).latents).abs().max() <= 1e-4
 
 
-def test_onnx_sampler_matches_eager_fp32_and_fp16_with_dynamic_batch(model, tmp_path):
-    path = str(tmp_path / "s.onnx")
-    meta = export_onnx(model, path, SampleConfig("heun", 2, 2.0))
+def test_onnx_sampler_matches_eager_fp32_and_fp16_with_dynamic_batch(model, heun2, tmp_path):
+    path, meta = heun2
     assert read_metadata(path) == meta
     assert (meta["solver"], meta["steps"], meta["cfg"], meta["nfe"], meta["latent_shape"]) == ("heun", "2", "2.0", "4", "[4, 8, 8]")
     runner = OrtSampler(path, threads=1)
@@ -96,14 +102,15 @@ def test_bf16_graph_is_typed_in_the_graph_with_fp32_inputs_and_outputs(model, tm
     assert {weights[n] for n in weights if n not in per_sample} == {onnx.TensorProto.BFLOAT16}
 
 
-def test_unrolled_graph_holds_the_weights_once_and_exports_in_the_same_time_at_any_steps(model, tmp_path):
+def test_unrolled_graph_holds_the_weights_once_and_exports_in_the_same_time_at_any_steps(model, heun2, tmp_path):
     """The network is traced once and spliced into every evaluation: the file grows by nodes, not by weights."""
     import onnx
 
     sizes = {}
     for steps in (2, 6):
-        path = tmp_path / f"s{steps}.onnx"
-        export_onnx(model, str(path), SampleConfig("heun", steps, 2.0))
+        path = heun2[0] if steps == 2 else tmp_path / f"s{steps}.onnx"
+        if steps != 2:
+            export_onnx(model, str(path), SampleConfig("heun", steps, 2.0))
         proto = onnx.load(str(path))
         sizes[steps] = [sum(len(t.raw_data) for t in proto.graph.initializer if t.name.startswith("net/")),
                         sum(len(t.raw_data) for t in proto.graph.initializer)]

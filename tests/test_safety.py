@@ -160,3 +160,35 @@ def test_sigterm_leaves_nothing_half_written(tmp_path):
     assert "meta.json" not in left and not [n for n in left if "tmp" in n] and "shard-00000.safetensors" in left
     with pytest.raises(InputError, match="unfinished"):
         LatentShardDataset(str(out))
+
+
+def test_the_command_ends_without_module_teardown_but_with_everything_an_exit_owes(tmp_path):
+    """`lfm-fast` ends through `exit_now`: os._exit with main's code, after what Python's own exit does first (a
+    non-daemon thread still writing is joined, atexit handlers run, a block-buffered stdout pipe is flushed), and
+    without the 1.5–2.5 s teardown of torch's modules (a garbage collection that the nanobind leak report of triton's
+    bindings would follow if it ran with objects alive)."""
+    import subprocess
+    import sys
+    import time
+
+    script = f"""
+import atexit, threading, time, sys
+import torch
+from lfm_fast.cli import exit_now
+def late():
+    time.sleep(0.3)
+    open({str(tmp_path / "thread")!r}, "w").write("joined")
+threading.Thread(target=late).start()
+atexit.register(lambda: open({str(tmp_path / "atexit")!r}, "w").write("ran"))
+class Global:
+    def __del__(self):
+        open({str(tmp_path / "teardown")!r}, "w").write("ran")
+kept = Global()
+print("x" * 100)  # stdout is a pipe: block-buffered, still in the buffer at os._exit
+exit_now(3)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 3 and res.stdout == "x" * 100 + "\n" and res.stderr == "", res.stderr[-2000:]
+    assert (tmp_path / "thread").read_text() == "joined" and (tmp_path / "atexit").read_text() == "ran"
+    assert not (tmp_path / "teardown").exists()

@@ -13,7 +13,6 @@ class LabelEmbedder(nn.Module):
 
     def __init__(self, num_classes: int, hidden_size: int):
         super().__init__()
-        self.num_classes = num_classes
         self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
