@@ -11,6 +11,8 @@ Usage: python bench/mutate.py [--scope ema,lr_schedule,...] [--out bench/results
 of tests added for them (the killed mutants stay killed, tests being only added or made stricter). `--rerun killed
 --tests-from REF` runs only the last run's killed mutants with REF's older tests: the older tests' score, taking the
 last run's survivors as surviving them too (older tests are weaker) at the cost of the cheap mutants only.
+A rerun keeps the last run's copy of lfm_fast/ (its mutants), and reruns only mutants the last run decided: those
+it left "not checked" (an interrupted run) are not in the score; run the scope again without --rerun for them.
 `cd mutants-work/SCOPE && mutmut show NAME` prints a survivor's diff. About 1–3 s for a mutant a fast test kills;
 a survivor costs every selected test that reaches it.
 """
@@ -76,6 +78,8 @@ def rerun(scope: str, which: str, tests_from: str | None) -> tuple[Path, list[st
     """The scope's last work folder with the working tree's (or REF's) tests in it, mutmut's test-to-function map
     dropped (it is collected again for these tests), and the names of the last run's survivors or killed mutants."""
     work = ROOT / "mutants-work" / scope
+    if not (work / "mutants").is_dir():
+        sys.exit(f"mutate.py: --rerun {which}: no earlier run of {scope} in {work} (run it without --rerun first)")
     last = summary(work, SCOPES[scope][0])
     names = last["survivors"] if which == "survivors" else last["killed_names"]
     for tests in (work / "tests", work / "mutants" / "tests"):
@@ -113,7 +117,7 @@ def summary(work: Path, globs: list[str]) -> dict:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scope", default=",".join(SCOPES), help=f"comma-separated, of: {', '.join(SCOPES)}")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "cpu" / "mutation.json"),
                    help="the JSON the scores are merged into, under the tests' revision (default: %(default)s)")
@@ -128,6 +132,10 @@ def main():
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     mutmut = Path(sys.executable).with_name("mutmut")
     table = {}
+    if a.rerun == "killed" and not a.tests_from:
+        p.error("--rerun killed scores older tests: give them with --tests-from REF")
+    if a.rerun == "survivors" and a.tests_from:
+        p.error("--rerun survivors runs the working tree's tests: no --tests-from with it")
     for scope in scopes:
         work, names = rerun(scope, a.rerun, a.tests_from) if a.rerun else (prepare(scope, a.tests_from), SCOPES[scope][0])
         if names:

@@ -35,6 +35,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from lfm_fast.cli import exit_now
+    from lfm_fast.cli import end
 
-    exit_now(main(sys.argv[1:]))
+    end(main(sys.argv[1:]))

@@ -28,6 +28,24 @@ def a_condition(kind, n):
     return None
 
 
+class PoolAE(torch.nn.Module):
+    """A stand-in autoencoder for the inpainting condition: its posterior mode is the average over each 4×4 cell
+    (3 → 3 channels), scaled by `config.scaling_factor` in `encode` as diffusers' AutoencoderKL's latents are."""
+
+    def __init__(self, scaling_factor: float):
+        import types
+
+        super().__init__()
+        self.config = types.SimpleNamespace(scaling_factor=scaling_factor)
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def encode(self, x):
+        import types
+
+        pooled = torch.nn.functional.avg_pool2d(x, 4) * self.w
+        return types.SimpleNamespace(latent_dist=types.SimpleNamespace(mode=lambda: pooled))
+
+
 def write_random_latents(folder, n=48, shape=(4, 8, 8), num_classes=3, seed=0, shard_size=20, autoencoder="",
                          conditions=False):
     """Random latent shards; with `conditions`, also random semantic maps (5 classes, at 2× the latent grid) and 2
@@ -92,7 +110,8 @@ def repeated_sqrtm_once(tmp_path_factory):
     from scipy import linalg
 
     real = linalg.sqrtm
-    folder = tmp_path_factory.getbasetemp().parent / "sqrtm-cache"  # the root that every xdist worker shares
+    base = tmp_path_factory.getbasetemp()  # under xdist, each worker's: their parent is the session's, shared
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "sqrtm-cache"
     folder.mkdir(exist_ok=True)
 
     def sqrtm(a, disp=True, **kwargs):

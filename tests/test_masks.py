@@ -1,6 +1,8 @@
 import numpy as np
 import pytest
 
+from tests.conftest import PoolAE
+
 from lfm_fast.data.masks import make_masks
 
 
@@ -99,23 +101,10 @@ def test_the_inpainting_condition_greys_the_holes_and_gives_each_cells_hole_shar
     """masked_image_condition on a stand-in autoencoder whose posterior mode is a 4×4 average pool (3 → 3 channels):
     the latents are those of the image with its holes at 0 (grey in [-1, 1]), times the scaling factor, in any batch
     size; the grid holds each 4×4 cell's share of hole pixels, in steps of 1/255."""
-    import types
-
     import torch
     import torch.nn.functional as F
 
     from lfm_fast.data.masks import masked_image_condition
-
-    class PoolAE(torch.nn.Module):
-        config = types.SimpleNamespace(scaling_factor=0.5)
-
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.ones(()))
-
-        def encode(self, x):
-            pooled = F.avg_pool2d(x, 4) * self.w
-            return types.SimpleNamespace(latent_dist=types.SimpleNamespace(mode=lambda: pooled))
 
     torch.manual_seed(0)
     images = torch.rand(3, 3, 8, 8) * 2 - 1
@@ -125,7 +114,7 @@ def test_the_inpainting_condition_greys_the_holes_and_gives_each_cells_hole_shar
     holes[1, 4:, 4:6] = True  # half a cell
     holes[2] = torch.rand(8, 8) < 0.5
     for batch in (1, 2, 64):
-        latents, grid = masked_image_condition(PoolAE(), images, holes, 4, batch_size=batch)
+        latents, grid = masked_image_condition(PoolAE(0.5), images, holes, 4, batch_size=batch)
         torch.testing.assert_close(latents, F.avg_pool2d(images.masked_fill(holes[:, None], 0.0), 4) * 0.5)
         assert grid.shape == (3, 1, 2, 2) and grid.dtype == torch.float32
         assert torch.equal(grid[0, 0], torch.tensor([[16 / 255, 1.0], [0.0, 0.0]]))  # 1/16 = 15.94/255: the nearest step

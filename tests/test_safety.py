@@ -164,31 +164,37 @@ def test_sigterm_leaves_nothing_half_written(tmp_path):
 
 def test_the_command_ends_without_module_teardown_but_with_everything_an_exit_owes(tmp_path):
     """`lfm-fast` ends through `exit_now`: os._exit with main's code, after what Python's own exit does first (a
-    non-daemon thread still writing is joined, atexit handlers run, a block-buffered stdout pipe is flushed), and
-    without the 1.5–2.5 s teardown of torch's modules (a garbage collection that the nanobind leak report of triton's
-    bindings would follow if it ran with objects alive)."""
+    thread pool left open is shut down, a non-daemon thread still writing is joined, atexit handlers run, a
+    block-buffered stdout pipe is flushed), and without the teardown of torch's modules (0.8–2.5 s measured here): a
+    module global's finalizer, which that teardown would run, does not. stdout on a full disk makes a success exit 120,
+    as Python's own exit does."""
     import subprocess
     import sys
-    import time
 
     script = f"""
 import atexit, threading, time, sys
+from concurrent.futures import ThreadPoolExecutor
 import torch
 from lfm_fast.cli import exit_now
 def late():
     time.sleep(0.3)
     open({str(tmp_path / "thread")!r}, "w").write("joined")
 threading.Thread(target=late).start()
+pool = ThreadPoolExecutor(2)  # left open, as torch.compile's worker pool is: its idle workers wait for work
+pool.submit(time.sleep, 0.1)
 atexit.register(lambda: open({str(tmp_path / "atexit")!r}, "w").write("ran"))
 class Global:
     def __del__(self):
         open({str(tmp_path / "teardown")!r}, "w").write("ran")
 kept = Global()
 print("x" * 100)  # stdout is a pipe: block-buffered, still in the buffer at os._exit
-exit_now(3)
+exit_now(int(sys.argv[1]))
 """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 3 and res.stdout == "x" * 100 + "\n" and res.stderr == "", res.stderr[-2000:]
+    res = subprocess.run([sys.executable, "-c", script, "3"], env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 3 and res.stdout == "x" * 100 + "\n" and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert (tmp_path / "thread").read_text() == "joined" and (tmp_path / "atexit").read_text() == "ran"
     assert not (tmp_path / "teardown").exists()
+    with open("/dev/full", "w") as full:  # every write: ENOSPC
+        res = subprocess.run([sys.executable, "-c", script, "0"], env=env, stdout=full, stderr=subprocess.PIPE, timeout=60)
+    assert res.returncode == 120

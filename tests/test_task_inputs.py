@@ -14,6 +14,7 @@ from lfm_fast.errors import InputError
 from lfm_fast.fileio import image_grid
 from lfm_fast.tasks import (_files, _read, composite, palette, read_inpaint_inputs, read_semantic_inputs, semantic_condition,
                             task_grid)
+from tests.conftest import PoolAE
 
 
 def png(path, array, mode=None):
@@ -142,27 +143,15 @@ def test_composite_palette_and_grid():
 def test_the_inpaint_condition_is_the_grey_holed_images_latent_then_each_cells_hole_share():
     """[latent of the image with its holes grey, the holes' share of each latent cell], channels in that order, on a
     stand-in autoencoder whose posterior mode is an average over each 4×4 cell (scaled by its scaling factor)."""
-    import types
-
     import torch.nn.functional as F
 
     from lfm_fast.tasks import inpaint_condition
 
-    class PoolAE(torch.nn.Module):
-        config = types.SimpleNamespace(scaling_factor=0.25)
-
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.ones(()))
-
-        def encode(self, x):
-            pooled = F.avg_pool2d(x, 4) * self.w
-            return types.SimpleNamespace(latent_dist=types.SimpleNamespace(mode=lambda: pooled))
 
     images = np.stack([rgb(7), rgb(8)])
     holes = np.zeros((2, 8, 8), bool)
     holes[0, :4, :4], holes[1, 4:, :2] = True, True
-    cond = inpaint_condition(PoolAE(), images, holes, 4, batch_size=1)
+    cond = inpaint_condition(PoolAE(0.25), images, holes, 4, batch_size=1)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # [-1, 1]; grey is 0
     x = x.masked_fill(torch.from_numpy(holes)[:, None], 0.0)
     assert cond.shape == (2, 4, 2, 2)
