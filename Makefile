@@ -28,7 +28,7 @@ demo: install
 # small tensors, subprocess starts and Python, which two single-threaded workers run twice as fast as one with two
 # threads (and two 2-thread processes on 2 cores oversubscribe them: a training step measured 8× slower)
 test: install
-	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
+	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=10 tests
 
 # CPU suite (≈ 10 minutes): each bench file in a fresh process (in one long-lived process the demo's
 # eager sampling measured 4.6× slower after the other files), merged into bench/results/<date>-<host>.json

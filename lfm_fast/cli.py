@@ -990,23 +990,34 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The `lfm-fast` command and `python -m lfm_fast`: `main`, then a success ends through `exit_now`. A failure
-    exits as Python does: under `--nproc` only rank 0 prints a bad input's line, and another rank that ended at once
-    let torchrun stop rank 0 before it printed (seen in CI); the teardown's delay gives rank 0 its time, as before.
-    A reader that closed the pipe early (`lfm-fast presets | head -1`) ends the output quietly (exit 1, no traceback)."""
+    """The `lfm-fast` command and `python -m lfm_fast`: `main`, ending through `exit_now`. A reader that closed the
+    pipe early (`lfm-fast presets | head -1`) ends the output quietly (exit 1, no traceback)."""
     try:
         code = main()
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more reaches the closed pipe
         code = 1
-    end(code)
-
-
-def end(code: int) -> None:
-    """A success through `exit_now`, anything else through Python's own exit."""
-    if code:
-        raise SystemExit(code)
     exit_now(code)
+
+
+def report(line: str) -> None:
+    """The one line a command ends with when it fails or is stopped (`lfm-fast: error: …`, `… interrupted`,
+    `… terminated`). Every rank meets it; the user sees it once. Under torchrun each rank also writes it to its error
+    file (torchrun's failure summary reads it). Under `--nproc` (`lfm_fast.launch`) no worker prints: the launcher
+    prints one line from the error files, since a rank that printed itself could be stopped by torchrun (after
+    another rank's exit) before it did. Elsewhere rank 0 prints it."""
+    import json
+    import time
+
+    from lfm_fast.dist import is_main_process
+
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # in the layout of torch.distributed.elastic's `record`
+        with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
+            json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}, f)
+        if os.environ.get("LFM_FAST_LAUNCH"):
+            return
+    if is_main_process():
+        print(line, file=sys.stderr)
 
 
 def exit_now(code: int) -> None:
@@ -1065,7 +1076,7 @@ def _main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # --help, or argparse's one-line error
         return int(e.code or 0)
-    from lfm_fast.dist import is_main_process, launched_by_torchrun, shutdown
+    from lfm_fast.dist import launched_by_torchrun, shutdown
 
     nproc = getattr(args, "nproc", None)
     if nproc is not None and nproc < 1:
@@ -1077,18 +1088,16 @@ def _main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args)
     except InputError as e:
-        if is_main_process():  # every rank meets the same bad input; one line is enough
-            print(f"lfm-fast: error: {e}", file=sys.stderr)
+        report(f"lfm-fast: error: {e}")
         return 2
     except RunError as e:
-        if is_main_process():
-            print(f"lfm-fast: error: {e}", file=sys.stderr)
+        report(f"lfm-fast: error: {e}")
         return 1
     except KeyboardInterrupt:
-        print("lfm-fast: interrupted", file=sys.stderr)
+        report("lfm-fast: interrupted")
         return 130
     except Terminated:
-        print("lfm-fast: terminated (SIGTERM); nothing half-written is left", file=sys.stderr)
+        report("lfm-fast: terminated (SIGTERM); nothing half-written is left")
         return 128 + signal.SIGTERM
     finally:
         if previous is not None:

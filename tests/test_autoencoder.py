@@ -10,7 +10,7 @@ from lfm_fast.errors import InputError
 
 def test_small_ae_trains_measures_its_scale_and_round_trips(tmp_path):
     images = ShapesDataset(256, 32, seed=0).images
-    summary = train_autoencoder(images, str(tmp_path / "ae"), steps=60, batch_size=16, progress=False)
+    summary = train_autoencoder(images, str(tmp_path / "ae"), steps=40, batch_size=16, progress=False)
     ae = load_autoencoder(str(tmp_path / "ae"))
     assert downsample_factor(ae) == 4
     # the measured scaling factor is persisted in the diffusers config and makes latents unit-variance
@@ -19,7 +19,7 @@ def test_small_ae_trains_measures_its_scale_and_round_trips(tmp_path):
     assert z.shape == (256, 4, 8, 8) and abs(z.std().item() - 1) < 0.05
     rec = decode(ae, z)
     assert rec.shape == images.shape and rec.min() >= -1 and rec.max() <= 1
-    # 60 steps already reconstruct better than the mean image does
+    # 40 steps already reconstruct better than the mean image does (measured: 0.76 of its error; 30 steps: 0.82)
     baseline = (images - images.mean(0)).pow(2).mean()
     assert (rec - images).pow(2).mean() < 0.85 * baseline
     # encode is deterministic (posterior mean) and the saved weights reload exactly

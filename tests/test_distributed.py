@@ -287,6 +287,52 @@ def test_nproc_reports_a_bad_input_as_one_line_and_a_crash_with_the_failing_rank
     assert 'in fault_point' in summary  # the worker's own traceback, from its error file
 
 
+def test_a_workers_error_line_reaches_the_user_once_through_the_launcher(tmp_path, monkeypatch, capsys):
+    """Under `--nproc` the workers write a bad input's line to their torchrun error files and print nothing; the
+    launcher prints it once, with the worker's exit code. A rank 0 that torchrun stopped before it reached the line
+    (after another rank's exit: seen in CI, when rank 0 alone printed) no longer loses it."""
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from lfm_fast import launch
+    from lfm_fast.cli import report
+
+    files = [str(tmp_path / f"error-{rank}.json") for rank in range(3)]
+    line = "lfm-fast: error: checkpoint x: no such folder"
+    monkeypatch.setenv("LFM_FAST_LAUNCH", "1")
+    for rank in (1, 2):  # ranks 1 and 2 met the bad input; rank 0 was stopped first
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", files[rank])
+        report(line)
+    assert capsys.readouterr().err == ""
+    failures = {0: ProcessFailure(0, 10, -15, files[0]), 1: ProcessFailure(1, 11, 2, files[1]), 2: ProcessFailure(2, 12, 2, files[2])}
+
+    def torchrun(argv):
+        raise ChildFailedError("lfm_fast", failures)
+
+    monkeypatch.setattr(torch.distributed.run, "main", torchrun)
+    assert launch.main([]) == 2 and capsys.readouterr().err == line + "\n"
+    # rank 0, stopped by torchrun's SIGTERM mid-command, wrote its own line: the error's is the one printed
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", files[0])
+    report("lfm-fast: terminated (SIGTERM); nothing half-written is left")
+    failures[0] = ProcessFailure(0, 10, 143, files[0])
+    assert launch.main([]) == 2 and capsys.readouterr().err == line + "\n"
+    for rank in (1, 2):  # a stop of every rank (a SIGTERM the user sent): its line, once, with its code
+        failures[rank] = ProcessFailure(rank, 11, 143, files[0])
+    assert launch.main([]) == 143 and capsys.readouterr().err == "lfm-fast: terminated (SIGTERM); nothing half-written is left\n"
+    failures[0] = ProcessFailure(0, 10, 1, str(tmp_path / "none.json"))  # a crash is not hidden behind the others' lines
+    assert launch.main([]) == 1 and "lfm_fast FAILED" in capsys.readouterr().err
+    # torchrun run by hand: rank 0 prints the line, and each rank's error file (torchrun's summary) holds it too
+    monkeypatch.delenv("LFM_FAST_LAUNCH")
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", files[rank])
+        report("lfm-fast: error: y")
+        assert json.load(open(files[rank]))["message"]["message"] == "lfm-fast: error: y"
+    assert capsys.readouterr().err == "lfm-fast: error: y\n"
+
+
 def test_two_torchrun_agents_train_checkpoint_and_resume_as_documented(runs, tmp_path):
     """Multi-node as the README launches it: two torchrun agents (here on one machine, one process each) meet at a
     c10d rendezvous, train to a stop, and two new agents resume; the run is the 2-rank standalone one."""

@@ -127,6 +127,7 @@ def test_cli_eval_end_to_end(random_inception, tiny_pipeline, tmp_path, capsys):
     from lfm_fast.data.shapes import to_tensor
     from lfm_fast.eval.frechet import gaussian_stats
     from lfm_fast.eval.precision_recall import precision_recall
+    from lfm_fast.eval.run import evaluate
 
     net = load_inception(path)
     fa, fb = (inception_features(net, x, 50, progress=False) for x in (a, b))
@@ -136,10 +137,15 @@ def test_cli_eval_end_to_end(random_inception, tiny_pipeline, tmp_path, capsys):
     ae = load_autoencoder(str(tiny_pipeline / "ae"))
     la, lb = (encode(ae, to_tensor(x)).numpy() for x in (a, b))
     assert result["latent_fd"] == pytest.approx(pytorch_fid_frechet()(*gaussian_stats(lb), *gaussian_stats(la)), rel=1e-6)
-    assert result["fid"] > 10 and result["latent_fd"] > 0  # two sets of shapes: ~100 (themselves: 0, below)
-    # the saved statistics reproduce the FID of the samples against themselves: 0
-    assert main(["eval", "--samples", str(tmp_path / "a.npz"), "--ref", str(tmp_path / "s.npz"), "--inception", path]) == 0
-    assert abs(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["fid"]) < 1e-3  # sqrtm's rounding (a, b: ~100)
+    assert result["fid"] > 10 and result["latent_fd"] > 0  # two sets of shapes: ~100
+    # --save-stats wrote the samples' statistics; a statistics file as --ref gives the FID its images give (the
+    # reference's statistics saved the same way: the same matrices, so the same value to the last bit)
+    with np.load(tmp_path / "s.npz") as f:
+        np.testing.assert_allclose(f["mu"], gaussian_stats(fa)[0], rtol=1e-12)
+        np.testing.assert_allclose(f["sigma"], gaussian_stats(fa)[1], rtol=1e-12, atol=1e-15)
+    evaluate(str(tmp_path / "b.npz"), str(tmp_path / "b.npz"), [], path, save_stats=str(tmp_path / "sb.npz"), progress=False)
+    assert main(["eval", "--samples", str(tmp_path / "a.npz"), "--ref", str(tmp_path / "sb.npz"), "--inception", path]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["fid"] == result["fid"]
     assert main(["eval", "--samples", str(tmp_path / "a.npz"), "--ref", str(tmp_path / "s.npz"), "--metrics", "pr",
                  "--inception", path]) == 2
     assert "statistics only" in capsys.readouterr().err
@@ -155,11 +161,15 @@ def test_an_adm_reference_batch_gives_its_stats_to_fid_and_its_images_to_pr(rand
     a, b = make_shapes(12, 32, seed=1)[0], make_shapes(12, 32, seed=2)[0]
     np.savez(tmp_path / "a.npz", arr_0=a)
     np.savez(tmp_path / "b.npz", arr_0=b)
-    evaluate(str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), [], path, save_stats=str(tmp_path / "sa.npz"), progress=False)
-    with np.load(tmp_path / "sa.npz") as f:  # the reference's statistics are the samples' own: FID 0 against them
-        np.savez(tmp_path / "adm.npz", arr_0=b, mu=f["mu"], sigma=f["sigma"])
+    for x, stats in (("a", "sa"), ("b", "sb")):  # each set's statistics, as --save-stats writes them
+        evaluate(str(tmp_path / f"{x}.npz"), str(tmp_path / "b.npz"), [], path, save_stats=str(tmp_path / f"{stats}.npz"), progress=False)
+    (mu_a, _), (mu_b, sigma_b) = ((f["mu"], f["sigma"]) for f in (np.load(tmp_path / "sa.npz"), np.load(tmp_path / "sb.npz")))
+    # statistics that are not its images': b's covariance with its mean moved by 1 (b's images give another FID)
+    np.savez(tmp_path / "adm.npz", arr_0=b, mu=mu_b + 1, sigma=sigma_b)
     both = evaluate(str(tmp_path / "a.npz"), str(tmp_path / "adm.npz"), ["fid", "pr"], path, progress=False)
-    images = evaluate(str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), ["pr"], path, progress=False)
-    assert abs(both["fid"]) < 1e-3 and both["precision"] == images["precision"] and both["num_reference"] == 12
+    images = evaluate(str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), ["fid", "pr"], path, progress=False)
+    moved = images["fid"] - ((mu_a - mu_b) ** 2).sum() + ((mu_a - mu_b - 1) ** 2).sum()  # only the mean's term changes
+    assert both["fid"] == pytest.approx(moved, rel=1e-9) and abs(moved - images["fid"]) > 100
+    assert both["precision"] == images["precision"] and both["num_reference"] == 12
     with pytest.raises(InputError, match="holds statistics only"):
         evaluate(str(tmp_path / "a.npz"), str(tmp_path / "sa.npz"), ["pr"], "/nonexistent/inception.pth", progress=False)

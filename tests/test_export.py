@@ -249,10 +249,12 @@ def test_cli_velocity_graph_takes_the_recipe_at_sampling_time_and_refuses_mismat
     assert not (tmp_path / "z.onnx").exists()
 
 
-def test_large_graphs_keep_their_weights_in_one_data_file_and_leave_no_orphans(model, tmp_path):
-    """Past the threshold (1.5 GiB; lowered here) every large weight goes to <out>.data; an inline export over an
-    external one removes the data file the old graph referenced."""
+def test_large_graphs_keep_their_weights_in_one_data_file_and_leave_no_orphans(model, heun2, tmp_path):
+    """Past the threshold (1.5 GiB; lowered here) every large weight goes to <out>.data; an inline graph written over
+    an external one removes the data file the old graph referenced."""
     import onnx
+
+    from lfm_fast.export.onnx import save_onnx
 
     path = tmp_path / "big.onnx"
     export_onnx(model, str(path), SampleConfig("heun", 2, 2.0), external_bytes=10_000)
@@ -264,7 +266,7 @@ def test_large_graphs_keep_their_weights_in_one_data_file_and_leave_no_orphans(m
     noise, y = inputs(2)
     ref = sample(model, noise, y, solver="heun", steps=2, cfg=2.0).latents
     assert (OrtSampler(str(path), threads=1)(noise, y) - ref).abs().max() <= 1e-6
-    export_onnx(model, str(path), SampleConfig("heun", 2, 2.0))  # inline now: the old data file goes with it
+    save_onnx(onnx.load(heun2[0]), str(path))  # the same graph, inline now: the old data file goes with it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx"]
     assert (OrtSampler(str(path), threads=1)(noise, y) - ref).abs().max() <= 1e-6
 
@@ -372,10 +374,9 @@ def stub_cuda_buffers(monkeypatch) -> list:
     return asked
 
 
-def test_ort_graph_binds_its_buffers_on_the_gpu_its_session_runs_on(gpu_providers, model, tmp_path):
+def test_ort_graph_binds_its_buffers_on_the_gpu_its_session_runs_on(gpu_providers, heun2):
     """On rank 1 the providers get device 1, and so do the inputs, the output and their bindings (not cuda:0)."""
-    path = str(tmp_path / "s.onnx")
-    export_onnx(model, path, SampleConfig("euler", 1, 1.0))
+    path = heun2[0]
     gpu_providers.setenv("LOCAL_RANK", "1")
     runner = OrtSampler(path)
     assert [options["device_id"] for _, options in runner.session.provider_options[:2]] == [1, 1]
@@ -386,9 +387,8 @@ def test_ort_graph_binds_its_buffers_on_the_gpu_its_session_runs_on(gpu_provider
     assert asked == [torch.device("cuda", 1)] * 3 and runner.device == torch.device("cuda", 1) and runner.session.runs == 1
 
 
-def test_ort_tensorrt_provider_refuses_a_batch_outside_its_profile_before_running(gpu_providers, model, tmp_path):
-    path = str(tmp_path / "s.onnx")
-    export_onnx(model, path, SampleConfig("euler", 1, 1.0))
+def test_ort_tensorrt_provider_refuses_a_batch_outside_its_profile_before_running(gpu_providers, heun2):
+    path = heun2[0]
     runner = OrtSampler(path, batch_range=(1, 4, 8))
     noise, y = inputs(9)
     asked = stub_cuda_buffers(gpu_providers)

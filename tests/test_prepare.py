@@ -83,7 +83,7 @@ def test_prepare_reads_lmdb_and_celebamask_through_dataloader_workers(tmp_path, 
     assert not (tmp_path / "c").exists()
 
 
-def test_prepare_resumes_after_a_kill_to_the_bytes_of_an_uninterrupted_run_and_two_ranks_write_the_same(tmp_path):
+def test_prepare_resumes_after_a_kill_to_the_bytes_of_an_uninterrupted_run_and_two_ranks_write_the_same(tmp_path, capsys):
     args = ["--ae", "builtin:shapes", "--data", "shapes", "--num-images", "40", "--shard-size", "12", "--batch-size", "5",
             "--inpaint-masks", "2"]
     whole = tmp_path / "whole"
@@ -99,10 +99,10 @@ def test_prepare_resumes_after_a_kill_to_the_bytes_of_an_uninterrupted_run_and_t
     assert not (cut / "meta.json").exists() and not [p for p in cut.iterdir() if ".tmp" in p.name]
     with pytest.raises(Exception, match="unfinished"):
         LatentShardDataset(str(cut))
-    changed = subprocess.run([*cmd[:-2], "--seed", "1", "--out", str(cut)], capture_output=True, text=True, timeout=300)
-    assert changed.returncode == 2 and "differ in: mask_seed, seed" in changed.stderr
-    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0 and "resuming" in resumed.stderr and "2 of 4 shards" in resumed.stderr
+    # the refusal and the resume in this process (the kill above and the ranks below need their own processes)
+    assert_input_error(*run_cli(capsys, "prepare", *args, "--seed", "1", "--out", str(cut)), "differ in: mask_seed, seed")
+    code, err = run_cli(capsys, "prepare", *args, "--out", str(cut))
+    assert code == 0 and "resuming" in err and "2 of 4 shards" in err
     two = tmp_path / "two"
     ranks = subprocess.run([*cmd[:-2], "--out", str(two), "--nproc", "2"], capture_output=True, text=True, timeout=300)
     assert ranks.returncode == 0, ranks.stderr

@@ -20,9 +20,9 @@ def run(fn, q, k, v, do):
     return out.detach(), q.grad, k.grad, v.grad
 
 
-# batch/head strides at bh = 3 up to T = 64; many key blocks and a ragged last one (T = 256, 300) at bh = 1, where
-# the interpreter takes seconds instead of the 25 s that 9 heads take
-CASES = [(bh, t, d) for d in (32, 64, 72, 128) for t in (1, 17, 64, 256, 300) for bh in (1, 3) if not (bh == 3 and t >= 256)]
+# batch/head strides at bh = 3 up to T = 64; many key blocks, full ones and a ragged last one (T = 300), at bh = 1,
+# where the interpreter takes seconds instead of the 25 s that 9 heads take
+CASES = [(bh, t, d) for d in (32, 64, 72, 128) for t in (1, 17, 64, 300) for bh in (1, 3) if not (bh == 3 and t == 300)]
 CASES += [(1, 17, 96), (1, 300, 96), (2, 1, 256)]  # DiT-B/2-like head dim 96; the largest head dim
 
 
