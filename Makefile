@@ -24,11 +24,12 @@ $(STAMP): pyproject.toml setup.py requirements/torch.txt
 demo: install
 	.venv/bin/lfm-fast demo --out runs/demo --overwrite
 
-# two pytest workers, a file each at a time (its module fixtures built once), one torch thread each: most tests are
-# small tensors, subprocess starts and Python, which two single-threaded workers run twice as fast as one with two
-# threads (and two 2-thread processes on 2 cores oversubscribe them: a training step measured 8× slower)
+# pytest workers a file each at a time (its module fixtures built once), one torch thread each: most tests are small
+# tensors, subprocess starts and Python, which single-threaded workers run faster than threads do (two 2-thread
+# processes on 2 cores oversubscribe them: a training step measured 8× slower). Three workers on 2 cores: the third
+# runs while the others wait on a subprocess, a lock or the last file (the cores were busy 90 % of a 3-worker run)
 test: install
-	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=10 tests
+	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 $(PY) -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder --durations=10 tests
 
 # CPU suite (≈ 10 minutes): each bench file in a fresh process (in one long-lived process the demo's
 # eager sampling measured 4.6× slower after the other files), merged into bench/results/<date>-<host>.json

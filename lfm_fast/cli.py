@@ -307,8 +307,8 @@ def _add_overwrite_flag(p):
 
 def _add_nproc_flag(p):
     p.add_argument("--nproc", type=int, default=None, metavar="N",
-                   help="run on N local processes (starts torchrun for you; the same as "
-                   "`torchrun --nproc_per_node=N -m lfm_fast -- …`). Multi-node: call torchrun yourself (README)")
+                   help="run on N local processes (starts torchrun for you, as `torchrun --nproc_per_node=N -m "
+                   "lfm_fast -- …` would, and reports a failure in one line). Multi-node: call torchrun yourself (README)")
 
 
 def _add_backend_flags(p):
@@ -964,7 +964,12 @@ def _relaunch(argv: list[str], nproc: int) -> int:
 
     forward = {s: signal.signal(s, pass_on) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:
-        return child.wait()
+        code = child.wait()
+        if code < 0:  # torchrun itself stopped by a signal, before it had workers to pass it on to
+            if -code in (signal.SIGTERM, signal.SIGINT):
+                report("lfm-fast: interrupted" if -code == signal.SIGINT else "lfm-fast: terminated (SIGTERM); nothing half-written is left")
+            code = 128 - code
+        return code
     finally:
         for s, handler in forward.items():
             signal.signal(s, handler)
@@ -1011,9 +1016,13 @@ def report(line: str) -> None:
 
     from lfm_fast.dist import is_main_process
 
-    if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # in the layout of torch.distributed.elastic's `record`
-        with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the command is ending: torchrun's SIGTERM must not cut the line
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:  # in the layout of torch.distributed.elastic's `record`; whole or not at all (torchrun parses it)
+        with open(error_file + ".tmp", "w") as f:
             json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}, f)
+        os.replace(error_file + ".tmp", error_file)
         if os.environ.get("LFM_FAST_LAUNCH"):
             return
     if is_main_process():
@@ -1066,7 +1075,8 @@ class Terminated(BaseException):
 
 
 def _terminate(signum, frame):
-    raise Terminated()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM (torchrun stopping the other ranks) must not
+    raise Terminated()                                # cut short the removal of what is half-written
 
 
 def _main(argv: list[str] | None = None) -> int:

@@ -20,8 +20,10 @@ def main(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
-    for name in ("torch.distributed.elastic", "torch.distributed.elastic.multiprocessing.errors"):  # (a level of its own)
-        logging.getLogger(name).setLevel(logging.CRITICAL)  # the failures are reported below
+    # the failures are reported below; torchrun's note that each worker gets OMP_NUM_THREADS=1 (where it is unset)
+    # would come before a bad input's one line (README "Many processes" says it)
+    for name in ("torch.distributed.elastic", "torch.distributed.elastic.multiprocessing.errors", "torch.distributed.run"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)  # (the second and third have levels of their own)
     os.environ["LFM_FAST_LAUNCH"] = "1"  # the workers leave their error line to us (see the module doc)
     # SLURM's --signal=USR1 reaches every process of the step: torchrun has no handler and would die of it, orphaning
     # its workers (which stop on it themselves). A handler, not SIG_IGN: the workers it starts get the default back
@@ -36,9 +38,11 @@ def main(argv: list[str]) -> int:
         messages = {rank: f.message.get("message") if isinstance(f.message, dict) else f.message for rank, f in e.failures.items()}
         ours = {rank: m for rank, m in messages.items() if isinstance(m, str) and m.startswith("lfm-fast: ")}
         if ours and all(rank in ours or f.exitcode == -signal.SIGTERM for rank, f in e.failures.items()):
-            rank = min(ours, key=lambda r: (not ours[r].startswith("lfm-fast: error:"), r))
+            # (a rank that torchrun killed after it wrote its line: that line, another rank's exit code)
+            rank = min(ours, key=lambda r: (not ours[r].startswith("lfm-fast: error:"), e.failures[r].exitcode < 0, r))
             print(ours[rank], file=sys.stderr)
-            return e.failures[rank].exitcode
+            code = e.failures[rank].exitcode
+            return 128 - code if code < 0 else code
         print(e.format_msg(), file=sys.stderr)
         return 1
     return 0

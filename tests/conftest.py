@@ -192,7 +192,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):  # after pyte
         terminalreporter.write_line(line, red=True)
 
 
-# The longest files first: `make test` hands whole files to its two workers in collection order (xdist's
+# The longest files first: `make test` hands whole files to its workers in collection order (xdist's
 # --no-loadscope-reorder: by default it orders files by test count), so a long file met last would run alone at the end (measured: test_distributed.py, ~6 minutes, started at 65 % of the run)
 LONGEST_FIRST = ("test_distributed.py", "test_tasks.py", "test_eval.py", "test_export.py", "test_readme.py",
                  "test_domain.py", "test_prepare.py", "test_dit_kernels.py", "test_dryrun.py", "test_autoencoder.py")

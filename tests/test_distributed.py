@@ -287,15 +287,20 @@ def test_nproc_reports_a_bad_input_as_one_line_and_a_crash_with_the_failing_rank
     assert 'in fault_point' in summary  # the worker's own traceback, from its error file
 
 
-def test_a_workers_error_line_reaches_the_user_once_through_the_launcher(tmp_path, monkeypatch, capsys):
+def test_a_workers_error_line_reaches_the_user_once_through_the_launcher(tmp_path, monkeypatch, capsys, request):
     """Under `--nproc` the workers write a bad input's line to their torchrun error files and print nothing; the
     launcher prints it once, with the worker's exit code. A rank 0 that torchrun stopped before it reached the line
     (after another rank's exit: seen in CI, when rank 0 alone printed) no longer loses it."""
+    import signal
+
     import torch.distributed.run
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-    from lfm_fast import launch
+    from lfm_fast import cli, launch
     from lfm_fast.cli import report
+
+    previous = signal.getsignal(signal.SIGTERM)  # report() and _terminate ignore a second SIGTERM: put it back
+    request.addfinalizer(lambda: signal.signal(signal.SIGTERM, previous))
 
     files = [str(tmp_path / f"error-{rank}.json") for rank in range(3)]
     line = "lfm-fast: error: checkpoint x: no such folder"
@@ -311,6 +316,11 @@ def test_a_workers_error_line_reaches_the_user_once_through_the_launcher(tmp_pat
         raise ChildFailedError("lfm_fast", failures)
 
     monkeypatch.setattr(torch.distributed.run, "main", torchrun)
+    assert launch.main([]) == 2 and capsys.readouterr().err == line + "\n"
+    monkeypatch.setenv("RANK", "0")  # rank 0 wrote the line too, then torchrun killed it: the line, rank 1's code
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", files[0])
+    report(line)
+    failures[0] = ProcessFailure(0, 10, -15, files[0])
     assert launch.main([]) == 2 and capsys.readouterr().err == line + "\n"
     # rank 0, stopped by torchrun's SIGTERM mid-command, wrote its own line: the error's is the one printed
     monkeypatch.setenv("RANK", "0")
@@ -331,6 +341,28 @@ def test_a_workers_error_line_reaches_the_user_once_through_the_launcher(tmp_pat
         report("lfm-fast: error: y")
         assert json.load(open(files[rank]))["message"]["message"] == "lfm-fast: error: y"
     assert capsys.readouterr().err == "lfm-fast: error: y\n"
+    # a SIGTERM while the first one unwinds (torchrun stopping the ranks after another's exit) cannot cut short the
+    # removal of a half-written output
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    with pytest.raises(cli.Terminated):
+        cli._terminate(signal.SIGTERM, None)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    # torchrun itself killed by the SIGTERM passed on (before it had workers): the line and 143, not exit 241
+
+    class Killed:
+        pid = 0
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def wait(self):
+            return -signal.SIGTERM
+
+    for name in ("TORCHELASTIC_ERROR_FILE", "RANK"):  # the `lfm-fast --nproc` process itself
+        monkeypatch.delenv(name)
+    monkeypatch.setattr("subprocess.Popen", Killed)
+    assert cli._relaunch(["sample", "--nproc", "2"], 2) == 143
+    assert capsys.readouterr().err == "lfm-fast: terminated (SIGTERM); nothing half-written is left\n"
 
 
 def test_two_torchrun_agents_train_checkpoint_and_resume_as_documented(runs, tmp_path):

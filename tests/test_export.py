@@ -72,8 +72,10 @@ def test_onnx_sampler_matches_eager_fp32_and_fp16_with_dynamic_batch(model, heun
     runner = OrtSampler(str(tmp_path / "h.onnx"))
     out = runner(noise, y)
     # an fp16 network, the ODE state and the time grid fp32: fp32 in, fp32 out, as eager with an fp16 network
-    ref = sample(model.half(), noise, y, solver="heun", steps=2, cfg=2.0).latents
-    model.float()
+    import copy
+
+    ref = sample(copy.deepcopy(model).half(), noise, y, solver="heun", steps=2, cfg=2.0).latents  # (a `.half()` and
+    # `.float()` of the module fixture itself would round its weights for every later test: seen as a 3e-4 mismatch)
     assert runner.inputs["noise"].type == "tensor(float)" and out.dtype == torch.float32
     assert (out - ref).abs().max() <= 2e-3
     import onnx
@@ -249,7 +251,7 @@ def test_cli_velocity_graph_takes_the_recipe_at_sampling_time_and_refuses_mismat
     assert not (tmp_path / "z.onnx").exists()
 
 
-def test_large_graphs_keep_their_weights_in_one_data_file_and_leave_no_orphans(model, heun2, tmp_path):
+def test_large_graphs_keep_their_weights_in_one_data_file_and_leave_no_orphans(model, tmp_path):
     """Past the threshold (1.5 GiB; lowered here) every large weight goes to <out>.data; an inline graph written over
     an external one removes the data file the old graph referenced."""
     import onnx
@@ -266,7 +268,7 @@ def test_large_graphs_keep_their_weights_in_one_data_file_and_leave_no_orphans(m
     noise, y = inputs(2)
     ref = sample(model, noise, y, solver="heun", steps=2, cfg=2.0).latents
     assert (OrtSampler(str(path), threads=1)(noise, y) - ref).abs().max() <= 1e-6
-    save_onnx(onnx.load(heun2[0]), str(path))  # the same graph, inline now: the old data file goes with it
+    save_onnx(onnx.load(str(path)), str(path))  # the same graph (its weights read back), inline: the data file goes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx"]
     assert (OrtSampler(str(path), threads=1)(noise, y) - ref).abs().max() <= 1e-6
 

@@ -41,13 +41,21 @@ def test_fixed_step_convergence_order_and_nfe(solver, order, nfe_per_step, grid,
 
 
 def test_adams_weights_integrate_polynomials_on_uneven_nodes():
+    """Floats in (an exported graph's constants) and a float64 grid being calibrated (gradients through it) give
+    the same weights, which integrate every polynomial of degree < len(nodes) exactly."""
     from lfm_fast.sampling import _adams_weights
 
-    nodes, start, end = [0.3, 0.45, 0.7, 0.72], 0.3, 0.1
-    w = _adams_weights(nodes, start, end)
-    for m in range(4):
-        exact = (end ** (m + 1) - start ** (m + 1)) / (m + 1) / (end - start)
-        assert abs(sum(float(wj) * n ** m for wj, n in zip(w, nodes)) - exact) < 1e-12
+    for nodes, start, end in [([0.3], 0.3, 0.1), ([0.3, 0.45], 0.3, 0.1), ([0.3, 0.45, 0.7, 0.72], 0.3, 0.1),
+                              ([0.1, 0.3, 0.45], 0.3, 0.1)]:  # the last: Moulton's, the step's end first
+        w = _adams_weights(nodes, start, end)
+        for m in range(len(nodes)):
+            exact = (end ** (m + 1) - start ** (m + 1)) / (m + 1) / (end - start)
+            assert abs(sum(float(wj) * n ** m for wj, n in zip(w, nodes)) - exact) < 1e-12
+        grid = torch.tensor([*nodes, start, end], dtype=torch.float64, requires_grad=True)
+        wt = _adams_weights(list(grid[:len(nodes)]), grid[-2], grid[-1])
+        torch.testing.assert_close(wt, torch.tensor(w, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+        (wt * torch.arange(1.0, len(nodes) + 1, dtype=torch.float64)).sum().backward()
+        assert torch.isfinite(grid.grad).all() and (grid.grad.abs().sum() > 0) == (len(nodes) > 1)
 
 
 class GaussianFlow(torch.nn.Module):
@@ -115,6 +123,9 @@ def test_adaptive_solver_is_torchdiffeq_per_image(solver):
     from torchdiffeq import odeint
 
     rows = torch.linspace(0.2, 1.5, 4, dtype=torch.float64)[:, None] * torch.linspace(-0.5, 0.5, 7, dtype=torch.float64)
+    # and the first step's special cases: a row of zeros (a zero field: the smallest first step) and one of the
+    # tolerance's size (the first step from the ratio of the state's and the field's norms)
+    rows = torch.cat([rows, torch.zeros(1, 7, dtype=torch.float64), 3e-8 * rows[-1:]])
     batch = sample(KnownField(), rows, solver=solver, atol=1e-7, rtol=1e-7)
     for i in range(len(rows)):
         calls = []
@@ -237,6 +248,33 @@ def test_same_seed_same_samples_and_batch_independence():
     single = sample(model, per_image_noise([6], (4, 8, 8)), y[1:2], solver="heun", steps=4, cfg=2.0)
     torch.testing.assert_close(single.latents[0], a.latents[1], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(per_image_noise([5], (4, 8, 8)), per_image_noise([6], (4, 8, 8)))
+    # the fp32 draws of each seed, on the device and in the dtype asked for
+    wide = per_image_noise([5, 6, 7], (4, 8, 8), dtype=torch.float64)
+    assert wide.dtype == torch.float64 and torch.equal(wide, noise.double())
+    assert per_image_noise([5], (4, 8, 8), device="meta").device.type == "meta"
+
+
+class ConditionedField(torch.nn.Module):
+    """A velocity that reads its labels and its condition."""
+
+    def forward(self, x, t, y=None, cond=None):
+        scale = (1 + y.to(x.dtype)).view(-1, *[1] * (x.dim() - 1))
+        return -scale * x + cond.mean(dim=tuple(range(1, cond.dim())), keepdim=True) * t.view(-1, *[1] * (x.dim() - 1))
+
+
+def test_sample_with_passes_every_field_of_its_config():
+    """`sample_with(cfg)` is `sample` with the config's solver, steps, tolerances, grid and guidance written out,
+    the labels, the condition and sigma_min (the data prediction of DPM-Solver++ reads it) passed on."""
+    from lfm_fast.sampling import SampleConfig, sample_with
+
+    noise, y, cond = per_image_noise([1, 2], (2, 4, 4)), torch.tensor([0, 2]), torch.randn(2, 3, 4, 4)
+    for cfg, sigma_min in [(SampleConfig("dopri5", atol=1e-3, rtol=1e-2), 1e-5), (SampleConfig("dpm++2m", 6, grid="power", shift=2.0), 0.2)]:
+        got = sample_with(ConditionedField(), noise, y, cfg, cond, sigma_min=sigma_min)
+        want = sample(ConditionedField(), noise, y, cfg.solver, cfg.steps, cond=cond, grid=cfg.grid, shift=cfg.shift,
+                      atol=cfg.atol, rtol=cfg.rtol, sigma_min=sigma_min)
+        assert got.nfe == want.nfe and torch.equal(got.latents, want.latents)
+        other = sample(ConditionedField(), noise, y, cfg.solver, cfg.steps, cond=cond, grid=cfg.grid, shift=cfg.shift)
+        assert not torch.equal(got.latents, other.latents)  # the tolerances and sigma_min matter here
 
 
 def test_unknown_solver():
