@@ -280,3 +280,16 @@ def test_sample_with_passes_every_field_of_its_config():
 def test_unknown_solver():
     with pytest.raises(ValueError, match="unknown solver"):
         sample(KnownField(), torch.zeros(1, 2), solver="rk45")
+
+
+def test_a_config_describes_itself_in_one_line():
+    """The line `sample` prints and the reports keep: solver and steps or tolerances, grid (with its shift where it
+    has one), guidance scale and its interval where it is not the whole of [0, 1]."""
+    from lfm_fast.sampling import SampleConfig
+
+    assert SampleConfig("ab3", 16, 3, grid="calibrated", cfg_lo=0.2, cfg_hi=0.8).describe() == \
+        "ab3 × 16 steps, calibrated grid, cfg 3 on t in [0.2, 0.8]"
+    assert SampleConfig("heun", 8, 1.5, grid="shifted", shift=3.0).describe() == "heun × 8 steps, shifted 3 grid, cfg 1.5"
+    assert SampleConfig("euler", 4, grid="power", shift=1.5, cfg_hi=0.5).describe() == \
+        "euler × 4 steps, power 1.5 grid, cfg 1 on t in [0, 0.5]"
+    assert SampleConfig("dopri5", cfg=2, atol=1e-4, rtol=2e-5).describe() == "dopri5 atol 0.0001 rtol 2e-05, cfg 2"
