@@ -28,7 +28,7 @@ from lfm_fast.fileio import resolve_path, write_json
 from lfm_fast.flow import interpolate
 from lfm_fast.generate import latents_to_images
 from lfm_fast.models.dit import DiT, read_checkpoint_config
-from lfm_fast.sampling import per_image_noise, solver_step, time_grid
+from lfm_fast.sampling import integrate_fixed, per_image_noise, time_grid
 from lfm_fast.tasks import composite, inpaint_condition
 
 
@@ -38,15 +38,15 @@ def sample_inpaint(model, noise, cond, solver: str, steps: int, cfg: float, rein
     z = cond[:, :-1]
     sigma_min = 1e-5
 
-    def f(x, t):
+    def f(x, t, t_float):
         return model.forward_with_cfg(x, t.expand(x.shape[0]), None, cfg, cond)
 
     ts = time_grid(steps)
     x = noise
-    for i in range(steps):
-        x = solver_step(solver, f, x, ts[i], ts[i + 1])
+    for i in range(steps):  # a one-step solve at a time, re-injecting between them (a multistep solver restarts each step)
+        x = integrate_fixed(f, x, ts[i:i + 2], solver, sigma_min)
         if reinject:
-            x = torch.where(known, interpolate(z, noise, ts[i + 1].expand(x.shape[0]), sigma_min), x)
+            x = torch.where(known, interpolate(z, noise, torch.full((x.shape[0],), ts[i + 1]), sigma_min), x)
     return x
 
 

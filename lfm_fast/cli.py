@@ -965,11 +965,9 @@ def _relaunch(argv: list[str], nproc: int) -> int:
     forward = {s: signal.signal(s, pass_on) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:
         code = child.wait()
-        if code < 0:  # torchrun itself stopped by a signal, before it had workers to pass it on to
-            if -code in (signal.SIGTERM, signal.SIGINT):
-                report("lfm-fast: interrupted" if -code == signal.SIGINT else "lfm-fast: terminated (SIGTERM); nothing half-written is left")
-            code = 128 - code
-        return code
+        if -code in STOPPED:  # torchrun itself stopped by a signal, before it had workers to pass it on to
+            report(STOPPED[-code])
+        return shell_code(code)
     finally:
         for s, handler in forward.items():
             signal.signal(s, handler)
@@ -1003,6 +1001,15 @@ def entry() -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more reaches the closed pipe
         code = 1
     exit_now(code)
+
+
+# the line a command stopped by Ctrl-C or SIGTERM ends with (its exit code: 128 + the signal's number, as a shell's)
+STOPPED = {signal.SIGINT: "lfm-fast: interrupted", signal.SIGTERM: "lfm-fast: terminated (SIGTERM); nothing half-written is left"}
+
+
+def shell_code(returncode: int) -> int:
+    """A child's return code as a shell reports it: 128 + N for one killed by signal N (subprocess gives -N)."""
+    return 128 - returncode if returncode < 0 else returncode
 
 
 def report(line: str) -> None:
@@ -1103,12 +1110,10 @@ def _main(argv: list[str] | None = None) -> int:
     except RunError as e:
         report(f"lfm-fast: error: {e}")
         return 1
-    except KeyboardInterrupt:
-        report("lfm-fast: interrupted")
-        return 130
-    except Terminated:
-        report("lfm-fast: terminated (SIGTERM); nothing half-written is left")
-        return 128 + signal.SIGTERM
+    except (KeyboardInterrupt, Terminated) as e:
+        stop = signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM
+        report(STOPPED[stop])
+        return shell_code(-stop)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

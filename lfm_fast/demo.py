@@ -87,8 +87,7 @@ def run_demo(out: str, task: str = "label", budget: str = "full", seed: int = 0,
         seconds[name] = round(seconds.get(name, 0) + time.time() - start - sum(seconds.values()), 1)
 
     with atomic_dir(out, "demo", overwrite) as tmp:
-        train_set = ShapesDataset(b.train_images, 32, seed)
-        test_set = ShapesDataset(b.test_images, 32, seed + 1)
+        train_set, test_set = demo_sets(b, seed)
         lap("data")
         lat_dir, dit_dir = os.path.join(tmp, "latents"), os.path.join(tmp, "dit")
         if train_ae:
@@ -114,8 +113,7 @@ def run_demo(out: str, task: str = "label", budget: str = "full", seed: int = 0,
 
         model = DiT.from_pretrained(dit_dir).eval()
         ae = load_autoencoder(ae_spec)
-        evaluate = {"label": _label_demo, "inpaint": _inpaint_demo, "semantic": _semantic_demo}[task]
-        metrics, grid, row_labels = evaluate(model, ae, cfg.sample, train_set, test_set, b, seed, progress, lap)
+        metrics, grid, row_labels = EVALUATE[task](model, ae, cfg.sample, train_set, test_set, b, seed, progress, lap)
         save_png(os.path.join(tmp, "samples.png"), grid, upscale=2, row_labels=row_labels)
 
         report = {
@@ -136,6 +134,11 @@ def run_demo(out: str, task: str = "label", budget: str = "full", seed: int = 0,
         with open(os.path.join(tmp, "report.md"), "w") as f:
             f.write(_report_markdown(report))
     return report
+
+
+def demo_sets(b: DemoBudget, seed: int) -> tuple[ShapesDataset, ShapesDataset]:
+    """The demo's training and held-out shapes (independent seeds)."""
+    return ShapesDataset(b.train_images, 32, seed), ShapesDataset(b.test_images, 32, seed + 1)
 
 
 def _sample_seeds(seed: int, n: int) -> list[int]:
@@ -293,6 +296,10 @@ def _semantic_demo(model, ae, sample_cfg, train_set, test_set, b, seed, progress
     }
     lap("evaluate")
     return metrics, _task_grid([SEMANTIC_PALETTE[maps], to_uint8(test_set.images)], generated, extra), None
+
+
+# each task's evaluation of a trained network: (metrics, samples.png's grid, its row labels)
+EVALUATE = {"label": _label_demo, "inpaint": _inpaint_demo, "semantic": _semantic_demo}
 
 
 def _report_markdown(r: dict) -> str:

@@ -20,6 +20,8 @@ def main(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
+    from lfm_fast.cli import shell_code
+
     # the failures are reported below; torchrun's note that each worker gets OMP_NUM_THREADS=1 (where it is unset)
     # would come before a bad input's one line (README "Many processes" says it)
     for name in ("torch.distributed.elastic", "torch.distributed.elastic.multiprocessing.errors", "torch.distributed.run"):
@@ -41,8 +43,7 @@ def main(argv: list[str]) -> int:
             # (a rank that torchrun killed after it wrote its line: that line, another rank's exit code)
             rank = min(ours, key=lambda r: (not ours[r].startswith("lfm-fast: error:"), e.failures[r].exitcode < 0, r))
             print(ours[rank], file=sys.stderr)
-            code = e.failures[rank].exitcode
-            return 128 - code if code < 0 else code
+            return shell_code(e.failures[rank].exitcode)
         print(e.format_msg(), file=sys.stderr)
         return 1
     return 0

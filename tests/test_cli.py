@@ -192,3 +192,24 @@ def test_every_flag_has_a_help_line_and_help_imports_no_torch():
     sample = p.parse_args(["sample", "--ckpt", "c", "--out", "o", "--steps", "5", "--kernels", "reference"])
     assert (sample.steps, sample.norm_backend) == (5, "reference")  # the old spellings still work
     assert main(["sample", "--ckpt", "c", "--out", "o", "--steps", "3", "--ode-steps", "1"]) == 2  # both, differing
+
+
+@pytest.mark.parametrize("stop", ["KeyboardInterrupt", "Terminated"])
+def test_a_stopped_command_ends_with_its_one_line_and_the_shells_exit_code(monkeypatch, capsys, stop):
+    """Ctrl-C and SIGTERM (`Terminated`, raised by lfm-fast's handler) mid-command: one line, 128 + the signal."""
+    import signal
+
+    from lfm_fast import cli
+
+    def stopped(args):
+        raise KeyboardInterrupt if stop == "KeyboardInterrupt" else cli.Terminated()
+
+    monkeypatch.setitem(cli.COMMANDS, "presets", stopped)
+    handler = signal.getsignal(signal.SIGTERM)
+    code = cli.main(["presets"])
+    err = capsys.readouterr().err
+    if stop == "KeyboardInterrupt":
+        assert (code, err) == (128 + signal.SIGINT, "lfm-fast: interrupted\n")
+    else:
+        assert (code, err) == (128 + signal.SIGTERM, "lfm-fast: terminated (SIGTERM); nothing half-written is left\n")
+    assert signal.getsignal(signal.SIGTERM) == handler  # the command's own handler is gone with it
