@@ -28,7 +28,8 @@ from lfm_fast.fileio import resolve_path, write_json
 from lfm_fast.flow import interpolate
 from lfm_fast.generate import latents_to_images
 from lfm_fast.models.dit import DiT, read_checkpoint_config
-from lfm_fast.sampling import integrate_fixed, per_image_noise, time_grid
+from lfm_fast.sampling import per_image_noise, time_grid
+from lfm_fast.solvers import integrate_fixed
 from lfm_fast.tasks import composite, inpaint_condition
 
 

@@ -6,6 +6,7 @@ counts as killed, a mutant no selected test reaches as survived) and writes the 
 names to --out.
 
 Usage: python bench/mutate.py [--scope ema,lr_schedule,...] [--out bench/results/cpu/mutation.json] [--tests-from REF]
+       [--max-children N]
 `--tests-from REF` takes tests/ from git revision REF (the mutation score of older tests against today's code).
 `--rerun survivors` runs only the last run's survivors of each scope again, with the working tree's tests: the score
 of tests added for them (the killed mutants stay killed, tests being only added or made stricter). `--rerun killed
@@ -32,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #          the test files that exercise it, a -k filter or "")
 SCOPES = {
     "flow": (["lfm_fast.flow.*"], ["tests/test_flow.py", "tests/test_train.py"], "not tensorboard and not benchmark_run"),
-    "sampling": (["lfm_fast.sampling.*"], ["tests/test_sampling.py", "tests/test_calibrate.py"], "not cli"),
+    "sampling": (["lfm_fast.sampling.*", "lfm_fast.solvers.*"], ["tests/test_sampling.py", "tests/test_calibrate.py"], "not cli"),
     "ema": (["lfm_fast.train.ema.*"], ["tests/test_train.py"], "not tensorboard and not benchmark_run"),
     # tasks.py's functions each have a unit test on small files (the end-to-end tests in test_tasks.py go through a
     # model trained in their fixture: ~30 s a mutant)
@@ -123,6 +124,7 @@ def main():
                    help="the JSON the scores are merged into, under the tests' revision (default: %(default)s)")
     p.add_argument("--tests-from", metavar="REF", help="the tests of this git revision (e.g. a 'before' score)")
     p.add_argument("--rerun", choices=("survivors", "killed"), help="only the last run's survivors or killed mutants (see above)")
+    p.add_argument("--max-children", type=int, help="mutants run at once (default: mutmut's, one a core); 1 leaves a core free")
     p.add_argument("--label", help="the key the scores go under in --out (default: 'tests of REF' or 'tests of the working tree')")
     a = p.parse_args()
     scopes = [s for s in a.scope.split(",") if s]
@@ -139,7 +141,8 @@ def main():
     for scope in scopes:
         work, names = rerun(scope, a.rerun, a.tests_from) if a.rerun else (prepare(scope, a.tests_from), SCOPES[scope][0])
         if names:
-            subprocess.run([str(mutmut), "run", *names], cwd=work, env=env, check=True, stdout=subprocess.DEVNULL)
+            jobs = ["--max-children", str(a.max_children)] if a.max_children else []
+            subprocess.run([str(mutmut), "run", *jobs, *names], cwd=work, env=env, check=True, stdout=subprocess.DEVNULL)
         r = table[scope] = summary(work, SCOPES[scope][0])
         r.pop("killed_names")
         score = "-" if r["score"] is None else f"{100 * r['score']:.1f} %"

@@ -33,7 +33,8 @@ from lfm_fast.eval.frechet import fd_with_interval, latent_fd
 from lfm_fast.fileio import resolve_path, write_json
 from lfm_fast.generate import latents_to_images
 from lfm_fast.models.dit import DiT, read_checkpoint_config
-from lfm_fast.sampling import NFE_PER_STEP, SampleConfig, per_image_noise, sample_with
+from lfm_fast.choices import NFE_PER_STEP
+from lfm_fast.sampling import SampleConfig, per_image_noise, sample_with
 
 FULL = ([("euler", "uniform", n) for n in (4, 8, 16, 32)]
         + [(s, g, n) for s in ("heun", "ab2", "ab3", "dpm++2m") for g in ("uniform", "shifted:2") for n in (4, 8, 16, 32)]

@@ -1,7 +1,7 @@
 """The fixed-step latent ODE sampler as one module, shared by every non-eager backend.
 
-`UnrolledSampler` unrolls N steps of Euler / midpoint / Heun on the chosen time grid (the same step
-code as `lfm_fast.sampling`), batches CFG inside every evaluation, and optionally ends with the AE
+`UnrolledSampler` unrolls N steps of any fixed-step solver of `lfm_fast.solvers` (the same step code the eager
+sampler runs) on the chosen time grid, batches CFG inside every evaluation, and optionally ends with the AE
 decoder. Exported to ONNX (→ ONNX Runtime, TensorRT) or `torch.compile`d, it is the same math.
 """
 
@@ -14,7 +14,9 @@ from torch import nn
 
 from lfm_fast.errors import InputError
 from lfm_fast.models.dit import DiT
-from lfm_fast.sampling import FIXED_SOLVERS, NFE_PER_STEP, Field, SampleConfig, integrate_fixed, time_grid
+from lfm_fast.choices import FIXED_SOLVERS, NFE_PER_STEP
+from lfm_fast.sampling import Field, SampleConfig, time_grid
+from lfm_fast.solvers import integrate_fixed
 
 
 class UnrolledSampler(nn.Module):

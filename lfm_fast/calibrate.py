@@ -21,7 +21,9 @@ from tqdm.auto import tqdm
 
 from lfm_fast.errors import InputError
 from lfm_fast.fileio import write_json
-from lfm_fast.sampling import NFE_PER_STEP, Field, SampleConfig, integrate_fixed, per_image_noise, sample, time_grid
+from lfm_fast.choices import NFE_PER_STEP
+from lfm_fast.sampling import Field, SampleConfig, per_image_noise, sample, time_grid
+from lfm_fast.solvers import integrate_fixed
 
 GRIDS_FILE = "calibrated_grids.json"
 CALIBRATION_SEED = 1_000_000  # calibration images: seeds 10⁶, 10⁶ + 1, …

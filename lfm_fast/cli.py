@@ -492,7 +492,8 @@ def parse_labels(text: str | None, num: int, num_classes: int):
 
 def _sample_config(config: dict, args):
     from lfm_fast.generate import checkpoint_sample_config
-    from lfm_fast.sampling import NFE_PER_STEP, time_grid
+    from lfm_fast.choices import NFE_PER_STEP
+    from lfm_fast.sampling import time_grid
 
     scfg = checkpoint_sample_config(config)
     for name in ("solver", "steps", "cfg", "grid", "shift", "atol", "rtol"):
@@ -522,7 +523,7 @@ def _sample_config(config: dict, args):
 
 def _check_flags_apply(args, scfg):
     """Flags given on the command line that the chosen solver or grid would ignore are refused, not ignored."""
-    from lfm_fast.sampling import NFE_PER_STEP, SOLVERS
+    from lfm_fast.choices import NFE_PER_STEP, SOLVERS
 
     given = [n for n in ("steps", "grid", "shift", "atol", "rtol") if getattr(args, n, None) is not None]
     if scfg.solver not in NFE_PER_STEP:
@@ -773,7 +774,7 @@ def _cmd_export(args):
 
     from lfm_fast.autoencoder import load_autoencoder
     from lfm_fast.export.onnx import export_onnx
-    from lfm_fast.sampling import FIXED_SOLVERS
+    from lfm_fast.choices import FIXED_SOLVERS
     from lfm_fast.models.dit import DiT, read_checkpoint_config
 
     _check_sampler_flags(args)

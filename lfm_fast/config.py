@@ -55,7 +55,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile each DiT block
     seed: int = 0
     log_every: int = 10
-    log: str = "jsonl"  # "jsonl" or "jsonl,tensorboard": metrics.jsonl always; TensorBoard events under OUT/tensorboard
+    log: str = "jsonl"  # comma-separated: jsonl (metrics.jsonl, always), tensorboard (OUT/tensorboard), wandb (OUT/wandb, offline)
     sample_every: int = 0  # 0 = only at the end
     ckpt_every: int = 500  # steps between checkpoints (0: only at the end)
     ckpt_every_minutes: float = 0.0  # also checkpoint when this many minutes have passed since the last one (0: off)
@@ -191,7 +191,7 @@ PRESETS["celebahq256-semantic"].data.dataset = "celebamask:data/CelebAMask-HQ"
 def _choices() -> dict[tuple[str, str], tuple[str, ...]]:
     from lfm_fast.models.cond import CONDITIONS
     from lfm_fast.ops import ATTENTION_BACKENDS, NORM_BACKENDS
-    from lfm_fast.sampling import GRIDS, SOLVERS
+    from lfm_fast.choices import GRIDS, SOLVERS
 
     return {("flow", "time_sampling"): ("uniform", "logit_normal"), ("train", "precision"): ("bf16", "fp32"),
             ("train", "lr_schedule"): ("constant", "cosine", "cosine_epoch"),

@@ -138,7 +138,8 @@ def test_calibrations_unrolled_solver_fits_on_the_device():
     """The grid being fitted lives on the batch's device: its solve and the gradient to the grid touch no host tensor;
     each solve reads the grid once (its times decide where guidance applies)."""
     from lfm_fast.calibrate import grid_from_logits, rel_error
-    from lfm_fast.sampling import Field, integrate_fixed
+    from lfm_fast.sampling import Field
+    from lfm_fast.solvers import integrate_fixed
 
     model = meta_dit().requires_grad_(False)
     noise, y = torch.zeros(2, 4, 8, 8, device=META), torch.zeros(2, dtype=torch.long, device=META)

@@ -12,7 +12,8 @@ from lfm_fast.export.onnx import export_onnx, read_metadata
 from lfm_fast.export.ort import OrtSampler
 from lfm_fast.export.sampler import UnrolledSampler, compile_sampler
 from lfm_fast.models.dit import DiT, DiTConfig
-from lfm_fast.sampling import FIXED_SOLVERS, SampleConfig, per_image_noise, sample, sample_with
+from lfm_fast.choices import FIXED_SOLVERS
+from lfm_fast.sampling import SampleConfig, per_image_noise, sample, sample_with
 from tests.conftest import CONDITIONED, a_condition, perturbed
 
 import onnxruntime  # noqa: E402,F401 (a hard dependency of the export extra: a broken import fails)

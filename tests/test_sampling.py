@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from lfm_fast.sampling import Field, data_prediction, per_image_noise, sample, time_grid
+from lfm_fast.sampling import Field, per_image_noise, sample, time_grid
+from lfm_fast.solvers import data_prediction
 from tests.conftest import perturbed
 
 
@@ -43,16 +44,16 @@ def test_fixed_step_convergence_order_and_nfe(solver, order, nfe_per_step, grid,
 def test_adams_weights_integrate_polynomials_on_uneven_nodes():
     """Floats in (an exported graph's constants) and a float64 grid being calibrated (gradients through it) give
     the same weights, which integrate every polynomial of degree < len(nodes) exactly."""
-    from lfm_fast.sampling import _adams_weights
+    from lfm_fast.solvers import adams_weights
 
     for nodes, start, end in [([0.3], 0.3, 0.1), ([0.3, 0.45], 0.3, 0.1), ([0.3, 0.45, 0.7, 0.72], 0.3, 0.1),
                               ([0.1, 0.3, 0.45], 0.3, 0.1)]:  # the last: Moulton's, the step's end first
-        w = _adams_weights(nodes, start, end)
+        w = adams_weights(nodes, start, end)
         for m in range(len(nodes)):
             exact = (end ** (m + 1) - start ** (m + 1)) / (m + 1) / (end - start)
             assert abs(sum(float(wj) * n ** m for wj, n in zip(w, nodes)) - exact) < 1e-12
         grid = torch.tensor([*nodes, start, end], dtype=torch.float64, requires_grad=True)
-        wt = _adams_weights(list(grid[:len(nodes)]), grid[-2], grid[-1])
+        wt = adams_weights(list(grid[:len(nodes)]), grid[-2], grid[-1])
         torch.testing.assert_close(wt, torch.tensor(w, dtype=torch.float64), rtol=1e-12, atol=1e-12)
         (wt * torch.arange(1.0, len(nodes) + 1, dtype=torch.float64)).sum().backward()
         assert torch.isfinite(grid.grad).all() and (grid.grad.abs().sum() > 0) == (len(nodes) > 1)
@@ -114,6 +115,24 @@ def test_linear_field_has_closed_form():
     x1 = torch.ones(1, 3, dtype=torch.float64)
     out = sample(Linear(), x1, solver="rk4", steps=64).latents
     torch.testing.assert_close(out, x1 * math.e, rtol=1e-7, atol=0)
+
+
+def test_solver_registry_one_function_or_tableau_per_choice():
+    """Every solver a flag or config may name has its own function (fixed-step) or tableau (adaptive), and every
+    tableau is a consistent embedded pair: each stage's weights sum to its time, the solution's to 1, the error
+    estimate's to 0, the midpoint's to 1/2 (a mistyped coefficient breaks one of these)."""
+    from lfm_fast import solvers
+    from lfm_fast.choices import ADAPTIVE_SOLVERS, FIXED_SOLVERS
+
+    assert tuple(solvers.FIXED) == FIXED_SOLVERS and tuple(solvers.TABLEAUS) == ADAPTIVE_SOLVERS
+    assert len(set(solvers.FIXED.values())) == len(FIXED_SOLVERS)
+    for tab in solvers.TABLEAUS.values():
+        assert len(tab.alpha) == len(tab.beta) and len(tab.c_sol) == len(tab.c_error) == len(tab.c_mid) == len(tab.alpha) + 1
+        for a, b in zip(tab.alpha, tab.beta):
+            assert abs(sum(b) - a) < 1e-14
+        assert abs(sum(tab.c_sol) - 1) < 1e-14 and abs(sum(tab.c_error)) < 1e-14 and abs(sum(tab.c_mid) - 0.5) < 1e-14
+    with pytest.raises(ValueError, match="unknown solver 'rk5'"):
+        solvers.integrate_fixed(lambda x, t, tf: x, torch.zeros(1, 2), [1.0, 0.0], "rk5")
 
 
 @pytest.mark.parametrize("solver", ["dopri5", "bosh3", "adaptive_heun"])

@@ -33,7 +33,8 @@ from lfm_fast.errors import InputError, RunError
 from lfm_fast.fileio import atomic_path, image_grid, portable_path, read_marker, save_png, umask_mode, write_marker
 from lfm_fast.flow import FlowDraws, draw_flow, flow_matching_loss
 from lfm_fast.models.dit import DiT
-from lfm_fast.sampling import FIXED_SOLVERS, SampleConfig
+from lfm_fast.choices import FIXED_SOLVERS
+from lfm_fast.sampling import SampleConfig
 from lfm_fast.train.checkpoint import (Checkpointer, fault_active, fault_point, latest_checkpoint, load_checkpoint,
                                        read_trainer_state)
 from lfm_fast.train.ema import create_ema, ema_decay_at, full_state, update_ema
