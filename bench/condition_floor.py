@@ -13,7 +13,7 @@ import tempfile
 
 from lfm_fast.autoencoder import BUILTIN_SHAPES_AE, load_autoencoder
 from lfm_fast.config import get_preset
-from lfm_fast.demo import BUDGETS, EVALUATE, PRESETS, demo_sets, run_demo
+from lfm_fast.demo import BUDGETS, EVALUATE, TASK_PRESET, demo_sets, run_demo
 from lfm_fast.models.cond import null_condition
 from lfm_fast.models.dit import DiT
 
@@ -43,7 +43,7 @@ def floor(task: str, budget: str, seed: int) -> dict:
         model = DiT.from_pretrained(f"{tmp}/demo/dit").eval()
         forward, DiT.forward = DiT.forward, ignoring_the_condition()
         try:
-            metrics, _, _ = EVALUATE[task](model, load_autoencoder(BUILTIN_SHAPES_AE), get_preset(PRESETS[task]).sample,
+            metrics, _, _ = EVALUATE[task](model, load_autoencoder(BUILTIN_SHAPES_AE), get_preset(TASK_PRESET[task]).sample,
                                            *demo_sets(b, seed), b, seed, False, lambda name: None)
         finally:
             DiT.forward = forward

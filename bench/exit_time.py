@@ -15,7 +15,7 @@ import time
 
 ENDINGS = {"exit_now": "exit_now(code)", "python exit": "raise SystemExit(code)"}
 SCRIPT = """import sys, time
-from lfm_fast.cli import main, exit_now
+from lfm_fast.cli.app import exit_now, main
 code = main(sys.argv[2:])
 open(sys.argv[1], "w").write(repr(time.time()))
 {ending}

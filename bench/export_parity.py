@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from lfm_fast.autoencoder import decode, load_autoencoder
-from lfm_fast.data.shapes import to_uint8
+from lfm_fast.data.images import to_uint8
 from lfm_fast.export.onnx import export_onnx
 from lfm_fast.export.ort import OrtSampler, velocity_net
 from lfm_fast.fileio import resolve_path, write_json

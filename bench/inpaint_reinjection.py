@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from lfm_fast.autoencoder import downsample_factor, load_autoencoder
-from lfm_fast.data.shapes import ShapesDataset, to_tensor, to_uint8
+from lfm_fast.data.images import to_tensor, to_uint8
+from lfm_fast.data.shapes import ShapesDataset
 from lfm_fast.demo import HOLE_KINDS, HOLE_RANGE
 from lfm_fast.eval.domain import classify, embed, load_judges, shape_centred_holes
 from lfm_fast.eval.frechet import latent_fd

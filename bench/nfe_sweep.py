@@ -27,7 +27,8 @@ import torch
 
 from lfm_fast.autoencoder import load_autoencoder
 from lfm_fast.calibrate import calibrate, grid_key, load_times, read_grids, reference_solution, rel_error
-from lfm_fast.data.shapes import ShapesDataset, to_tensor
+from lfm_fast.data.images import to_tensor
+from lfm_fast.data.shapes import ShapesDataset
 from lfm_fast.eval.domain import classify, embed, load_judges
 from lfm_fast.eval.frechet import fd_with_interval, latent_fd
 from lfm_fast.fileio import resolve_path, write_json

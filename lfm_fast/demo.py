@@ -21,8 +21,9 @@ import torch
 from lfm_fast.autoencoder import (BUILTIN_SHAPES_AE, SHAPES_AE_RECIPE, decode, downsample_factor, encode, load_autoencoder,
                                   train_autoencoder)
 from lfm_fast.config import get_preset
+from lfm_fast.data.images import to_tensor, to_uint8
 from lfm_fast.data.latents import prepare_latents
-from lfm_fast.data.shapes import NUM_SEMANTIC, SEMANTIC_PALETTE, SHAPE_CLASSES, ShapesDataset, to_tensor, to_uint8
+from lfm_fast.data.shapes import NUM_SEMANTIC, SEMANTIC_PALETTE, SHAPE_CLASSES, ShapesDataset
 from lfm_fast.errors import RunError
 from lfm_fast.eval.domain import (classify, embed, load_judges, mean_colour_fill, mean_iou, semantic_from_colours,
                                   shape_centred_holes)
@@ -51,7 +52,7 @@ class DemoBudget:
 BUDGETS = {
     "label": {
         # 334 per class: the ≥ 2,000 samples a classifier-feature FD needs to tell samplers apart (bench/nfe_sweep.py)
-        "full": DemoBudget(train_images=6000, test_images=600, ae_steps=2500, dit_steps=6000, samples_per_class=334),  # ≈ 8 min
+        "full": DemoBudget(train_images=6000, test_images=600, ae_steps=2500, dit_steps=6000, samples_per_class=334),  # ≈ 5 min (2 AVX2 cores)
         "quick": DemoBudget(train_images=1500, test_images=300, ae_steps=120, dit_steps=150, samples_per_class=10),  # tests
         "long": DemoBudget(train_images=6000, test_images=600, ae_steps=2500, dit_steps=20000, samples_per_class=334),  # ≤ 30 min
     },
@@ -66,7 +67,7 @@ BUDGETS = {
         "long": DemoBudget(train_images=6000, test_images=600, ae_steps=2500, dit_steps=20000),
     },
 }
-PRESETS = {"label": "small-data", "inpaint": "shapes-inpaint", "semantic": "shapes-semantic"}
+TASK_PRESET = {"label": "small-data", "inpaint": "shapes-inpaint", "semantic": "shapes-semantic"}  # names in config.PRESETS
 GRID_INPUTS, GRID_SAMPLES = 8, 6  # the task demos' samples.png: 8 inputs, 6 samples of each
 
 
@@ -97,7 +98,7 @@ def run_demo(out: str, task: str = "label", budget: str = "full", seed: int = 0,
             lap("train_ae")
         else:
             ae_spec = BUILTIN_SHAPES_AE
-        cfg = get_preset(PRESETS[task])
+        cfg = get_preset(TASK_PRESET[task])
         prepare_latents(ae_spec, "shapes", lat_dir, 32, b.train_images, seed=seed, progress=progress,
                         inpaint_masks=b.inpaint_masks, hole_range=TRAIN_HOLE_RANGE, flip=cfg.data.flip)
         lap("prepare")

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from lfm_fast.autoencoder import decode
 from lfm_fast.choices import INFERENCE_DTYPES
-from lfm_fast.data.shapes import to_uint8
+from lfm_fast.data.images import to_uint8
 from lfm_fast.dist import to_device
 from lfm_fast.errors import InputError
 from lfm_fast.fileio import atomic_dir, image_grid, save_png
@@ -116,6 +116,22 @@ def generate_latents(model, labels: torch.Tensor | None, seeds: list[int], cfg: 
     rows_per_image = rows / max(len(seeds), 1)
     return latents, NfeCount(calls, float(per_image.float().mean()), int(per_image.max()), rows_per_image,
                              rows_per_image * forward_flops_per_image(mc))
+
+
+def class_ids(values, num_classes: int, class_names=(), what: str = "class_labels") -> list[int]:
+    """Class ids from ids or class names (a checkpoint's `class_names`): 3, "3" and "square" alike. `what` names the
+    input in the error."""
+    ids = []
+    for v in values:
+        if isinstance(v, str) and v in class_names:
+            ids.append(list(class_names).index(v))
+            continue
+        i = int(v) if isinstance(v, str) and v.isdigit() else v
+        if not isinstance(i, (int, np.integer)) or isinstance(i, bool) or not 0 <= i < num_classes:
+            names = f" or one of {', '.join(class_names)}" if class_names else ""
+            raise InputError(f"{what}: {v!r}: expected a class id in 0..{num_classes - 1}{names}")
+        ids.append(int(i))
+    return ids
 
 
 def latents_to_images(ae, latents: torch.Tensor, batch_size: int = 64) -> np.ndarray:

@@ -20,10 +20,10 @@ def main(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
-    from lfm_fast.cli import shell_code
+    from lfm_fast.cli.app import shell_code
 
     # the failures are reported below; torchrun's note that each worker gets OMP_NUM_THREADS=1 (where it is unset)
-    # would come before a bad input's one line (README "Many processes" says it)
+    # would come before a bad input's one line (docs/gpu-and-cluster.md says it)
     for name in ("torch.distributed.elastic", "torch.distributed.elastic.multiprocessing.errors", "torch.distributed.run"):
         logging.getLogger(name).setLevel(logging.CRITICAL)  # (the second and third have levels of their own)
     os.environ["LFM_FAST_LAUNCH"] = "1"  # the workers leave their error line to us (see the module doc)
@@ -50,6 +50,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from lfm_fast.cli import exit_now
+    from lfm_fast.cli.app import exit_now
 
     exit_now(main(sys.argv[1:]))

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from lfm_fast.errors import InputError
+from lfm_fast.validation import validate_section
 
 
 @dataclass
@@ -103,7 +104,7 @@ class LFMPipeline:
         drawn in order from `generator` (a torch.Generator, or one per image), or from torch's global generator.
         `num_inference_steps`, `guidance_scale`, `solver` and `sample_options` (grid, shift, atol, rtol, cfg_lo,
         cfg_hi) default to the checkpoint's recipe. `output_type`: "pil", "np" (uint8 N×H×W×3) or "latent"."""
-        from lfm_fast.generate import checkpoint_sample_config, generate_latents, latents_to_images
+        from lfm_fast.generate import checkpoint_sample_config, class_ids, generate_latents, latents_to_images
         from lfm_fast.sampling import per_image_noise
 
         c = self.model.config
@@ -118,8 +119,6 @@ class LFMPipeline:
             if value is not None:
                 setattr(scfg, name, value)
         try:
-            from lfm_fast.config import validate_section
-
             validate_section("sample", scfg)
         except InputError as e:  # named as this call names it
             raise InputError(str(e).replace("sample.steps", "num_inference_steps").replace("sample.cfg=", "guidance_scale=")
@@ -132,9 +131,10 @@ class LFMPipeline:
         if class_labels is not None:
             if not c.num_classes:
                 raise InputError("class_labels: this checkpoint takes no class labels")
-            labels = torch.tensor([self._class_id(v) for v in np.atleast_1d(np.asarray(class_labels, dtype=object))])
-            if not len(labels):
+            values = list(np.atleast_1d(np.asarray(class_labels, dtype=object)))
+            if not values:
                 raise InputError("class_labels: an empty list")
+            labels = torch.tensor(class_ids(values, c.num_classes, self.class_names))
             per = len(labels)
         else:
             per = _count("num_images", num_images) if num_images is not None else (1 if conds is not None else (c.num_classes or 1))
@@ -142,8 +142,8 @@ class LFMPipeline:
         total = per * inputs
         if labels is not None:
             labels = labels.repeat(inputs)
-        if conds is not None:
-            conds = conds.repeat_interleave(per, dim=0)
+        if conds is not None:  # indexed as `sample` does, which keeps the layout (a copy could round differently)
+            conds = conds[np.repeat(np.arange(inputs), per)]
         shape = (c.in_channels, c.input_size, c.input_size)
         if generator is not None:
             gens = generator if isinstance(generator, (list, tuple)) else [generator] * total
@@ -169,16 +169,6 @@ class LFMPipeline:
         from PIL import Image
 
         return LFMPipelineOutput([Image.fromarray(im) for im in images], nfe)
-
-    def _class_id(self, value) -> int:
-        """A class id, or a class name from the checkpoint (`class_names`)."""
-        c = self.model.config
-        if isinstance(value, str) and value in self.class_names:
-            return self.class_names.index(value)
-        if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= value < c.num_classes:
-            return int(value)
-        names = f" or one of {', '.join(self.class_names)}" if self.class_names else ""
-        raise InputError(f"class_labels: {value!r}: expected a class id in 0..{c.num_classes - 1}{names}")
 
     def _conditions(self, image, mask_image, semantic_map):
         """(conditions (N, ...) or None, (pixels, holes) to composite with or None), checked against the task."""

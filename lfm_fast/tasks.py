@@ -104,7 +104,7 @@ def inpaint_condition(ae, images: np.ndarray, holes: np.ndarray, factor: int, ba
     """[latent of the image with its holes grey, each latent cell's share of hole pixels (the mask average-pooled to
     the latent grid, in steps of 1/255)], as `prepare` stores it."""
     from lfm_fast.data.masks import masked_image_condition
-    from lfm_fast.data.shapes import to_tensor
+    from lfm_fast.data.images import to_tensor
 
     return torch.cat(masked_image_condition(ae, to_tensor(images), torch.from_numpy(holes), factor, batch_size), dim=1)
 

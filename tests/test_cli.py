@@ -41,7 +41,7 @@ def test_bad_data_inputs(tmp_path, capsys):
     with pytest.warns(UserWarning, match=r"skipped 1 file \(b.csv\): only images"):  # a stray file is skipped, not fatal
         assert main(["train-ae", "--data", str(tmp_path / "mixed"), "--out", str(tmp_path / "o2"), "--steps", "1",
                      "--batch-size", "1", "--image-size", "8"]) == 0
-    from lfm_fast.cli import _format_warning  # how the warning reaches the user: one line, like an error
+    from lfm_fast.cli.app import _format_warning  # how the warning reaches the user: one line, like an error
 
     assert _format_warning("skipped", UserWarning, os.path.join("x", "lfm_fast", "data", "folder.py"), 1) == "lfm-fast: warning: skipped\n"
     assert "UserWarning: other" in _format_warning("other", UserWarning, os.path.join("x", "torch", "a.py"), 1, "")
@@ -60,7 +60,9 @@ def test_train_and_sample_input_errors(tiny_pipeline, tmp_path, capsys):
                        "meta.json")
     assert_input_error(*run_cli(capsys, "sample", "--ckpt", lat, "--out", str(tmp_path / "s")), "config.json and model.safetensors")
     assert_input_error(*run_cli(capsys, "sample", "--ckpt", dit, "--labels", "0,6", "--out", str(tmp_path / "s")), "0..5")
-    assert_input_error(*run_cli(capsys, "sample", "--ckpt", dit, "--labels", "a", "--out", str(tmp_path / "s")), "integers")
+    assert_input_error(*run_cli(capsys, "sample", "--ckpt", dit, "--labels", "a", "--out", str(tmp_path / "s")),
+                       "'a': expected a class id in 0..5 or one of circle, square")
+    assert_input_error(*run_cli(capsys, "sample", "--ckpt", dit, "--labels", ",", "--out", str(tmp_path / "s")), "ids or names")
     assert not (tmp_path / "t").exists() and not (tmp_path / "s").exists()
 
 
@@ -177,9 +179,9 @@ def test_every_flag_has_a_help_line_and_help_imports_no_torch():
     import subprocess
     import sys
 
-    from lfm_fast.cli import _parser
+    from lfm_fast.cli.app import build_parser
 
-    p = _parser()
+    p = build_parser()
     sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
     bare = [(name, a.option_strings or a.dest) for name, sp in sub.choices.items() for a in sp._actions
             if a.help is None or (a.help != argparse.SUPPRESS and not a.help.strip())]
@@ -188,9 +190,12 @@ def test_every_flag_has_a_help_line_and_help_imports_no_torch():
             "    c.main(argv)\nprint('torch imported:', 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
     assert out.strip().endswith("torch imported: False")
-    assert "--ode-steps N" in out and "--norm-backend" in out and "--kernels" not in out and " --steps N" not in out.split("usage: lfm-fast sample")[1].split("usage:")[0]
-    sample = p.parse_args(["sample", "--ckpt", "c", "--out", "o", "--steps", "5", "--kernels", "reference"])
-    assert (sample.steps, sample.norm_backend) == (5, "reference")  # the old spellings still work
+    sample_help = out.split("usage: lfm-fast sample")[1].split("usage:")[0]
+    assert "--ode-steps N" in out and "--norm-backend" in out and "--kernels" not in out and " --steps N" not in sample_help
+    assert "--num-images N" in sample_help and "--num " not in sample_help
+    sample = p.parse_args(["sample", "--ckpt", "c", "--out", "o", "--steps", "5", "--kernels", "reference", "--num", "7"])
+    assert (sample.steps, sample.norm_backend, sample.num) == (5, "reference", 7)  # the old spellings still work
+    assert p.parse_args(["calibrate", "--ckpt", "c", "--nfe", "8", "--num-images", "3"]).num == 3
     assert main(["sample", "--ckpt", "c", "--out", "o", "--steps", "3", "--ode-steps", "1"]) == 2  # both, differing
 
 
@@ -199,7 +204,7 @@ def test_a_stopped_command_ends_with_its_one_line_and_the_shells_exit_code(monke
     """Ctrl-C and SIGTERM (`Terminated`, raised by lfm-fast's handler) mid-command: one line, 128 + the signal."""
     import signal
 
-    from lfm_fast import cli
+    from lfm_fast.cli import app as cli
 
     def stopped(args):
         raise KeyboardInterrupt if stop == "KeyboardInterrupt" else cli.Terminated()
@@ -213,3 +218,35 @@ def test_a_stopped_command_ends_with_its_one_line_and_the_shells_exit_code(monke
     else:
         assert (code, err) == (128 + signal.SIGTERM, "lfm-fast: terminated (SIGTERM); nothing half-written is left\n")
     assert signal.getsignal(signal.SIGTERM) == handler  # the command's own handler is gone with it
+
+
+def test_a_mistyped_command_or_flag_is_named_with_a_suggestion(capsys):
+    """Before argparse's own checks: an unknown flag was reported as a missing required --out."""
+    assert_input_error(*run_cli(capsys, "trian", "--preset", "small-data"), "unknown command 'trian' (did you mean train?)")
+    code, err = run_cli(capsys, "sample", "--ckpt", "c", "--outdir", "o")
+    assert_input_error(code, err, "sample: unrecognized argument --outdir (did you mean --out?)")
+    assert_input_error(*run_cli(capsys, "sample", "--ckpt", "c", "--out", "o", "--zzz=1"), "unrecognized argument --zzz")
+    assert "did you mean" not in capsys.readouterr().err
+    code, err = run_cli(capsys, "sample", "--ckp", "c", "--out", "o")  # argparse's unique prefix of --ckpt still works
+    assert code == 2 and "checkpoint c" in err and "unrecognized" not in err
+
+
+def test_labels_by_class_name_and_eval_out_needs_overwrite(tiny_pipeline, tmp_path, capsys):
+    dit = str(tiny_pipeline / "dit")
+    args = ["sample", "--ckpt", dit, "--num-images", "3", "--solver", "euler", "--ode-steps", "1", "--out", str(tmp_path / "a")]
+    assert main(args + ["--labels", "square,4"]) == 0
+    capsys.readouterr()
+    assert np.load(tmp_path / "a" / "samples.npz")["labels"].tolist() == [1, 4, 1]
+    (tmp_path / "m.json").write_text("{}")
+    assert_input_error(*run_cli(capsys, "eval", "--samples", str(tmp_path / "a"), "--ref", str(tmp_path / "a"), "--out",
+                                str(tmp_path / "m.json")), "--out", "exists", "--overwrite")
+    assert (tmp_path / "m.json").read_text() == "{}"
+
+
+def test_prepare_takes_a_presets_data_section(tmp_path, capsys):
+    assert_input_error(*run_cli(capsys, "prepare", "--out", str(tmp_path / "x")), "--data is required (or --preset NAME)")
+    out = tmp_path / "lat"
+    assert main(["prepare", "--preset", "small-data", "--num-images", "8", "--out", str(out)]) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["num_samples"] == 8 and meta["latent_shape"] == [4, 8, 8] and meta["flip"] is False  # small-data: no flips
+    assert meta["dataset"] == "shapes" and meta["num_classes"] == 6

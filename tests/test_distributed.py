@@ -296,8 +296,9 @@ def test_a_workers_error_line_reaches_the_user_once_through_the_launcher(tmp_pat
     import torch.distributed.run
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-    from lfm_fast import cli, launch
-    from lfm_fast.cli import report
+    from lfm_fast import launch
+    from lfm_fast.cli import app as cli
+    from lfm_fast.cli.app import report
 
     previous = signal.getsignal(signal.SIGTERM)  # report() and _terminate ignore a second SIGTERM: put it back
     request.addfinalizer(lambda: signal.signal(signal.SIGTERM, previous))
@@ -361,7 +362,7 @@ def test_a_workers_error_line_reaches_the_user_once_through_the_launcher(tmp_pat
     for name in ("TORCHELASTIC_ERROR_FILE", "RANK"):  # the `lfm-fast --nproc` process itself
         monkeypatch.delenv(name)
     monkeypatch.setattr("subprocess.Popen", Killed)
-    assert cli._relaunch(["sample", "--nproc", "2"], 2) == 143
+    assert cli.relaunch(["sample", "--nproc", "2"], 2) == 143
     assert capsys.readouterr().err == "lfm-fast: terminated (SIGTERM); nothing half-written is left\n"
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lfm_fast.autoencoder import BUILTIN_SHAPES_AE, decode, encode, load_autoencoder
-from lfm_fast.data.shapes import SHAPE_COLORS, ShapesDataset, make_shapes, to_tensor
+from lfm_fast.data.images import to_tensor
+from lfm_fast.data.shapes import SHAPE_COLORS, ShapesDataset, make_shapes
 from lfm_fast.errors import InputError
 from lfm_fast.eval.domain import classify, load_judges, train_shape_judge
 

@@ -124,7 +124,7 @@ def test_cli_eval_end_to_end(random_inception, tiny_pipeline, tmp_path, capsys):
     # FID by pytorch-fid's own formula, precision (the fakes on the real manifold) and recall (the other way round)
     # by k = 3 radii, the latent FD on the AE's latents. A swapped pair, a wrong k or layer gives other values
     from lfm_fast.autoencoder import encode, load_autoencoder
-    from lfm_fast.data.shapes import to_tensor
+    from lfm_fast.data.images import to_tensor
     from lfm_fast.eval.frechet import gaussian_stats
     from lfm_fast.eval.precision_recall import precision_recall
     from lfm_fast.eval.run import evaluate

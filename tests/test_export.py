@@ -6,7 +6,7 @@ import torch
 
 from lfm_fast.autoencoder import decode, load_autoencoder
 from lfm_fast.cli import main
-from lfm_fast.data.shapes import to_uint8
+from lfm_fast.data.images import to_uint8
 from lfm_fast.errors import InputError
 from lfm_fast.export.onnx import export_onnx, read_metadata
 from lfm_fast.export.ort import OrtSampler
@@ -407,12 +407,13 @@ def test_ort_tensorrt_provider_refuses_a_batch_outside_its_profile_before_runnin
 def test_cli_onnxruntime_builds_the_tensorrt_providers_profile_for_the_runs_batches(gpu_providers, tiny_pipeline, tmp_path):
     """A velocity graph under CFG takes two network rows an image: `sample --batch-size 40 --cfg 2` asks ONNX Runtime's
     TensorRT provider for a profile up to 80 rows (its default stops at 64)."""
-    from lfm_fast import cli
+    from lfm_fast.cli.app import build_parser
+    from lfm_fast.cli.recipe import graph_runner
 
     dit, graph = str(tiny_pipeline / "dit"), str(tmp_path / "v.onnx")
     export_onnx(DiT.from_pretrained(dit).eval(), graph, SampleConfig(), graph="velocity")
-    args = cli._parser().parse_args(["sample", "--ckpt", dit, "--backend", "onnxruntime", "--engine", graph, "--num", "50",
+    args = build_parser().parse_args(["sample", "--ckpt", dit, "--backend", "onnxruntime", "--engine", graph, "--num-images", "50",
                                      "--batch-size", "40", "--cfg", "2", "--out", str(tmp_path / "s")])
-    net = cli._graph_runner(args, SampleConfig(cfg=2.0), DiT.from_pretrained(dit), 50)
+    net = graph_runner(args, SampleConfig(cfg=2.0), DiT.from_pretrained(dit), 50)
     trt = dict(p for p in StandInSession.made[-1].provider_options if isinstance(p, tuple))["TensorrtExecutionProvider"]
     assert trt["trt_profile_max_shapes"].split(",")[0] .startswith("x:80x") and net.config.num_classes

@@ -13,7 +13,7 @@ from tests.test_cli import assert_input_error, run_cli
 
 @pytest.mark.parametrize("flags,words", [
     (["--ode-steps", "0"], "--ode-steps 0"), (["--batch-size", "0"], "--batch-size 0"), (["--cfg", "-1"], "--cfg -1.0"),
-    (["--num", "0"], "--num 0"), (["--solver", "dopri5", "--atol", "0"], "--atol 0.0"), (["--cfg", "nan"], "--cfg nan"),
+    (["--num-images", "0"], "--num-images 0"), (["--solver", "dopri5", "--atol", "0"], "--atol 0.0"), (["--cfg", "nan"], "--cfg nan"),
     (["--solver", "foo"], "sample: argument --solver: invalid choice"),
 ])
 def test_sample_refuses_bad_numbers(tiny_pipeline, tmp_path, capsys, flags, words):

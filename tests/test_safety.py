@@ -175,7 +175,7 @@ def test_the_command_ends_without_module_teardown_but_with_everything_an_exit_ow
 import atexit, threading, time, sys
 from concurrent.futures import ThreadPoolExecutor
 import torch
-from lfm_fast.cli import exit_now
+from lfm_fast.cli.app import exit_now
 def late():
     time.sleep(0.3)
     open({str(tmp_path / "thread")!r}, "w").write("joined")

@@ -14,6 +14,16 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC → float NCHW in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """float NCHW in [-1, 1] → uint8 NHWC."""
+    return images.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
 class UnreadableImage(Exception):
     """An item that cannot be decoded; `key` names it (a path relative to the source, or an LMDB key)."""
 

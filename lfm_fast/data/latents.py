@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from lfm_fast.errors import InputError
+from lfm_fast.faults import fault_point
 from lfm_fast.fileio import atomic_path, resolve_path, write_json
 
 
@@ -367,8 +368,6 @@ def prepare_latents(ae_spec: str, data_spec: str, out: str, image_size: int | No
 def _encode_shards(loader, ds, out, shard_size, meta, flip, strict, key_field, total, progress, enc) -> float:
     """The encoding loop: batches in, a shard file out when its last batch is done. Returns images/s."""
     from tqdm.auto import tqdm
-
-    from lfm_fast.train.checkpoint import fault_point
 
     parts: dict[str, list[torch.Tensor]] = {}
     skipped: list[dict] = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lfm_fast.data.images import ImageSource
+from lfm_fast.data.images import ImageSource, to_tensor
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "diamond", "cross", "ring")
 SHAPE_COLORS = np.array([
@@ -86,16 +86,6 @@ def random_colour(rng: np.random.Generator, num: int) -> np.ndarray:
     h, sat, v = rng.uniform(0, 6, num), rng.uniform(0.2, 1.0, num), rng.uniform(0.65, 1.0, num)
     k = (np.array([5, 3, 1])[None, :] + h[:, None]) % 6
     return v[:, None] * (1 - sat[:, None] * np.clip(np.minimum(k, 4 - k), 0, 1))
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 NHWC → float NCHW in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """float NCHW in [-1, 1] → uint8 NHWC."""
-    return images.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 class ShapesDataset(ImageSource):

@@ -21,7 +21,7 @@ METRICS = ("fid", "pr", "latent_fd")
 
 def _encode_images(ae, images: np.ndarray) -> np.ndarray:
     from lfm_fast.autoencoder import encode
-    from lfm_fast.data.shapes import to_tensor
+    from lfm_fast.data.images import to_tensor
 
     return encode(ae, to_tensor(images)).numpy()
 

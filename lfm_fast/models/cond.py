@@ -26,8 +26,6 @@ def drop_labels(y: torch.Tensor, p: float, null_class: int, u: torch.Tensor) -> 
     return torch.where(u < p, torch.full_like(y, null_class), y)  # u on y's device (`FlowDraws.to`)
 
 
-CONDITIONS = ("none", "inpaint", "semantic")
-
 
 def null_condition(kind: str, cond: torch.Tensor) -> torch.Tensor:
     """The condition that says nothing, shaped like `cond`: for inpainting every pixel a hole (mask 1, masked-image

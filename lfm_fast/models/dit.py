@@ -20,9 +20,11 @@ import torch
 from torch import nn
 
 from lfm_fast import ops
+from lfm_fast.choices import CONDITIONS
 from lfm_fast.errors import InputError
 from lfm_fast.fileio import atomic_path, write_json
-from lfm_fast.models.cond import CONDITIONS, LabelEmbedder, SpatialRescaler, null_condition
+from lfm_fast.models.cond import LabelEmbedder, SpatialRescaler, null_condition
+from lfm_fast.validation import validate_section
 
 DIT_SIZES = {  # DiT paper, Table 1
     "S": dict(hidden_size=384, depth=12, num_heads=6),
@@ -296,8 +298,6 @@ class DiT(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str, **overrides) -> "DiT":
         from safetensors.torch import load_file
-
-        from lfm_fast.config import validate_section
 
         config = read_checkpoint_config(folder)
         known = {f.name for f in fields(DiTConfig)}

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import tempfile
 import threading
 
@@ -24,6 +23,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from lfm_fast.errors import InputError
+from lfm_fast.faults import fault_point
 from lfm_fast.fileio import atomic_path, fsync_path, umask_mode, write_json
 
 CHECKPOINT_DIR = "checkpoints"
@@ -37,24 +37,6 @@ def latest_checkpoint(run: str) -> str | None:
     with open(pointer) as f:
         path = os.path.join(run, CHECKPOINT_DIR, f.read().strip())
     return path if os.path.isfile(os.path.join(path, "trainer.json")) else None
-
-
-def fault_active(point: str, step: int) -> bool:
-    """Fault injection for the tests: LFM_FAST_FAULT=<point>:<step> or <point>:<first>-<last>."""
-    name, _, steps = os.environ.get("LFM_FAST_FAULT", "").partition(":")
-    if name != point or not steps:
-        return False
-    first, _, last = steps.partition("-")
-    return int(first) <= step <= int(last or first)
-
-
-def fault_point(point: str, step: int) -> None:
-    """LFM_FAST_FAULT=<point>:<step> SIGKILLs this process there (a crash, for the resume tests);
-    raise-<point>:<step> raises an exception there (a bug, for the launcher's error reports)."""
-    if fault_active(point, step):
-        os.kill(os.getpid(), signal.SIGKILL)
-    if fault_active(f"raise-{point}", step):
-        raise RuntimeError(f"injected fault at {point} {step}")
 
 
 class Checkpointer:

@@ -26,20 +26,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lfm_fast.choices import FIXED_SOLVERS
 from lfm_fast.config import ExperimentConfig, from_dict, resume_changes, to_dict, validate
-from lfm_fast.dist import init_distributed, to_device
 from lfm_fast.data.latents import LatentShardDataset
+from lfm_fast.dist import init_distributed, to_device
 from lfm_fast.errors import InputError, RunError
+from lfm_fast.faults import fault_active, fault_point
 from lfm_fast.fileio import atomic_path, image_grid, portable_path, read_marker, save_png, umask_mode, write_marker
 from lfm_fast.flow import FlowDraws, draw_flow, flow_matching_loss
 from lfm_fast.models.dit import DiT
-from lfm_fast.choices import FIXED_SOLVERS
 from lfm_fast.sampling import SampleConfig
-from lfm_fast.train.checkpoint import (Checkpointer, fault_active, fault_point, latest_checkpoint, load_checkpoint,
-                                       read_trainer_state)
+from lfm_fast.train.checkpoint import Checkpointer, latest_checkpoint, load_checkpoint, read_trainer_state
 from lfm_fast.train.ema import create_ema, ema_decay_at, full_state, update_ema
-from lfm_fast.train.parallelize import build_parallel_dit, parse_ac
+from lfm_fast.train.parallelize import build_parallel_dit
 from lfm_fast.train.throughput import peak_flops, train_flops_per_image
+from lfm_fast.validation import parse_ac
 
 
 def lr_lambda(cfg, num_samples: int) -> callable:

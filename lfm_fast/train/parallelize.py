@@ -16,17 +16,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from lfm_fast.errors import InputError
 from lfm_fast.models.dit import DiT, DiTConfig
-
-
-def parse_ac(mode: str) -> int:
-    """'none' → 0, 'full' → 1 (every block), 'selective:N' → N (every N-th block)."""
-    if mode == "none":
-        return 0
-    if mode == "full":
-        return 1
-    if mode.startswith("selective:") and mode.split(":", 1)[1].isdigit() and int(mode.split(":", 1)[1]) >= 1:
-        return int(mode.split(":", 1)[1])
-    raise InputError(f"train.activation_checkpointing {mode!r}: expected 'none', 'full' or 'selective:N' (every N-th block)")
+from lfm_fast.validation import parse_ac
 
 
 def apply_ac(model: DiT, mode: str) -> None:
