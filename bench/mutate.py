@@ -42,7 +42,7 @@ SCOPES = {
     "conditioning": (["lfm_fast.models.cond.*", "lfm_fast.models.dit.xǁDiTǁforward__mutmut_*",
                       "lfm_fast.models.dit.xǁDiTǁforward_with_cfg__mutmut_*", "lfm_fast.models.dit.x__check_condition__mutmut_*"],
                      ["tests/test_dit.py", "tests/test_masks.py", "tests/test_flow.py", "tests/test_convert.py"], "not cli"),
-    "lr_schedule": (["lfm_fast.train.loop.x_lr_lambda__mutmut_*"], ["tests/test_prepare.py"], "cosine or lr_schedule"),
+    "lr_schedule": (["lfm_fast.train.step.x_lr_lambda__mutmut_*"], ["tests/test_prepare.py"], "cosine or lr_schedule"),
 }
 
 

@@ -118,7 +118,7 @@ def stock_recipe_step():
 def our_recipe_step():
     """Ours: latents cached once by `lfm-fast prepare`; the DiT built, sharded and compiled as the trainer does."""
     from lfm_fast.dist import init_distributed
-    from lfm_fast.train.loop import make_optimizer
+    from lfm_fast.train.step import make_optimizer
     from lfm_fast.train.parallelize import build_parallel_dit
 
     d = init_distributed("cpu")
@@ -172,7 +172,7 @@ def test_small_data_step_world_of_one(benchmark, sharding):
 def run_small_data_steps(benchmark, model, tc, loss_fn, rounds: int) -> None:
     """The trainer's step around `loss_fn()` (backward, clipping, fused AdamW, EMA), warmed up, then benchmarked."""
     from lfm_fast.train.ema import create_ema, update_ema
-    from lfm_fast.train.loop import make_optimizer
+    from lfm_fast.train.step import make_optimizer
 
     opt, ema = make_optimizer(model, tc), create_ema(model)
 
@@ -225,7 +225,7 @@ def test_inpaint_condition_stored_vs_encoded(benchmark, source):
 
 @pytest.fixture(scope="module")
 def shapes_latents(tmp_path_factory):
-    from lfm_fast.data.latents import prepare_latents
+    from lfm_fast.data.prepare import prepare_latents
 
     out = tmp_path_factory.mktemp("aug") / "latents"
     prepare_latents("builtin:shapes", "shapes", str(out), num_images=1024, progress=False)
@@ -240,7 +240,7 @@ def test_augmentation_cost(benchmark, shapes_latents, augment):
     from lfm_fast.config import get_preset
     from lfm_fast.data.latents import LatentShardDataset
     from lfm_fast.dist import init_distributed
-    from lfm_fast.train.loop import EpochSampler, draw_augmentation, step_generator
+    from lfm_fast.train.step import EpochSampler, draw_augmentation, step_generator
     from lfm_fast.train.parallelize import build_parallel_dit
 
     d = init_distributed("cpu")

@@ -22,7 +22,7 @@ from lfm_fast.autoencoder import (BUILTIN_SHAPES_AE, SHAPES_AE_RECIPE, decode, d
                                   train_autoencoder)
 from lfm_fast.config import get_preset
 from lfm_fast.data.images import to_tensor, to_uint8
-from lfm_fast.data.latents import prepare_latents
+from lfm_fast.data.prepare import prepare_latents
 from lfm_fast.data.shapes import NUM_SEMANTIC, SEMANTIC_PALETTE, SHAPE_CLASSES, ShapesDataset
 from lfm_fast.errors import RunError
 from lfm_fast.eval.domain import (classify, embed, load_judges, mean_colour_fill, mean_iou, semantic_from_colours,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 
 def fault_active(point: str, step: int) -> bool:
@@ -26,3 +27,17 @@ def fault_point(point: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if fault_active(f"raise-{point}", step):
         raise RuntimeError(f"injected fault at {point} {step}")
+
+
+class TrainingFaults:
+    """The training loop's one fault hook: `poisons(step)`, whether step's loss is made NaN (nan:STEP), and
+    `after_step(step)`, once that step is done: SIGKILL or raise there (step:STEP), or sleep 0.5 s (slow:STEP, a
+    step long enough for the signal tests to land in)."""
+
+    def poisons(self, step: int) -> bool:
+        return fault_active("nan", step)
+
+    def after_step(self, step: int) -> None:
+        fault_point("step", step)
+        if fault_active("slow", step):
+            time.sleep(0.5)

@@ -82,7 +82,7 @@ def tiny_pipeline(tmp_path_factory):
     """A tiny trained AE, its latents and a tiny trained DiT, made once through the real code paths."""
     from lfm_fast.autoencoder import train_autoencoder
     from lfm_fast.config import get_preset
-    from lfm_fast.data.latents import prepare_latents
+    from lfm_fast.data.prepare import prepare_latents
     from lfm_fast.data.shapes import ShapesDataset
     from lfm_fast.train.loop import train
 

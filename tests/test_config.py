@@ -67,7 +67,7 @@ def test_small_data_preset_takes_the_class_count_from_the_data_paper_presets_ref
     from tests.conftest import write_random_latents
 
     from lfm_fast.data.latents import LatentShardDataset
-    from lfm_fast.train.loop import configure_model_for_data
+    from lfm_fast.train.step import configure_model_for_data
 
     write_random_latents(tmp_path / "lat", shape=(4, 16, 16), num_classes=3)
     ds = LatentShardDataset(str(tmp_path / "lat"))

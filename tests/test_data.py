@@ -101,7 +101,7 @@ def test_prepare_stores_the_conditions_the_data_has(tmp_path):
     import torch.nn.functional as F
 
     from lfm_fast.autoencoder import encode, load_autoencoder
-    from lfm_fast.data.latents import prepare_latents
+    from lfm_fast.data.prepare import prepare_latents
     from lfm_fast.data.masks import make_masks
     from lfm_fast.data.shapes import ShapesDataset
 

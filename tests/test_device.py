@@ -156,7 +156,7 @@ def test_generate_and_the_training_previews_copy_one_batch_to_the_host_at_a_time
     from lfm_fast.autoencoder import load_autoencoder
     from lfm_fast.generate import generate_latents
     from lfm_fast.sampling import SampleConfig
-    from lfm_fast.train.loop import draw_preview
+    from lfm_fast.train.monitor import draw_preview
 
     model = meta_dit()
     with HostSyncs() as syncs:
@@ -189,13 +189,13 @@ def test_the_pipeline_samples_on_the_device(tmp_path):
 def test_prepares_encoder_runs_on_the_device():
     """`prepare`'s batch: images and their masked copies encoded on the device; each result comes back once."""
     from lfm_fast.autoencoder import load_autoencoder
-    from lfm_fast.data.latents import _encode_batch
+    from lfm_fast.data.prepare import Item, _Encoder
 
     ae = load_autoencoder("builtin:shapes", device=META)
-    good = [(i, torch.zeros(32, 32, 3, dtype=torch.uint8), i % 3, None, None) for i in range(3)]
+    good = [Item(i, torch.zeros(32, 32, 3, dtype=torch.uint8), i % 3, None, None) for i in range(3)]
     parts = {}
     with HostSyncs() as syncs:
-        _encode_batch(parts, good, ae, flip=True, inpaint_masks=2, hole_range=(0.2, 0.5), seed=0, size=32, f=4, batch_size=4)
+        _Encoder(ae, flip=True, inpaint_masks=2, hole_range=(0.2, 0.5), seed=0, size=32, f=4, batch_size=4).encode(parts, good)
     assert parts["latents"][0].shape == (3, 4, 8, 8) and parts["masked_latents"][0].shape == (3, 2, 4, 8, 8)
     assert set(syncs.kinds) == {"copy to host"} and syncs.kinds["blocking copy to device"] == 0, syncs.kinds
 
@@ -219,8 +219,8 @@ def test_the_training_step_runs_on_the_device_with_no_host_sync(condition, tmp_p
     from lfm_fast.config import get_preset
     from lfm_fast.data.latents import LatentShardDataset
     from lfm_fast.train.ema import create_ema
-    from lfm_fast.train.loop import (NonfiniteSteps, _interval_means, all_finite, configure_model_for_data, make_optimizer,
-                                     micro_batches, train_step)
+    from lfm_fast.train.step import (NonfiniteSteps, all_finite, configure_model_for_data, interval_means, make_optimizer,
+                                     micro_batches, optimizer_step)
     from tests.conftest import write_random_latents
 
     write_random_latents(tmp_path / "latents", n=16, shape=(4, 8, 8), conditions=True)
@@ -238,13 +238,13 @@ def test_the_training_step_runs_on_the_device_with_no_host_sync(condition, tmp_p
     with HostSyncs() as syncs:
         for step in range(2):
             batches = micro_batches(ds, cfg, step, list(range(8)), 0, 4, META)
-            loss, grad_norm = train_step(model, optimizer, ema, batches, cfg, step, health)
+            loss, grad_norm = optimizer_step(model, optimizer, ema, batches, cfg, step, health)
             losses.append(loss)
     assert len(batches) == 2 and batches[0].x0.device == META and loss.device == META
     assert optimizer.state[model.x_embedder.weight]["exp_avg"].device == META
     assert syncs.total == 0, syncs.kinds
     with HostSyncs() as syncs:
-        _interval_means(losses, grad_norm, health)
+        interval_means(losses, grad_norm, health)
         health.check()
     assert syncs.kinds == {"copy to host": 1, "read": 1}
     with HostSyncs() as syncs:

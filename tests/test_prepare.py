@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from lfm_fast.data.latents import LatentShardDataset, prepare_latents
+from lfm_fast.data.latents import LatentShardDataset
+from lfm_fast.data.prepare import prepare_latents
 from tests.test_cli import assert_input_error, run_cli
 
 
@@ -129,7 +130,7 @@ def test_prepare_stores_the_mirror_images_latents_and_the_posterior_and_training
     from lfm_fast.config import DataConfig
     from lfm_fast.data.masks import masked_image_condition
     from lfm_fast.data.shapes import ShapesDataset
-    from lfm_fast.train.loop import draw_augmentation, step_generator
+    from lfm_fast.train.step import draw_augmentation, step_generator
 
     prepare_latents("builtin:shapes", "shapes", str(tmp_path / "lat"), num_images=8, inpaint_masks=1, progress=False)
     ds, shapes, ae = LatentShardDataset(str(tmp_path / "lat")), ShapesDataset(8, 32), load_autoencoder("builtin:shapes")
@@ -181,7 +182,7 @@ def test_training_refuses_augmentation_its_latents_cannot_give(tmp_path, capsys)
 
 def test_lfm_cosine_steps_once_per_epoch_to_its_floor():
     from lfm_fast.config import TrainConfig
-    from lfm_fast.train.loop import lr_lambda
+    from lfm_fast.train.step import lr_lambda
 
     tc = TrainConfig(steps=100, batch_size=8, lr=2e-4, lr_schedule="cosine_epoch", lr_min=1e-5, lr_period_epochs=10)
     f = lr_lambda(tc, 80)  # 10 steps an epoch
@@ -202,7 +203,7 @@ def test_the_stepwise_cosine_is_diffusers_schedule_with_a_floor_and_no_idle_firs
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
     from lfm_fast.config import TrainConfig
-    from lfm_fast.train.loop import lr_lambda
+    from lfm_fast.train.step import lr_lambda
 
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     ref = get_cosine_schedule_with_warmup(opt, num_warmup_steps=5, num_training_steps=40)
@@ -220,7 +221,7 @@ def test_lr_schedule_constant_the_cosine_epochs_default_period_and_no_rise_past_
     cosine after the warm-up ends at the floor; an unknown schedule is named in one line."""
     from lfm_fast.config import TrainConfig
     from lfm_fast.errors import InputError
-    from lfm_fast.train.loop import lr_lambda
+    from lfm_fast.train.step import lr_lambda
 
     const = lr_lambda(TrainConfig(steps=20, lr=1e-3, lr_schedule="constant", warmup_steps=4), 1)
     assert [const(s) for s in (0, 3, 4, 19, 50)] == [0.25, 1.0, 1.0, 1.0, 1.0]

@@ -13,7 +13,7 @@ def conditional_runs(tmp_path_factory):
     """Latents of 48 shapes with semantic maps and 2 masks each (the shipped builtin:shapes AE), and an inpainting
     and a semantic DiT trained a few steps on them."""
     from lfm_fast.config import get_preset
-    from lfm_fast.data.latents import prepare_latents
+    from lfm_fast.data.prepare import prepare_latents
     from lfm_fast.train.loop import train
 
     root = tmp_path_factory.mktemp("tasks")

@@ -321,7 +321,7 @@ def test_a_training_step_is_clipping_adamw_with_decay_on_matrices_and_the_warmed
 
     from lfm_fast.flow import draw_flow, flow_matching_loss
     from lfm_fast.train.ema import create_ema
-    from lfm_fast.train.loop import MicroBatch, NonfiniteSteps, make_optimizer, train_step
+    from lfm_fast.train.step import MicroBatch, NonfiniteSteps, make_optimizer, optimizer_step
     from tests.conftest import perturbed
 
     cfg = tiny_config()
@@ -342,7 +342,7 @@ def test_a_training_step_is_clipping_adamw_with_decay_on_matrices_and_the_warmed
     for k, step in enumerate([0, 1, 40]):
         x0, y = torch.randn(8, 4, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)
         draws = draw_flow(8, (4, 8, 8), cfg.flow, g, cfg.train.label_dropout)
-        loss, norm = train_step(model, optimizer, ema, [MicroBatch(x0, y, None, draws)], cfg, step, health)
+        loss, norm = optimizer_step(model, optimizer, ema, [MicroBatch(x0, y, None, draws)], cfg, step, health)
         ref.zero_grad()
         flow_matching_loss(ref, x0, y, cfg.flow, label_dropout=cfg.train.label_dropout, draws=draws).backward()
         grads = {n: p.grad for n, p in ref.named_parameters()}

@@ -63,7 +63,7 @@ def from_preset(args) -> None:
 
 def run(args):
     from lfm_fast.data import parse_spec
-    from lfm_fast.data.latents import prepare_latents
+    from lfm_fast.data.prepare import prepare_latents
 
     from_preset(args)
     for name in ("batch_size", "shard_size", "num_images", "image_size"):

@@ -89,7 +89,7 @@ def _measure(cfg: ExperimentConfig, depth: int, batch: int, steps: int, time_pre
     from lfm_fast.data.latents import LatentShardDataset
     from lfm_fast.dist import init_distributed
     from lfm_fast.flow import draw_flow, flow_matching_loss
-    from lfm_fast.train.loop import EpochSampler, configure_model_for_data, draw_augmentation, make_optimizer, step_generator
+    from lfm_fast.train.step import EpochSampler, configure_model_for_data, draw_augmentation, make_optimizer, step_generator
     from lfm_fast.models.dit import DiT
     from lfm_fast.train.parallelize import apply_ac, build_parallel_dit
 
