@@ -1,5 +1,5 @@
 """What the demos' quality metrics read when the network ignores its condition: the floor a test's quality bar must
-stand well above (issue 29). Runs the demo of a task at one budget and seed, then evaluates its trained network
+stand well above. Runs the demo of a task at one budget and seed, then evaluates its trained network
 again as the demo does, but given the null label / null condition at every sampling call (the model a broken
 conditioning path would give). Prints one JSON object: the metrics the tests bound, for both. With several seeds
 (`--seed 0,1,2`), each seed's run and the range over them: the spread a test's bar (measured at seed 0) must allow.
@@ -52,8 +52,11 @@ def floor(task: str, budget: str, seed: int) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--task", choices=tuple(METRICS), required=True)
-    ap.add_argument("--budget", default="quick", choices=tuple(BUDGETS["label"]))
+    ap.add_argument("--task", choices=tuple(METRICS), required=True, help="which demo: its trained network and the same "
+                    "network given the null label or condition are judged as the demo judges them")
+    ap.add_argument("--budget", default="quick", choices=tuple(BUDGETS["label"]),
+                    help="the demo budget to train (default: %(default)s, what the tests' quick demos use; each seed "
+                         "trains one: minutes)")
     ap.add_argument("--seed", default="0", help="a seed, or comma-separated seeds (default: %(default)s)")
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
+import difflib
 from dataclasses import dataclass, field
 
 from lfm_fast.errors import InputError
@@ -233,7 +233,9 @@ def resume_changes(saved: ExperimentConfig, cfg: ExperimentConfig) -> list[str]:
 
 def get_preset(name: str) -> ExperimentConfig:
     if name not in PRESETS:
-        raise InputError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+        close = difflib.get_close_matches(name, list(PRESETS), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise InputError(f"unknown preset {name!r}{hint}; expected one of {', '.join(PRESETS)}")
     return copy.deepcopy(PRESETS[name])
 
 
@@ -265,7 +267,10 @@ def apply_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentCo
             name = key
             owners = [s for s in sections.values() if _has_field(s, name)]
         if len(owners) != 1:
-            why = "is ambiguous; prefix its section" if owners else "names no config field"
+            fields = [f"{s}.{f.name}" for s, obj in sections.items() for f in dataclasses.fields(obj)]
+            close = difflib.get_close_matches(key, fields if "." in key else [f.split(".")[1] for f in fields], n=1)
+            why = ("is ambiguous; prefix its section" if owners else "names no config field"
+                   + (f" (did you mean {close[0]}?)" if close else ""))
             raise InputError(f"override {item!r}: {key!r} {why} (sections: {', '.join(sections)})")
         current = getattr(owners[0], name)
         try:

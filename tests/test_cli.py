@@ -229,6 +229,10 @@ def test_a_mistyped_command_or_flag_is_named_with_a_suggestion(capsys):
     assert "did you mean" not in capsys.readouterr().err
     code, err = run_cli(capsys, "sample", "--ckp", "c", "--out", "o")  # argparse's unique prefix of --ckpt still works
     assert code == 2 and "checkpoint c" in err and "unrecognized" not in err
+    assert_input_error(*run_cli(capsys, "presets", "small-dat"), "unknown preset 'small-dat' (did you mean small-data?)")
+    assert_input_error(*run_cli(capsys, "train", "--dry-run", "--preset", "small-data", "train.lrr=1"),
+                       "'train.lrr' names no config field (did you mean train.lr?)")
+    assert_input_error(*run_cli(capsys, "train", "--dry-run", "--preset", "small-data", "lrr=1"), "(did you mean lr?)")
 
 
 def test_labels_by_class_name_and_eval_out_needs_overwrite(tiny_pipeline, tmp_path, capsys):
@@ -240,11 +244,16 @@ def test_labels_by_class_name_and_eval_out_needs_overwrite(tiny_pipeline, tmp_pa
     (tmp_path / "m.json").write_text("{}")
     assert_input_error(*run_cli(capsys, "eval", "--samples", str(tmp_path / "a"), "--ref", str(tmp_path / "a"), "--out",
                                 str(tmp_path / "m.json")), "--out", "exists", "--overwrite")
+    assert_input_error(*run_cli(capsys, "eval", "--samples", str(tmp_path / "a"), "--ref", str(tmp_path / "a"), "--save-stats",
+                                str(tmp_path / "m.json")), "--save-stats", "exists")
     assert (tmp_path / "m.json").read_text() == "{}"
 
 
 def test_prepare_takes_a_presets_data_section(tmp_path, capsys):
     assert_input_error(*run_cli(capsys, "prepare", "--out", str(tmp_path / "x")), "--data is required (or --preset NAME)")
+    # a paper preset whose data is missing says so, before its SD-VAE is looked for on the hub
+    assert_input_error(*run_cli(capsys, "prepare", "--preset", "celebahq256-dit-l2", "--data", str(tmp_path / "none"),
+                                "--out", str(tmp_path / "x")), "none")
     out = tmp_path / "lat"
     assert main(["prepare", "--preset", "small-data", "--num-images", "8", "--out", str(out)]) == 0
     meta = json.loads((out / "meta.json").read_text())

@@ -10,7 +10,8 @@ from lfm_fast.errors import InputError
 
 
 def add_parser(sub) -> None:
-    c = sub.add_parser("convert", help="DiT weights to or from diffusers' DiTTransformer2DModel, or from the LFM paper's .pth",
+    c = sub.add_parser("convert", usage="lfm-fast convert (--to diffusers | --from {diffusers,lfm}) SRC --out OUT [options]",
+                       help="DiT weights to or from diffusers' DiTTransformer2DModel, or from the LFM paper's .pth",
                        description="--to diffusers: an inference checkpoint (config.json + model.safetensors) → a folder "
                        "that diffusers.DiTTransformer2DModel.from_pretrained loads (pass it timestep = t · time_scale). "
                        "--from diffusers: such a folder (e.g. facebookresearch/DiT's converted weights; learned-sigma "

@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
     v.add_argument("--save-stats", default=None, help="also write the samples' Inception mu/sigma to this .npz")
     v.add_argument("--out", default=None, help="write the metrics JSON to this file (it is printed either way); see "
                    "--overwrite")
-    v.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    v.add_argument("--overwrite", action="store_true", help="replace an existing --out or --save-stats file")
 
 
 def run(args):
@@ -28,9 +28,10 @@ def run(args):
     from lfm_fast.eval.run import evaluate
     from lfm_fast.fileio import write_json
 
-    if args.out and (os.path.isdir(args.out) or (os.path.lexists(args.out) and not args.overwrite)):
-        raise InputError(f"--out {args.out} exists{' and is a folder' if os.path.isdir(args.out) else ''}; name a new "
-                         f"file{'' if os.path.isdir(args.out) else ', or pass --overwrite to replace it'}")
+    for flag, path in (("--out", args.out), ("--save-stats", args.save_stats)):
+        if path and (os.path.isdir(path) or (os.path.lexists(path) and not args.overwrite)):
+            raise InputError(f"{flag} {path} exists{' and is a folder' if os.path.isdir(path) else ''}; name a new "
+                             f"file{'' if os.path.isdir(path) else ', or pass --overwrite to replace it'}")
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     result = evaluate(args.samples, args.ref, metrics, args.inception, args.ae, args.batch_size, args.save_stats)
     if args.out:

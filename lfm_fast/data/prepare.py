@@ -93,9 +93,12 @@ def prepare_latents(ae_spec: str, data_spec: str, out: str, image_size: int | No
     state = _prepare_state(out)
     if state != "unfinished":
         check_out_dir(out, overwrite, "prepare")
+    if image_size:  # the data source is checked first where its size is known (a hub AE may take a while to fail)
+        ds, class_names = open_image_dataset(data_spec, image_size, num_images, seed)
     ae = load_autoencoder(ae_spec, device=device)
     size = image_size or int(ae.config.sample_size)
-    ds, class_names = open_image_dataset(data_spec, size, num_images, seed)
+    if not image_size:
+        ds, class_names = open_image_dataset(data_spec, size, num_images, seed)
     f = downsample_factor(ae)
     if size % f:
         raise InputError(f"--image-size {size}: expected a multiple of the AE's downsampling factor {f}")
