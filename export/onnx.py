@@ -12,6 +12,7 @@ build needs no precision flags. Weights past `external_bytes` go to one `<out>.d
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -19,13 +20,14 @@ import os
 import shutil
 import tempfile
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from lfm_fast import __version__
 from lfm_fast.errors import InputError
-from lfm_fast.export.sampler import GraphNet, UnrolledSampler, sampler_metadata
+from lfm_fast.export.sampler import GraphNet, UnrolledSampler
 from lfm_fast.fileio import fsync_path, umask_mode
 from lfm_fast.sampling import SampleConfig
 
@@ -33,6 +35,62 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 GRAPHS = ("sampler", "velocity")
 DOMAIN = "lfm_fast.graph"  # the placeholder's domain: never left in a saved graph
 EXTERNAL_BYTES = int(1.5 * 2**30)  # weights past this go to <out>.data (protobuf cannot hold more than 2 GiB)
+
+
+@dataclass
+class GraphMeta:
+    """What `lfm-fast export` records in a graph's ONNX metadata (and a TensorRT engine's record keeps), typed; ONNX
+    stores each field as a string property (`props`, `from_props`). A sampler graph also fixes its recipe (solver,
+    steps, CFG, grid, times: `recipe`), its NFE, and whether it ends with the decoder (uint8 images out)."""
+    graph: str  # "sampler" or "velocity"
+    dtype: str  # the network's: float32, float16 or bfloat16 (the graph's inputs and outputs are fp32 or uint8)
+    weights_sha256: str
+    latent_shape: tuple[int, ...]
+    num_classes: int
+    condition: str
+    cond_shape: tuple[int, ...]
+    sigma_min: float
+    output_shape: tuple[int, ...] = ()
+    recipe: SampleConfig | None = None
+    nfe: int | None = None
+    scaling_factor: float = 1.0
+    with_decoder: bool = False
+    lfm_fast_version: str = __version__
+
+    def props(self) -> dict[str, str]:
+        p = {"lfm_fast_version": self.lfm_fast_version, "graph": self.graph, "dtype": self.dtype,
+             "weights_sha256": self.weights_sha256, "latent_shape": json.dumps(list(self.latent_shape)),
+             "num_classes": str(self.num_classes), "condition": self.condition,
+             "cond_shape": json.dumps(list(self.cond_shape)), "sigma_min": str(self.sigma_min),
+             "output_shape": json.dumps(list(self.output_shape))}
+        if self.recipe is not None:
+            r = self.recipe
+            p.update(solver=r.solver, steps=str(r.steps), cfg=str(float(r.cfg)), grid=r.grid, shift=str(r.shift),
+                     times=json.dumps(list(r.times)), cfg_interval=f"{r.cfg_lo}:{r.cfg_hi}", nfe=str(self.nfe),
+                     state_dtype="float32", scaling_factor=str(self.scaling_factor),
+                     with_decoder=str(self.with_decoder).lower())
+        return p
+
+    @classmethod
+    def from_props(cls, p: dict[str, str]) -> "GraphMeta":
+        recipe = None
+        if p["graph"] == "sampler":
+            lo, hi = (float(v) for v in p["cfg_interval"].split(":"))
+            recipe = SampleConfig(solver=p["solver"], steps=int(p["steps"]), cfg=float(p["cfg"]), grid=p["grid"],
+                                  shift=float(p["shift"]), cfg_lo=lo, cfg_hi=hi, times=tuple(json.loads(p["times"])))
+        return cls(graph=p["graph"], dtype=p["dtype"], weights_sha256=p["weights_sha256"],
+                   latent_shape=tuple(json.loads(p["latent_shape"])), num_classes=int(p.get("num_classes", 0)),
+                   condition=p.get("condition", "none"), cond_shape=tuple(json.loads(p.get("cond_shape", "[]"))),
+                   sigma_min=float(p["sigma_min"]), output_shape=tuple(json.loads(p["output_shape"])), recipe=recipe,
+                   nfe=int(p["nfe"]) if "nfe" in p else None, scaling_factor=float(p.get("scaling_factor", 1.0)),
+                   with_decoder=p.get("with_decoder") == "true", lfm_fast_version=p["lfm_fast_version"])
+
+    def input_shapes(self) -> list[tuple[str, tuple]]:
+        """(name, per-sample shape) of each input of the graph."""
+        cond = [("cond", self.cond_shape)] if self.condition != "none" else []
+        if self.graph == "velocity":
+            return [("x", self.latent_shape), ("t", ()), ("labels", ())] + cond
+        return [("noise", self.latent_shape), ("labels", ())] + cond
 
 
 @torch.library.custom_op("lfm_fast::graph_velocity", mutates_args=())
@@ -86,7 +144,7 @@ def weights_digest(model) -> str:
 
 
 def export_onnx(model, out: str, cfg: SampleConfig, ae=None, dtype: str = "float32", graph: str = "sampler",
-                sigma_min: float = 1e-5, opset: int | None = None, external_bytes: int = EXTERNAL_BYTES) -> dict:
+                sigma_min: float = 1e-5, opset: int | None = None, external_bytes: int = EXTERNAL_BYTES) -> GraphMeta:
     """Export the sampler of `cfg` (inputs noise, labels[, cond] → latents, or uint8 NHWC images with `ae`'s
     decoder), or the velocity network (x, t, labels[, cond] → velocity), with a dynamic batch; check it with
     onnx.checker's full check. The opset defaults to 18, and to 22 for bf16 (where ONNX types Conv in bf16).
@@ -107,9 +165,8 @@ def export_onnx(model, out: str, cfg: SampleConfig, ae=None, dtype: str = "float
     cond = [torch.zeros(b, *c.cond_shape)] if c.condition != "none" else []
     network = _to_onnx(NetworkBoundary(net), [x, torch.full((b,), 0.5), labels] + cond,
                        ["x", "t", "labels"] + ["cond"] * len(cond), "velocity", opset)
-    meta = {"lfm_fast_version": __version__, "graph": graph, "dtype": dtype, "weights_sha256": weights_digest(model),
-            "latent_shape": json.dumps([c.in_channels, c.input_size, c.input_size]), "num_classes": str(c.num_classes),
-            "condition": c.condition, "cond_shape": json.dumps(list(c.cond_shape)), "sigma_min": str(sigma_min)}
+    meta = GraphMeta(graph, dtype, weights_digest(model), (c.in_channels, c.input_size, c.input_size), c.num_classes,
+                     c.condition, tuple(c.cond_shape), sigma_min)
     if graph == "velocity":
         proto = network
     else:
@@ -122,9 +179,11 @@ def export_onnx(model, out: str, cfg: SampleConfig, ae=None, dtype: str = "float
         solver = _to_onnx(sampler, [x, labels] + cond, ["noise", "labels"] + ["cond"] * len(cond),
                           "images" if decoder is not None else "latents", opset, _placeholder_translation(), optimize=False)
         proto = splice(solver, network)
-        meta.update(sampler_metadata(sampler))
-    meta["output_shape"] = json.dumps([d.dim_value for d in proto.graph.output[0].type.tensor_type.shape.dim[1:]])
-    for k, v in meta.items():
+        recipe = dataclasses.replace(sampler.config, times=tuple(sampler.times))
+        meta = dataclasses.replace(meta, recipe=recipe, nfe=sampler.nfe, scaling_factor=sampler.scaling_factor,
+                                   with_decoder=sampler.decoder is not None)
+    meta.output_shape = tuple(d.dim_value for d in proto.graph.output[0].type.tensor_type.shape.dim[1:])
+    for k, v in meta.props().items():
         proto.metadata_props.add(key=k, value=v)
     save_onnx(proto, out, external_bytes)
     return meta
@@ -247,7 +306,7 @@ def _references(path: str, location: str) -> bool:
     return any(e.key == "location" and e.value == location for t in proto.graph.initializer for e in t.external_data)
 
 
-def read_metadata(path: str) -> dict:
+def read_metadata(path: str) -> GraphMeta:
     import onnx
 
     if not os.path.isfile(path):
@@ -259,7 +318,7 @@ def read_metadata(path: str) -> dict:
     meta = {p.key: p.value for p in proto.metadata_props}
     if "lfm_fast_version" not in meta:
         raise InputError(f"--engine {path}: an ONNX model, but not one exported by `lfm-fast export`")
-    return meta
+    return GraphMeta.from_props(meta)
 
 
 def file_digest(path: str) -> str:

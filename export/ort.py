@@ -8,7 +8,6 @@ as a `GraphNet` that the solvers of `lfm_fast.sampling` drive (any steps, solver
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -16,7 +15,7 @@ import torch
 
 from lfm_fast import fileio
 from lfm_fast.errors import InputError
-from lfm_fast.export.onnx import read_metadata
+from lfm_fast.export.onnx import GraphMeta, read_metadata
 from lfm_fast.export.sampler import GraphNet
 
 _TYPES = {"tensor(float)": (np.float32, torch.float32), "tensor(float16)": (np.float16, torch.float16),
@@ -39,7 +38,7 @@ def device_index() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def provider_options(meta: dict, providers: list[str], batch_range=(1, 16, 64), cache_dir: str | None = None) -> list:
+def provider_options(meta: GraphMeta, providers: list[str], batch_range=(1, 16, 64), cache_dir: str | None = None) -> list:
     """ONNX Runtime providers with their options. TensorRT: an engine cache (so a process reuses the engine an
     earlier one built), fp16 kernels for an fp16 graph, and explicit profile shapes over `batch_range` for every
     input (no rebuild when the batch changes); CUDA: the device of this rank."""
@@ -47,10 +46,10 @@ def provider_options(meta: dict, providers: list[str], batch_range=(1, 16, 64), 
     out = []
     for p in providers:
         if p == "TensorrtExecutionProvider":
-            shapes = [[f"{name}:{'x'.join(str(d) for d in (b, *rest))}" for name, rest in _input_shapes(meta)] for b in batch_range]
+            shapes = [[f"{name}:{'x'.join(str(d) for d in (b, *rest))}" for name, rest in meta.input_shapes()] for b in batch_range]
             out.append((p, {"device_id": device, "trt_engine_cache_enable": True, "trt_timing_cache_enable": True,
                             "trt_engine_cache_path": cache_dir or fileio.cache_dir("ort-trt"),
-                            "trt_fp16_enable": meta.get("dtype") == "float16",
+                            "trt_fp16_enable": meta.dtype == "float16",
                             "trt_profile_min_shapes": ",".join(shapes[0]), "trt_profile_opt_shapes": ",".join(shapes[1]),
                             "trt_profile_max_shapes": ",".join(shapes[2])}))
         elif p == "CUDAExecutionProvider":
@@ -58,15 +57,6 @@ def provider_options(meta: dict, providers: list[str], batch_range=(1, 16, 64), 
         else:
             out.append(p)
     return out
-
-
-def _input_shapes(meta: dict) -> list[tuple[str, tuple]]:
-    """(name, per-sample shape) of each input of a graph, from its metadata."""
-    latent = tuple(json.loads(meta["latent_shape"]))
-    cond = [("cond", tuple(json.loads(meta["cond_shape"])))] if meta.get("condition", "none") != "none" else []
-    if meta.get("graph") == "velocity":
-        return [("x", latent), ("t", ()), ("labels", ())] + cond
-    return [("noise", latent), ("labels", ())] + cond
 
 
 class OrtGraph:
@@ -89,7 +79,7 @@ class OrtGraph:
             self.session = ort.InferenceSession(path, so, providers=provider_options(self.meta, providers, batch_range))
         except Exception as e:  # ORT raises its own exception types for invalid graphs
             hint = ("; a bf16 graph needs a runtime with bf16 kernels (TensorRT): export --fp16 for ONNX Runtime"
-                    if self.meta.get("dtype") == "bfloat16" else "")
+                    if self.meta.dtype == "bfloat16" else "")
             raise InputError(f"--engine {path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]}){hint}") from None
         used = self.session.get_providers()
         self.device = torch.device("cpu") if used[0] == "CPUExecutionProvider" else torch.device("cuda", device_index())
@@ -98,7 +88,7 @@ class OrtGraph:
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         out = self.session.get_outputs()[0]
         self.output, self.out_dtype = out.name, _TYPES[out.type][1]
-        self.out_shape = tuple(json.loads(self.meta["output_shape"]))
+        self.out_shape = self.meta.output_shape
 
     def check_batch(self, rows: int, what: str = "--batch-size"):
         if self.batch_range is None:
@@ -139,10 +129,10 @@ class OrtSampler(OrtGraph):
 
     @property
     def nfe(self) -> int:
-        return int(self.meta["nfe"])
+        return self.meta.nfe
 
     def __call__(self, noise, labels, condition=None) -> torch.Tensor:
-        if self.meta.get("graph") == "velocity":
+        if self.meta.graph == "velocity":
             raise InputError("a velocity graph is one network evaluation: drive it with velocity_net(), not as a sampler")
         return self.run({"noise": torch.as_tensor(noise), "labels": torch.as_tensor(labels),
                          **({} if "cond" not in self.inputs else {"cond": None if condition is None else torch.as_tensor(condition)})})

@@ -7,7 +7,6 @@ decoder. Exported to ONNX (→ ONNX Runtime, TensorRT) or `torch.compile`d, it i
 
 from __future__ import annotations
 
-import json
 
 import torch
 from torch import nn
@@ -45,15 +44,6 @@ class UnrolledSampler(nn.Module):
         dec = next(self.decoder.parameters()).dtype
         images = self.decoder.decode((x / self.scaling_factor).to(dec)).sample
         return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
-
-
-def sampler_metadata(sampler: UnrolledSampler) -> dict:
-    """The recipe a sampler graph fixes (its solver, steps, grid, CFG), as strings for ONNX metadata."""
-    s = sampler.config
-    return {"solver": s.solver, "steps": str(s.steps), "cfg": str(float(s.cfg)), "grid": s.grid, "shift": str(s.shift),
-            "times": json.dumps(sampler.times), "cfg_interval": f"{s.cfg_lo}:{s.cfg_hi}", "nfe": str(sampler.nfe),
-            "sigma_min": str(sampler.sigma_min), "state_dtype": "float32", "scaling_factor": str(sampler.scaling_factor),
-            "with_decoder": str(sampler.decoder is not None).lower()}
 
 
 class GraphNet(nn.Module):

@@ -19,7 +19,7 @@ import shutil
 import torch
 
 from lfm_fast.errors import InputError
-from lfm_fast.export.onnx import file_digest, read_metadata
+from lfm_fast.export.onnx import GraphMeta, file_digest, read_metadata
 from lfm_fast import fileio
 from lfm_fast.fileio import atomic_path, write_json
 
@@ -70,7 +70,7 @@ def build_engine(onnx_path: str, engine_path: str, batch_range: tuple[int, int, 
     network rows, two per image under CFG) in `batch_range`; write it and `<engine>.json`. Returns the latter."""
     trt = require_tensorrt()
     meta = read_metadata(onnx_path)
-    record = {"onnx": meta, "onnx_sha256": file_digest(onnx_path), "batch_range": list(batch_range),
+    record = {"onnx": meta.props(), "onnx_sha256": file_digest(onnx_path), "batch_range": list(batch_range),
               "tensorrt_version": trt.__version__, **gpu_info()}
     cache_dir = cache_dir or fileio.cache_dir("engines")
     key = engine_key(record["onnx_sha256"], batch_range, record["tensorrt_version"], record)
@@ -134,7 +134,7 @@ class TensorRTRunner:
     def __init__(self, engine_path: str, cuda_graph: bool = False, device: str | None = None):
         trt = require_tensorrt()
         self.record = read_engine_record(engine_path)
-        self.meta = self.record["onnx"]
+        self.meta = GraphMeta.from_props(self.record["onnx"])
         here = {"tensorrt_version": trt.__version__, **gpu_info()}
         for key, value in here.items():
             if self.record.get(key) != value:

@@ -12,13 +12,14 @@ import torch
 from tqdm.auto import tqdm
 
 from lfm_fast.autoencoder import decode
-from lfm_fast.choices import INFERENCE_DTYPES
+from lfm_fast.calibrate import load_times
+from lfm_fast.choices import INFERENCE_DTYPES, NFE_PER_STEP
 from lfm_fast.data.images import to_uint8
 from lfm_fast.dist import to_device
 from lfm_fast.errors import InputError
 from lfm_fast.fileio import atomic_dir, image_grid, save_png
 from lfm_fast.models.dit import cast_token_path
-from lfm_fast.sampling import SampleConfig, per_image_noise, sample_with
+from lfm_fast.sampling import SampleConfig, per_image_noise, sample_with, time_grid
 from lfm_fast.train.throughput import forward_flops_per_image
 
 
@@ -47,6 +48,23 @@ def checkpoint_sample_config(config: dict) -> SampleConfig:
     """The sampling recipe a checkpoint's config.json records (its experiment's `sample` section over the defaults)."""
     recipe = config.get("meta", {}).get("experiment", {}).get("sample", {})
     return SampleConfig(**{**dataclasses.asdict(SampleConfig()), **recipe})
+
+
+def resolve_times(scfg: SampleConfig, folder: str | None) -> SampleConfig:
+    """A fixed-step recipe's time grid made concrete and checked, for every caller alike (`sample`, `export`, the
+    pipeline): a "calibrated" grid takes its times from the checkpoint folder, where `lfm-fast calibrate` stores
+    them. Returns `scfg`, its `times` set."""
+    if scfg.solver not in NFE_PER_STEP:
+        return scfg
+    if scfg.grid == "calibrated":
+        if folder is None:
+            raise InputError("--grid calibrated: the times are stored in the checkpoint folder, and this model has none")
+        scfg.times = load_times(folder, scfg)
+    try:
+        time_grid(scfg.steps, scfg.grid, scfg.shift, scfg.times)
+    except ValueError as e:
+        raise InputError(f"--grid {scfg.grid}: {e}") from None
+    return scfg
 
 
 def checkpoint_sigma_min(config: dict) -> float:

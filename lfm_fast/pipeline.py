@@ -64,8 +64,8 @@ def _count(name: str, value) -> int:
 
 
 class LFMPipeline:
-    def __init__(self, model, vae, config: dict):
-        self.model, self.vae, self.config = model, vae, config
+    def __init__(self, model, vae, config: dict, folder: str | None = None):
+        self.model, self.vae, self.config, self.folder = model, vae, config, folder  # folder: calibrated grids
         from lfm_fast.generate import checkpoint_sigma_min
 
         self.class_names = config.get("meta", {}).get("class_names", [])
@@ -88,7 +88,7 @@ class LFMPipeline:
         if not spec:
             raise InputError(f"checkpoint {run} records no autoencoder; pass vae=")
         model = inference_model(DiT.from_pretrained(run), device, dtype)
-        return cls(model, load_autoencoder(spec, device=device), config)
+        return cls(model, load_autoencoder(spec, device=device), config, run)
 
     @property
     def task(self) -> str:
@@ -104,7 +104,8 @@ class LFMPipeline:
         drawn in order from `generator` (a torch.Generator, or one per image), or from torch's global generator.
         `num_inference_steps`, `guidance_scale`, `solver` and `sample_options` (grid, shift, atol, rtol, cfg_lo,
         cfg_hi) default to the checkpoint's recipe. `output_type`: "pil", "np" (uint8 N×H×W×3) or "latent"."""
-        from lfm_fast.generate import checkpoint_sample_config, class_ids, generate_latents, latents_to_images
+        from lfm_fast.generate import (checkpoint_sample_config, class_ids, generate_latents, latents_to_images,
+                                       resolve_times)
         from lfm_fast.sampling import per_image_noise
 
         c = self.model.config
@@ -120,9 +121,10 @@ class LFMPipeline:
                 setattr(scfg, name, value)
         try:
             validate_section("sample", scfg)
+            resolve_times(scfg, self.folder)  # a calibrated grid's times, from the checkpoint folder
         except InputError as e:  # named as this call names it
             raise InputError(str(e).replace("sample.steps", "num_inference_steps").replace("sample.cfg=", "guidance_scale=")
-                             .replace("sample.", "")) from None
+                             .replace("sample.", "").replace("--grid ", "grid=")) from None
         batch_size = _count("batch_size", batch_size)
         if seed is not None and generator is not None:
             raise InputError("seed and generator: pass one (seed + i for image i, or generators)")

@@ -79,12 +79,19 @@ def test_cli_calibrate_then_sample_and_export_on_the_calibrated_grid(ckpt, tiny_
     ref = latents_to_images(ae, sample_with(model, noise, torch.arange(3) % model.config.num_classes,
                                             SampleConfig("dpm++2m", 2, cfg, "calibrated", times=times)).latents)
     assert np.abs(images.astype(int) - ref.astype(int)).max() <= 1
+    from lfm_fast import LFMPipeline  # the pipeline finds the same stored grid: the same images
+
+    pipe = LFMPipeline.from_pretrained(ckpt, device="cpu", vae=str(tiny_pipeline / "ae"))
+    out = pipe(num_images=3, solver="dpm++2m", num_inference_steps=2, grid="calibrated", seed=0, output_type="np")
+    assert np.array_equal(out.images, images)
+    with pytest.raises(InputError, match="grid=calibrated: .* no grid for dpm\\+\\+2m/3/"):
+        pipe(num_images=1, solver="dpm++2m", num_inference_steps=3, grid="calibrated")
     code, err = run_cli(capsys, "export", "--ckpt", ckpt, "--solver", "dpm++2m", "--steps", "2", "--grid", "calibrated",
                         "--out", str(tmp_path / "c.onnx"))
     assert code == 0, err
     from lfm_fast.export.onnx import read_metadata
 
-    assert json.loads(read_metadata(str(tmp_path / "c.onnx"))["times"]) == list(times)
+    assert read_metadata(str(tmp_path / "c.onnx")).recipe.times == tuple(times)
 
 
 def test_cli_sampler_flag_errors(ckpt, tmp_path, capsys):

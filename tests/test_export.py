@@ -53,7 +53,7 @@ def test_onnx_multistep_sampler_on_a_calibrated_grid_matches_eager(model, tmp_pa
     times = (1.0, 0.85, 0.5, 0.2, 0.0)
     cfg = SampleConfig(solver=solver, steps=4, cfg=2.0, grid="calibrated", times=times)
     meta = export_onnx(model, str(tmp_path / "m.onnx"), cfg)
-    assert json.loads(meta["times"]) == list(times) and meta["nfe"] == "4"
+    assert meta.recipe.times == times and meta.nfe == 4 and json.loads(meta.props()["times"]) == list(times)
     noise, y = inputs(4)
     out = OrtSampler(str(tmp_path / "m.onnx"), threads=1)(noise, y)
     assert (out - sample_with(model, noise, y, cfg).latents).abs().max() <= 1e-4
@@ -61,8 +61,10 @@ def test_onnx_multistep_sampler_on_a_calibrated_grid_matches_eager(model, tmp_pa
 
 def test_onnx_sampler_matches_eager_fp32_and_fp16_with_dynamic_batch(model, heun2, tmp_path):
     path, meta = heun2
-    assert read_metadata(path) == meta
-    assert (meta["solver"], meta["steps"], meta["cfg"], meta["nfe"], meta["latent_shape"]) == ("heun", "2", "2.0", "4", "[4, 8, 8]")
+    assert read_metadata(path) == meta  # typed, through ONNX's string properties and back
+    r = meta.recipe
+    assert (r.solver, r.steps, r.cfg, meta.nfe, meta.latent_shape, meta.with_decoder) == ("heun", 2, 2.0, 4, (4, 8, 8), False)
+    assert meta.props()["steps"] == "2" and meta.props()["cfg_interval"] == "0.0:1.0"  # the graphs' stored layout
     runner = OrtSampler(path, threads=1)
     for b in (1, 7):
         noise, y = inputs(b)
@@ -96,7 +98,7 @@ def test_bf16_graph_is_typed_in_the_graph_with_fp32_inputs_and_outputs(model, tm
     path = str(tmp_path / "b.onnx")
     meta = export_onnx(model, path, SampleConfig("heun", 2, 2.0), dtype="bfloat16")
     proto = onnx.load(path)
-    assert meta["dtype"] == "bfloat16" and proto.opset_import[0].version == 22
+    assert meta.dtype == "bfloat16" and proto.opset_import[0].version == 22
     assert [i.type.tensor_type.elem_type for i in proto.graph.input] == [onnx.TensorProto.FLOAT, onnx.TensorProto.INT64]
     assert proto.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     weights = {t.name: t.data_type for t in proto.graph.initializer if t.name.startswith("net/") and t.name.endswith("weight")}
@@ -131,7 +133,7 @@ def test_velocity_graph_driven_by_the_solvers_matches_eager_at_any_recipe(model,
 
     path = str(tmp_path / "v.onnx")
     meta = export_onnx(model, path, SampleConfig(), graph="velocity")
-    assert meta["graph"] == "velocity" and "steps" not in meta and "nfe" not in meta
+    assert meta.graph == "velocity" and meta.recipe is None and "steps" not in meta.props() and "nfe" not in meta.props()
     net = velocity_net(OrtSampler(path, threads=1), model.config)
     noise, y = inputs(3)
     for cfg in (SampleConfig("heun", 3, 2.0), SampleConfig("ab3", 5, 3.0, grid="shifted", shift=2.0, cfg_lo=0.2, cfg_hi=0.7),
@@ -150,7 +152,7 @@ def test_onnx_sampler_takes_the_condition_as_an_input_and_matches_eager(kind, tm
     net = perturbed(DiT(DiTConfig(input_size=8, hidden_size=32, depth=2, num_heads=2, **CONDITIONED[kind])))
     path = str(tmp_path / "c.onnx")
     meta = export_onnx(net, path, SampleConfig("euler", 2, 2.0))
-    assert meta["condition"] == kind and json.loads(meta["cond_shape"]) == list(net.config.cond_shape)
+    assert meta.condition == kind and meta.cond_shape == tuple(net.config.cond_shape)
     runner = OrtSampler(path, threads=1)
     for b in (1, 3):
         noise, cond = per_image_noise(list(range(b)), (4, 8, 8)), a_condition(kind, b)
@@ -277,7 +279,9 @@ def test_large_graphs_keep_their_weights_in_one_data_file_and_leave_no_orphans(m
 def test_ort_provider_options_cache_engines_and_profile_every_input():
     from lfm_fast.export.ort import default_threads, provider_options
 
-    meta = {"graph": "velocity", "dtype": "float16", "latent_shape": "[4, 8, 8]", "condition": "inpaint", "cond_shape": "[5, 8, 8]"}
+    from lfm_fast.export.onnx import GraphMeta
+
+    meta = GraphMeta("velocity", "float16", "", (4, 8, 8), 0, "inpaint", (5, 8, 8), 1e-5)
     (trt_name, trt), (cuda_name, cuda), cpu = provider_options(
         meta, ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], (1, 8, 32), "/c")
     assert (trt_name, cuda_name, cpu) == ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -408,12 +412,12 @@ def test_cli_onnxruntime_builds_the_tensorrt_providers_profile_for_the_runs_batc
     """A velocity graph under CFG takes two network rows an image: `sample --batch-size 40 --cfg 2` asks ONNX Runtime's
     TensorRT provider for a profile up to 80 rows (its default stops at 64)."""
     from lfm_fast.cli.app import build_parser
-    from lfm_fast.cli.recipe import graph_runner
+    from lfm_fast.cli.recipe import open_graph
 
     dit, graph = str(tiny_pipeline / "dit"), str(tmp_path / "v.onnx")
     export_onnx(DiT.from_pretrained(dit).eval(), graph, SampleConfig(), graph="velocity")
     args = build_parser().parse_args(["sample", "--ckpt", dit, "--backend", "onnxruntime", "--engine", graph, "--num-images", "50",
                                      "--batch-size", "40", "--cfg", "2", "--out", str(tmp_path / "s")])
-    net = graph_runner(args, SampleConfig(cfg=2.0), DiT.from_pretrained(dit), 50)
+    meta, runner = open_graph(args, SampleConfig(cfg=2.0), DiT.from_pretrained(dit), 50)
     trt = dict(p for p in StandInSession.made[-1].provider_options if isinstance(p, tuple))["TensorrtExecutionProvider"]
-    assert trt["trt_profile_max_shapes"].split(",")[0] .startswith("x:80x") and net.config.num_classes
+    assert trt["trt_profile_max_shapes"].split(",")[0] .startswith("x:80x") and meta.graph == "velocity"

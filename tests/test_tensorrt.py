@@ -161,7 +161,7 @@ class FakeTensorRT(Recorded):
 
             def get_tensor_shape(self, name):
                 b = next(iter(self.shapes.values()))[0]
-                return (b, *json.loads(self.engine.meta["output_shape"]))
+                return (b, *self.engine.meta.output_shape)
 
             def execute_async_v3(self, stream):
                 """Read the inputs at their addresses, run the graph, write the output at its address."""

@@ -90,5 +90,5 @@ def run(args):
             meta = export_onnx(model, onnx_path, scfg, ae, dtype, args.graph, sigma_min(config))
             record = build_engine(onnx_path, args.out, batch_range)
         what += f", TensorRT {record['tensorrt_version']} on {record['gpu']}, batch {':'.join(map(str, batch_range))}"
-    recipe = "" if args.graph == "velocity" else f", {scfg.describe()}, NFE {meta['nfe']}"
+    recipe = "" if args.graph == "velocity" else f", {scfg.describe()}, NFE {meta.nfe}"
     print(f"wrote {args.out} ({what}{recipe}) in {time.perf_counter() - start:.1f} s")

@@ -3,6 +3,7 @@ engines."""
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -44,9 +45,8 @@ def parse_labels(text: str | None, num: int, num_classes: int, class_names=()):
 
 
 def sample_config(config: dict, args):
-    from lfm_fast.generate import checkpoint_sample_config
     from lfm_fast.choices import NFE_PER_STEP
-    from lfm_fast.sampling import time_grid
+    from lfm_fast.generate import checkpoint_sample_config, resolve_times
 
     scfg = checkpoint_sample_config(config)
     for name in ("solver", "steps", "cfg", "grid", "shift", "atol", "rtol"):
@@ -60,18 +60,9 @@ def sample_config(config: dict, args):
     if getattr(args, "cfg_interval", None) is not None:
         scfg.cfg_lo, scfg.cfg_hi = parse_interval(args.cfg_interval)
     backend = getattr(args, "backend", "eager")
-    if backend in ("eager", "compile") or engine_meta(args).get("graph") == "velocity":  # a sampler graph's own recipe:
-        check_flags_apply(args, scfg)  # checked by graph_runner
-    if scfg.grid == "calibrated" and scfg.solver in NFE_PER_STEP:
-        from lfm_fast.calibrate import load_times
-
-        scfg.times = load_times(args.ckpt, scfg)
-    if scfg.solver in NFE_PER_STEP:
-        try:
-            time_grid(scfg.steps, scfg.grid, scfg.shift, scfg.times)
-        except ValueError as e:
-            raise InputError(f"--grid {scfg.grid}: {e}") from None
-    return scfg
+    if backend in ("eager", "compile") or engine_meta(backend, args.engine).graph == "velocity":  # a sampler graph's
+        check_flags_apply(args, scfg)  # own recipe: checked by open_graph
+    return resolve_times(scfg, args.ckpt)
 
 
 def check_flags_apply(args, scfg):
@@ -111,64 +102,79 @@ def autoencoder_spec(config: dict, args) -> str:
     return spec
 
 
-def engine_meta(args) -> dict:
-    """The metadata of --engine (an ONNX graph's own, or a TensorRT engine's record), read once."""
-    if not args.engine:
-        raise InputError(f"--backend {args.backend} needs --engine FILE (made by `lfm-fast export`)")
-    if not hasattr(args, "engine_meta"):
-        if args.backend == "onnxruntime":
-            from lfm_fast.export.onnx import read_metadata
+@functools.lru_cache(maxsize=4)
+def engine_meta(backend: str, engine: str | None):
+    """The `GraphMeta` of --engine: an ONNX graph's own, or the one a TensorRT engine's record keeps."""
+    if not engine:
+        raise InputError(f"--backend {backend} needs --engine FILE (made by `lfm-fast export`)")
+    if backend == "onnxruntime":
+        from lfm_fast.export.onnx import read_metadata
 
-            args._engine_meta = read_metadata(args.engine)
-        else:
-            from lfm_fast.export.tensorrt import read_engine_record
+        return read_metadata(engine)
+    from lfm_fast.export.onnx import GraphMeta
+    from lfm_fast.export.tensorrt import read_engine_record
 
-            if args.engine.endswith(".onnx") and not os.path.isfile(args.engine + ".json"):
-                raise InputError(f"--engine {args.engine}: an ONNX graph; run it with --backend onnxruntime, or build a "
-                                 f"TensorRT engine from the checkpoint with `lfm-fast export --format tensorrt`")
-            args._engine_meta = read_engine_record(args.engine)["onnx"]
-    return args._engine_meta
+    if engine.endswith(".onnx") and not os.path.isfile(engine + ".json"):
+        raise InputError(f"--engine {engine}: an ONNX graph; run it with --backend onnxruntime, or build a "
+                         f"TensorRT engine from the checkpoint with `lfm-fast export --format tensorrt`")
+    return GraphMeta.from_props(read_engine_record(engine)["onnx"])
 
 
-def graph_runner(args, scfg, model, total: int):
-    """The onnxruntime / tensorrt backends, checked against the checkpoint and the flags: (run_batch, NFE,
-    outputs_are_images) for a sampler graph, or a network the solvers drive (`GraphNet`) for a velocity graph."""
-    import json
-
+def draw(args, scfg, model, config: dict, labels, seeds: list[int], conds, total: int, device, progress: bool):
+    """This rank's samples by --backend: (latents, None, NFE), or (None, uint8 images, NFE) from a sampler graph that
+    ends with the decoder. Eager and a velocity graph run `scfg` through the solvers; compile and a sampler graph
+    run the unrolled fixed-step sampler (a graph's own recipe, checked against the flags by `open_graph`)."""
     import torch
 
+    from lfm_fast.generate import generate, generate_latents
+
+    c, every = model.config, args.batch_size
+    shape = (c.in_channels, c.input_size, c.input_size)
+    net = model
+    if args.backend == "compile":
+        from lfm_fast.export.sampler import compile_sampler
+
+        sampler, nfe = compile_sampler(model, scfg, sigma_min=sigma_min(config))
+        run = (lambda n, y, cond=None: sampler(n, torch.zeros(n.shape[0], dtype=torch.long, device=n.device) if y is None
+                                               else y, cond))
+        return generate(run, labels, seeds, shape, every, device, progress=progress, conds=conds), None, nfe
+    if args.backend in ("onnxruntime", "tensorrt"):
+        meta, runner = open_graph(args, scfg, model, total)
+        if meta.graph == "sampler":
+            def run(noise, y, cond=None):
+                y = torch.zeros(noise.shape[0], dtype=torch.long) if y is None else y
+                return runner.run({"noise": noise, "labels": y, "cond": cond}).cpu()
+
+            out = generate(run, labels, seeds, shape, every, progress=progress, conds=conds)
+            return (None, out.numpy(), meta.nfe) if meta.with_decoder else (out, None, meta.nfe)
+        from lfm_fast.export.ort import velocity_net
+
+        net = velocity_net(runner, c)  # driven by the solvers as the eager network is
+    latents, nfe = generate_latents(net, labels, seeds, scfg, every, progress=progress, conds=conds,
+                                    sigma_min=sigma_min(config))
+    return latents, None, nfe
+
+
+def open_graph(args, scfg, model, total: int):
+    """--engine for the onnxruntime / tensorrt backends, checked against the checkpoint and the flags (a sampler
+    graph's recipe becomes `scfg`): (its GraphMeta, a runner whose profile takes every batch of this run)."""
     from lfm_fast.export.onnx import weights_digest
 
-    meta = engine_meta(args)
-    c = model.config
-    if json.loads(meta["latent_shape"]) != [c.in_channels, c.input_size, c.input_size]:
-        raise InputError(f"--engine {args.engine}: its latent shape {meta['latent_shape']} does not match checkpoint {args.ckpt}")
-    graph = (meta.get("condition", "none"), int(meta.get("num_classes", 0)), json.loads(meta.get("cond_shape", "[]")))
-    if graph != (c.condition, c.num_classes, list(c.cond_shape)):
-        raise InputError(f"--engine {args.engine} was exported from a model {trained_for(*graph[:2])}, checkpoint "
-                         f"{args.ckpt} is one {trained_for(c.condition, c.num_classes)}: export this checkpoint")
-    if meta.get("weights_sha256") != weights_digest(model):
+    meta, c = engine_meta(args.backend, args.engine), model.config
+    if meta.latent_shape != (c.in_channels, c.input_size, c.input_size):
+        raise InputError(f"--engine {args.engine}: its latent shape {list(meta.latent_shape)} does not match checkpoint "
+                         f"{args.ckpt}")
+    if (meta.condition, meta.num_classes, meta.cond_shape) != (c.condition, c.num_classes, tuple(c.cond_shape)):
+        raise InputError(f"--engine {args.engine} was exported from a model {trained_for(meta.condition, meta.num_classes)}, "
+                         f"checkpoint {args.ckpt} is one {trained_for(c.condition, c.num_classes)}: export this checkpoint")
+    if meta.weights_sha256 != weights_digest(model):
         raise InputError(f"--engine {args.engine} was exported from other weights than checkpoint {args.ckpt}'s: export "
                          f"this checkpoint")
-    velocity = meta.get("graph") == "velocity"
-    if not velocity:
-        for tolerance in ("atol", "rtol"):
-            if getattr(args, tolerance) is not None:
-                raise InputError(f"--{tolerance} {getattr(args, tolerance)}: the graph {args.engine} unrolls "
-                                 f"{meta['solver']}, a fixed-step solver; tolerances are for the adaptive ones")
-        interval = lambda text: tuple(float(v) for v in text.split(":"))  # noqa: E731
-        for name, kind in (("solver", str), ("steps", int), ("cfg", float), ("grid", str), ("shift", float),
-                           ("cfg_interval", interval)):
-            asked = getattr(args, name)
-            if asked is not None and kind(asked) != kind(meta[name]):
-                raise InputError(f"{flag(name)} {asked}: the graph {args.engine} was exported with "
-                                 f"{name}={meta[name]} (export --graph velocity to choose the recipe when sampling)")
-            if name == "cfg_interval":
-                scfg.cfg_lo, scfg.cfg_hi = kind(meta[name])
-            else:
-                setattr(scfg, name, kind(meta[name]))
-        scfg.times = tuple(json.loads(meta["times"]))
-    per = 2 if velocity and scfg.cfg != 1.0 else 1  # network rows an image: both CFG halves go through a velocity graph
+    if meta.recipe is not None:
+        check_graph_recipe(args, meta.recipe)
+        for name in ("solver", "steps", "cfg", "grid", "shift", "cfg_lo", "cfg_hi", "times"):
+            setattr(scfg, name, getattr(meta.recipe, name))
+    per = 2 if meta.graph == "velocity" and scfg.cfg != 1.0 else 1  # rows an image: both CFG halves through the graph
     if args.backend == "onnxruntime":  # ONNX Runtime's TensorRT provider builds its profile for this run's batches
         from lfm_fast.export.ort import OrtGraph
 
@@ -181,16 +187,26 @@ def graph_runner(args, scfg, model, total: int):
     # every batch this run makes, against the engine's profile (TensorRT, or ONNX Runtime's TensorRT provider)
     for rows in {min(args.batch_size, total), total % args.batch_size or args.batch_size}:
         runner.check_batch(rows * per, f"--batch-size {args.batch_size}" + (" (2 network rows an image under CFG)" if per == 2 else ""))
-    if velocity:
-        from lfm_fast.export.ort import velocity_net
+    return meta, runner
 
-        return velocity_net(runner, c)
 
-    def run(noise, y, cond=None):
-        y = torch.zeros(noise.shape[0], dtype=torch.long) if y is None else y
-        return runner.run({"noise": noise, "labels": y, "cond": cond}).cpu()
-
-    return run, int(meta["nfe"]), meta["with_decoder"] == "true"
+def check_graph_recipe(args, recipe) -> None:
+    """Recipe flags given with a sampler graph must be the ones it was exported with."""
+    for tolerance in ("atol", "rtol"):
+        if getattr(args, tolerance) is not None:
+            raise InputError(f"--{tolerance} {getattr(args, tolerance)}: the graph {args.engine} unrolls "
+                             f"{recipe.solver}, a fixed-step solver; tolerances are for the adaptive ones")
+    fixed = {"solver": recipe.solver, "steps": recipe.steps, "cfg": float(recipe.cfg), "grid": recipe.grid,
+             "shift": recipe.shift, "cfg_interval": (recipe.cfg_lo, recipe.cfg_hi)}
+    for name, value in fixed.items():
+        asked = getattr(args, name)
+        if asked is None:
+            continue
+        given = parse_interval(asked) if name == "cfg_interval" else type(value)(asked)
+        if given != value:
+            shown = f"{value[0]}:{value[1]}" if name == "cfg_interval" else value
+            raise InputError(f"{flag(name)} {asked}: the graph {args.engine} was exported with {name}={shown} (export "
+                             f"--graph velocity to choose the recipe when sampling)")
 
 
 def trained_for(condition: str, num_classes: int) -> str:

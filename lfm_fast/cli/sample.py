@@ -5,8 +5,8 @@ from __future__ import annotations
 from lfm_fast.choices import INFERENCE_DTYPES, SOLVERS
 from lfm_fast.cli.common import (add_backend_flags, add_grid_flags, add_nproc_flag, add_num_images, add_ode_steps,
                                  add_overwrite_flag, backend_overrides, check_positive)
-from lfm_fast.cli.recipe import (autoencoder_spec, check_sampler_flags, check_task, graph_runner, parse_labels,
-                                 sample_config, sigma_min, task_conditions)
+from lfm_fast.cli.recipe import (autoencoder_spec, check_sampler_flags, check_task, draw, parse_labels, sample_config,
+                                 task_conditions)
 from lfm_fast.fileio import check_out_dir
 
 
@@ -50,12 +50,10 @@ def add_parser(sub) -> None:
 
 def run(args):
     import numpy as np
-    import torch
 
     from lfm_fast.autoencoder import load_autoencoder
     from lfm_fast.dist import init_distributed
-    from lfm_fast.generate import (NfeCount, generate, generate_latents, inference_model, latents_to_images, rank_indices,
-                                   save_samples)
+    from lfm_fast.generate import NfeCount, inference_model, latents_to_images, rank_indices, save_samples
     from lfm_fast.models.dit import DiT, read_checkpoint_config
 
     check_sampler_flags(args)
@@ -78,27 +76,10 @@ def run(args):
     seeds = [args.seed + i for i in mine]
     labels = None if all_labels is None else all_labels[mine]
     conds = None if conds is None else conds[mine]
-    shape = (c.in_channels, c.input_size, c.input_size)
-    images, progress = None, d.is_main
-    if not mine:  # more ranks than batches: this rank has nothing to draw and only joins the collective write
-        images, nfe = np.zeros((0, 1, 1, 3), np.uint8), 0
-    elif args.backend == "eager":
-        latents, nfe = generate_latents(model, labels, seeds, scfg, args.batch_size, progress=progress, conds=conds,
-                                        sigma_min=sigma_min(config))
-    elif args.backend == "compile":
-        from lfm_fast.export.sampler import compile_sampler
-
-        sampler, nfe = compile_sampler(model, scfg, sigma_min=sigma_min(config))
-        run = (lambda n, y, cond=None: sampler(n, torch.zeros(n.shape[0], dtype=torch.long, device=n.device) if y is None
-                                               else y, cond))
-        latents = generate(run, labels, seeds, shape, args.batch_size, d.device, progress=progress, conds=conds)
-    elif isinstance(graph := graph_runner(args, scfg, model, total), tuple):
-        run, nfe, gives_images = graph
-        out = generate(run, labels, seeds, shape, args.batch_size, progress=progress, conds=conds)
-        images, latents = (out.numpy(), None) if gives_images else (None, out)
-    else:  # a velocity graph, driven by the solvers as the eager network is
-        latents, nfe = generate_latents(graph, labels, seeds, scfg, args.batch_size, progress=progress, conds=conds,
-                                        sigma_min=sigma_min(config))
+    if mine:
+        latents, images, nfe = draw(args, scfg, model, config, labels, seeds, conds, total, d.device, d.is_main)
+    else:  # more ranks than batches: this rank has nothing to draw and only joins the collective write
+        latents, images, nfe = None, np.zeros((0, 1, 1, 3), np.uint8), 0
     if images is None:
         ae = ae or load_autoencoder(autoencoder_spec(config, args), device=d.device)
         images = latents_to_images(ae, latents.float())

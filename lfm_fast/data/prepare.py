@@ -83,6 +83,7 @@ def prepare_latents(ae_spec: str, data_spec: str, out: str, image_size: int | No
     latent grid, so inpainting trains without running the encoder. `strict`: stop at the first unreadable item."""
     from lfm_fast.autoencoder import downsample_factor, load_autoencoder
     from lfm_fast.data import open_image_dataset
+    from lfm_fast.data.lmdb_data import close_envs
     from lfm_fast.data.shapes import ShapesDataset
     from lfm_fast.dist import init_distributed, launched_by_torchrun
     from lfm_fast.fileio import check_out_dir
@@ -93,12 +94,11 @@ def prepare_latents(ae_spec: str, data_spec: str, out: str, image_size: int | No
     state = _prepare_state(out)
     if state != "unfinished":
         check_out_dir(out, overwrite, "prepare")
-    if image_size:  # the data source is checked first where its size is known (a hub AE may take a while to fail)
-        ds, class_names = open_image_dataset(data_spec, image_size, num_images, seed)
+    # the data source first where its size is known (a hub autoencoder may take a while to fail)
+    ds, class_names = open_image_dataset(data_spec, image_size, num_images, seed) if image_size else (None, None)
     ae = load_autoencoder(ae_spec, device=device)
     size = image_size or int(ae.config.sample_size)
-    if not image_size:
-        ds, class_names = open_image_dataset(data_spec, size, num_images, seed)
+    ds, class_names = (ds, class_names) if ds is not None else open_image_dataset(data_spec, size, num_images, seed)
     f = downsample_factor(ae)
     if size % f:
         raise InputError(f"--image-size {size}: expected a multiple of the AE's downsampling factor {f}")
@@ -114,8 +114,6 @@ def prepare_latents(ae_spec: str, data_spec: str, out: str, image_size: int | No
                for hi in [min(len(ds), (k + 1) * shard_size)] for lo in range(k * shard_size, hi, batch_size)]
     workers = (0 if procedural else min(4, os.cpu_count() or 1)) if workers is None else workers
     if workers:
-        from lfm_fast.data.lmdb_data import close_envs
-
         close_envs()  # the workers open their own
     loader = torch.utils.data.DataLoader(_Items(ds), batch_sampler=batches, num_workers=workers,
                                          collate_fn=_as_list, prefetch_factor=4 if workers else None)
