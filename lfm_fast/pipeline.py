@@ -104,58 +104,24 @@ class LFMPipeline:
         drawn in order from `generator` (a torch.Generator, or one per image), or from torch's global generator.
         `num_inference_steps`, `guidance_scale`, `solver` and `sample_options` (grid, shift, atol, rtol, cfg_lo,
         cfg_hi) default to the checkpoint's recipe. `output_type`: "pil", "np" (uint8 N×H×W×3) or "latent"."""
-        from lfm_fast.generate import (checkpoint_sample_config, class_ids, generate_latents, latents_to_images,
-                                       resolve_times)
-        from lfm_fast.sampling import per_image_noise
+        from lfm_fast.generate import generate_latents, latents_to_images
 
-        c = self.model.config
         if output_type not in ("pil", "np", "latent"):
             raise InputError(f"output_type {output_type!r}: expected pil, np or latent")
-        scfg = checkpoint_sample_config(self.config)
-        for name in sample_options:
-            if name in ("steps", "cfg", "solver", "times") or not hasattr(scfg, name):
-                raise InputError(f"unknown sampling option {name!r} (options: grid, shift, atol, rtol, cfg_lo, cfg_hi; the "
-                                 f"steps, scale and solver are num_inference_steps, guidance_scale and solver)")
-        for name, value in dict(steps=num_inference_steps, cfg=guidance_scale, solver=solver, **sample_options).items():
-            if value is not None:
-                setattr(scfg, name, value)
-        try:
-            validate_section("sample", scfg)
-            resolve_times(scfg, self.folder)  # a calibrated grid's times, from the checkpoint folder
-        except InputError as e:  # named as this call names it
-            raise InputError(str(e).replace("sample.steps", "num_inference_steps").replace("sample.cfg=", "guidance_scale=")
-                             .replace("sample.", "").replace("--grid ", "grid=")) from None
+        scfg = self._recipe(dict(steps=num_inference_steps, cfg=guidance_scale, solver=solver), sample_options)
         batch_size = _count("batch_size", batch_size)
         if seed is not None and generator is not None:
             raise InputError("seed and generator: pass one (seed + i for image i, or generators)")
         conds, composite_with = self._conditions(image, mask_image, semantic_map)
         inputs = 1 if conds is None else len(conds)
-        if class_labels is not None:
-            if not c.num_classes:
-                raise InputError("class_labels: this checkpoint takes no class labels")
-            values = list(np.atleast_1d(np.asarray(class_labels, dtype=object)))
-            if not values:
-                raise InputError("class_labels: an empty list")
-            labels = torch.tensor(class_ids(values, c.num_classes, self.class_names))
-            per = len(labels)
-        else:
-            per = _count("num_images", num_images) if num_images is not None else (1 if conds is not None else (c.num_classes or 1))
-            labels = torch.arange(per) % c.num_classes if c.num_classes else None
+        labels = self._labels(class_labels, num_images, conds is not None)
+        per = len(labels) if labels is not None else _count("num_images", num_images) if num_images is not None else 1
         total = per * inputs
         if labels is not None:
             labels = labels.repeat(inputs)
         if conds is not None:  # indexed as `sample` does, which keeps the layout (a copy could round differently)
             conds = conds[np.repeat(np.arange(inputs), per)]
-        shape = (c.in_channels, c.input_size, c.input_size)
-        if generator is not None:
-            gens = generator if isinstance(generator, (list, tuple)) else [generator] * total
-            if len(gens) != total:
-                raise InputError(f"generator: {len(gens)} generators for {total} images")
-            noise = torch.stack([torch.randn(shape, generator=g, device=g.device) for g in gens]).cpu()
-        elif seed is not None:
-            noise = per_image_noise([seed + i for i in range(total)], shape)
-        else:
-            noise = torch.randn((total, *shape))
+        noise = self._noise(total, seed, generator)
         latents, nfe = generate_latents(self.model, labels, list(range(total)), scfg, batch_size, progress, conds,
                                         self.sigma_min, noise=noise)
         if output_type == "latent":
@@ -171,6 +137,57 @@ class LFMPipeline:
         from PIL import Image
 
         return LFMPipelineOutput([Image.fromarray(im) for im in images], nfe)
+
+    def _recipe(self, named: dict, sample_options: dict):
+        """The checkpoint's recipe with this call's options, checked, a calibrated grid's times loaded."""
+        from lfm_fast.generate import checkpoint_sample_config, resolve_times
+
+        scfg = checkpoint_sample_config(self.config)
+        for name in sample_options:
+            if name in ("steps", "cfg", "solver", "times") or not hasattr(scfg, name):
+                raise InputError(f"unknown sampling option {name!r} (options: grid, shift, atol, rtol, cfg_lo, cfg_hi; the "
+                                 f"steps, scale and solver are num_inference_steps, guidance_scale and solver)")
+        for name, value in {**named, **sample_options}.items():
+            if value is not None:
+                setattr(scfg, name, value)
+        try:
+            validate_section("sample", scfg)
+            return resolve_times(scfg, self.folder)  # a calibrated grid's times, from the checkpoint folder
+        except InputError as e:  # named as this call names it
+            raise InputError(str(e).replace("sample.steps", "num_inference_steps").replace("sample.cfg=", "guidance_scale=")
+                             .replace("sample.", "").replace("--grid ", "grid=")) from None
+
+    def _labels(self, class_labels, num_images, conditional: bool):
+        """The labels of each input's images: `class_labels` (ids or names), else every class in turn (`num_images`,
+        default one of each; one image an input for a conditional task), or None for a model without classes."""
+        from lfm_fast.generate import class_ids
+
+        c = self.model.config
+        if class_labels is None:
+            per = _count("num_images", num_images) if num_images is not None else (1 if conditional else c.num_classes)
+            return torch.arange(per) % c.num_classes if c.num_classes else None
+        if not c.num_classes:
+            raise InputError("class_labels: this checkpoint takes no class labels")
+        values = list(np.atleast_1d(np.asarray(class_labels, dtype=object)))
+        if not values:
+            raise InputError("class_labels: an empty list")
+        return torch.tensor(class_ids(values, c.num_classes, self.class_names))
+
+    def _noise(self, total: int, seed: int | None, generator) -> torch.Tensor:
+        """Image i's noise from seed + i (as `lfm-fast sample --seed`), or drawn in order from `generator` (one, or one
+        per image), or from torch's global generator."""
+        from lfm_fast.sampling import per_image_noise
+
+        c = self.model.config
+        shape = (c.in_channels, c.input_size, c.input_size)
+        if generator is not None:
+            gens = generator if isinstance(generator, (list, tuple)) else [generator] * total
+            if len(gens) != total:
+                raise InputError(f"generator: {len(gens)} generators for {total} images")
+            return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in gens]).cpu()
+        if seed is not None:
+            return per_image_noise([seed + i for i in range(total)], shape)
+        return torch.randn((total, *shape))
 
     def _conditions(self, image, mask_image, semantic_map):
         """(conditions (N, ...) or None, (pixels, holes) to composite with or None), checked against the task."""

@@ -197,29 +197,11 @@ def load_images(source: str, size: int | None = None) -> np.ndarray:
     another size, such as a grid beside them, and unreadable files skipped with a warning); given `size` (a
     reference), a folder or any data SPEC of `prepare` instead (recursive, lmdb:PATH, celebamask:PATH, ?limit=N):
     its images resized as training saw them (ADM's center_crop_arr), unreadable ones skipped with a warning."""
-    from PIL import Image
-
     from lfm_fast.data import parse_spec
 
     scheme, _, options = parse_spec(source)
     if size is not None and (scheme or options or os.path.isdir(source)):
-        from lfm_fast.data import open_image_dataset
-        from lfm_fast.data.images import UnreadableImage
-
-        ds, _ = open_image_dataset(source, size)
-        images, bad = [], []
-        for i in range(len(ds)):
-            try:
-                images.append(ds.read(i)[0])
-            except UnreadableImage as e:
-                bad.append(e.key)
-        if bad:
-            warnings.warn(f"{source}: skipped {len(bad)} unreadable image{'s' if len(bad) > 1 else ''} "
-                          f"({', '.join(bad[:3])}{', …' if len(bad) > 3 else ''})", stacklevel=2)
-        if not images:
-            raise InputError(f"{source}: no readable images")
-        return np.stack(images)
-
+        return _read_source(source, size)
     if source.endswith(".npz"):
         if not os.path.isfile(source):
             raise InputError(f"{source}: no such file")
@@ -227,6 +209,31 @@ def load_images(source: str, size: int | None = None) -> np.ndarray:
             if "arr_0" not in f:
                 raise InputError(f"{source}: no arr_0 array (expected the ADM / `lfm-fast sample` layout)")
             return f["arr_0"]
+    return _read_sample_folder(source)
+
+
+def _read_source(source: str, size: int) -> np.ndarray:
+    """A data SPEC's images as training saw them."""
+    from lfm_fast.data import open_image_dataset
+    from lfm_fast.data.images import UnreadableImage
+
+    ds, _ = open_image_dataset(source, size)
+    images, bad = [], []
+    for i in range(len(ds)):
+        try:
+            images.append(ds.read(i)[0])
+        except UnreadableImage as e:
+            bad.append(e.key)
+    _warn_skipped(source, bad, "unreadable image")
+    if not images:
+        raise InputError(f"{source}: no readable images")
+    return np.stack(images)
+
+
+def _read_sample_folder(source: str) -> np.ndarray:
+    """A folder of samples as they are, those of its most common size."""
+    from PIL import Image
+
     from lfm_fast.data.folder import list_images, warn_skipped
 
     if not os.path.isdir(source):
@@ -242,19 +249,21 @@ def load_images(source: str, size: int | None = None) -> np.ndarray:
                 images.append(np.asarray(img.convert("RGB")))
         except (OSError, ValueError):
             unreadable.append(os.path.basename(p))
-    if unreadable:
-        warnings.warn(f"{source}: skipped {len(unreadable)} unreadable file{'s' if len(unreadable) > 1 else ''} "
-                      f"({', '.join(unreadable[:3])}{', …' if len(unreadable) > 3 else ''})", stacklevel=2)
-        paths = [p for p in paths if os.path.basename(p) not in unreadable]
+    _warn_skipped(source, unreadable, "unreadable file")
+    paths = [p for p in paths if os.path.basename(p) not in unreadable]
     if not images:
         raise InputError(f"{source}: no readable images")
     sizes = [im.shape for im in images]
     common = max(set(sizes), key=sizes.count)  # e.g. a `sample` folder: its grid.png beside the images
     odd = [os.path.basename(p) for p, s in zip(paths, sizes) if s != common]
-    if odd:
-        warnings.warn(f"{source}: skipped {len(odd)} image{'s' if len(odd) > 1 else ''} not of the common size "
-                      f"{common[1]}×{common[0]} ({', '.join(odd[:3])}{', …' if len(odd) > 3 else ''})", stacklevel=2)
+    _warn_skipped(source, odd, "image", f" not of the common size {common[1]}×{common[0]}")
     return np.stack([im for im, s in zip(images, sizes) if s == common])
+
+
+def _warn_skipped(source: str, names: list[str], what: str, why: str = "") -> None:
+    if names:
+        warnings.warn(f"{source}: skipped {len(names)} {what}{'s' if len(names) > 1 else ''}{why} "
+                      f"({', '.join(names[:3])}{', …' if len(names) > 3 else ''})", stacklevel=3)
 
 
 def reference_stats(path: str) -> tuple[np.ndarray, np.ndarray] | None:
