@@ -158,6 +158,34 @@ def test_adaptive_solver_is_torchdiffeq_per_image(solver):
     assert (batch.latents - reference_solution(rows)).abs().max() < 1e-3
 
 
+def test_time_grid_errors_name_what_is_wrong_and_the_default_shift_is_one():
+    """Each refusal of time_grid says which input is wrong; a shifted or power grid without a shift is the uniform one."""
+    assert time_grid(4, "power") == time_grid(4) == time_grid(4, "shifted")
+    with pytest.raises(ValueError, match="steps must be ≥ 1, got 0"):
+        time_grid(0)
+    with pytest.raises(ValueError, match="the 'power' grid needs a finite shift > 0, got -1"):
+        time_grid(4, "power", shift=-1.0)
+    with pytest.raises(ValueError, match="needs its times"):
+        time_grid(2, "calibrated")
+    for times in ([0.9, 0.5, 0.0], [1.0, 0.5, 0.1]):  # either end wrong
+        with pytest.raises(ValueError, match="must run from 1 to 0"):
+            time_grid(2, "calibrated", times=times)
+    with pytest.raises(ValueError, match="fall strictly"):  # a repeated time is a step of length 0
+        time_grid(3, "calibrated", times=[1.0, 0.5, 0.5, 0.0])
+    with pytest.raises(ValueError, match="expected one of uniform, shifted, power, calibrated"):
+        time_grid(2, "cosine")
+
+
+def test_guidance_runs_only_where_it_changes_something():
+    """CFG doubles the rows only for a guidance scale ≠ 1 on a model given labels or a condition: an unconditional
+    model or scale 1 runs the plain forward, with the same result."""
+    labelled, noise = _tiny_dit(), per_image_noise([1, 2], (4, 8, 8))
+    for model, y, cfg in ((labelled, torch.tensor([0, 2]), 1.0), (_tiny_dit(num_classes=0), None, 3.0)):
+        res = sample(model, noise, y, solver="euler", steps=2, cfg=cfg)
+        assert res.net_rows == 2 * 2
+        torch.testing.assert_close(res.latents, sample(model, noise, y, solver="euler", steps=2).latents)
+
+
 def test_time_grids():
     u = torch.tensor(time_grid(8))
     assert u[0] == 1 and u[-1] == 0 and (u[1:] < u[:-1]).all()
@@ -209,7 +237,7 @@ def _tiny_dit(**kw):
     from lfm_fast.models.dit import DiT, DiTConfig
 
     torch.manual_seed(0)
-    return perturbed(DiT(DiTConfig(input_size=8, hidden_size=32, depth=1, num_heads=2, num_classes=3, **kw)))
+    return perturbed(DiT(DiTConfig(**{**dict(input_size=8, hidden_size=32, depth=1, num_heads=2, num_classes=3), **kw})))
 
 
 def test_guidance_interval_counts_rows_and_matches_a_switched_field():
@@ -231,6 +259,44 @@ def test_guidance_interval_counts_rows_and_matches_a_switched_field():
     assert full.net_rows == 2 * 16 and not torch.allclose(full.latents, res.latents)
 
 
+class CondRecorder(torch.nn.Module):
+    """A bf16 network with a condition and CFG that records the condition of every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones((), dtype=torch.bfloat16))
+        self.seen = []
+
+    def forward(self, x, t, y=None, cond=None):
+        self.seen.append(cond)
+        return -self.w * x
+
+    def forward_with_cfg(self, x, t, y, scale, cond=None, guided=None):
+        return self.forward(x, t, y, cond)
+
+
+@pytest.mark.parametrize("solver", ["heun", "dopri5"])
+def test_the_condition_reaches_every_guided_and_unguided_call_in_the_networks_dtype(solver):
+    net, cond = CondRecorder(), torch.rand(2, 3, dtype=torch.float64)
+    sample(net, torch.ones(2, 3), cond=cond, solver=solver, steps=2, cfg=2.0, cfg_interval=(0.5, 1.0))
+    assert len(net.seen) > 2 and all(c is not None and c.dtype == torch.bfloat16 for c in net.seen)
+    assert all(torch.equal(c, cond.to(torch.bfloat16)[:len(c)]) or len(c) < len(cond) for c in net.seen)
+
+
+def test_a_batch_straddling_the_guidance_interval_guides_only_its_rows_inside():
+    """An adaptive batch at a time per image: the rows inside the interval get CFG, the others the conditional
+    half alone, in one network call of 3 rows (2 + 1), the condition and labels of each row kept."""
+    model = _tiny_dit()
+    x, y = per_image_noise([1, 2], (4, 8, 8)), torch.tensor([0, 2])
+    field = Field(model, 2, y, None, 3.0, (0.5, 1.0))
+    with torch.no_grad():
+        v = field(x, torch.tensor([0.8, 0.2]), rows=torch.arange(2))
+        inside = model.forward_with_cfg(x[:1], torch.tensor([0.8]), y[:1], 3.0)
+        outside = model(x[1:], torch.tensor([0.2]), y[1:])
+    torch.testing.assert_close(v, torch.cat([inside, outside]), rtol=1e-5, atol=1e-5)
+    assert field.net_rows == 3 and field.image_nfe.tolist() == [1, 1]
+
+
 def test_adaptive_sampling_is_batch_invariant():
     """float64 (where the network itself is batch-invariant): an image alone and among 7 others, with CFG on an
     interval (so a batch mixes guided and unguided rows), has the same trajectory, image and NFE."""
@@ -243,7 +309,8 @@ def test_adaptive_sampling_is_batch_invariant():
                        solver="dopri5", cfg=2.0, cfg_interval=(0.3, 0.9))
         assert alone.nfe == batch.image_nfe[i]
         torch.testing.assert_close(batch.latents[i:i + 1], alone.latents, rtol=1e-5, atol=1e-5)
-    assert batch.net_rows < 2 * int(batch.image_nfe.sum())  # rows outside the interval ran unguided
+    # rows outside the interval ran unguided, those inside guided (each image's own time decides)
+    assert int(batch.image_nfe.sum()) < batch.net_rows < 2 * int(batch.image_nfe.sum())
 
 
 def test_adaptive_overshoot_past_t0_keeps_the_guidance():
