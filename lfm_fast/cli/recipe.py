@@ -102,11 +102,17 @@ def autoencoder_spec(config: dict, args) -> str:
     return spec
 
 
-@functools.lru_cache(maxsize=4)
 def engine_meta(backend: str, engine: str | None):
-    """The `GraphMeta` of --engine: an ONNX graph's own, or the one a TensorRT engine's record keeps."""
+    """The `GraphMeta` of --engine: an ONNX graph's own, or the one a TensorRT engine's record keeps; read once per
+    version of the file (a command asks twice; a file exported again in the same process is read again)."""
     if not engine:
         raise InputError(f"--backend {backend} needs --engine FILE (made by `lfm-fast export`)")
+    stat = os.stat(engine) if os.path.isfile(engine) else None
+    return _read_engine_meta(backend, engine, stat and (stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_engine_meta(backend: str, engine: str, version):
     if backend == "onnxruntime":
         from lfm_fast.export.onnx import read_metadata
 
