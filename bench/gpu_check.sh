@@ -16,9 +16,10 @@
 #                                       #     (train_step.jsonl)
 #   OUT=DIR bash bench/gpu_check.sh 2   # (3) DiT-XL/2 bf16 sampling, 16 NFE, eager, batch 1 and 32 (sampling.jsonl);
 #                                       # (4) one FSDP2 run, `lfm-fast train --nproc 1`, no checkpoint (fsdp.jsonl);
-#                                       # then (3) with the compile backend in what is left: its cold compile of
-#                                       # 16 unrolled network calls takes minutes, so it runs last, where a cut
-#                                       # costs no other row
+#                                       # then (3) with the compile backend in what is left: it compiles the
+#                                       # network once per batch size (~30 s each for DiT-XL/2; the whole
+#                                       # unrolled sampler, compiled until 2026-12-04, did not finish in 200 s),
+#                                       # so it runs last, where a cut costs no other row
 #   OUT=DIR bash bench/gpu_check.sh 3   # only if part 2 cut the compile rows, on the still warm machine, with
 #                                       # ≥ 5 min of device time left: (3) with the compile backend, batch 1
 #                                       # and 32, given a whole part's time

@@ -4,12 +4,18 @@ Models call `attention` (or `attention_qkv` on a packed projection), `adaln_modu
 and nowhere else, so the plain-PyTorch `reference` backend is the numerical definition every faster
 backend is tested against. Backends:
 
-- attention: ``auto`` (Triton on CUDA for bf16/fp16, SDPA for fp32; on CPU ``math`` for bf16/fp16 up to 512
-  tokens, else SDPA),
+- attention: ``auto`` (SDPA on CUDA; on CPU ``math`` for bf16/fp16 up to 512 tokens, else SDPA),
   ``triton``, ``sdpa``, ``math`` (two matmuls and a softmax in the input dtype), ``xformers``
   (installed + CUDA only), ``reference`` (fp32).
-- norms (adaLN modulate, gated residual, and the two fused): ``auto`` (Triton on CUDA, else PyTorch),
-  ``triton``, ``compile`` (the PyTorch expression, for `torch.compile` to fuse) and ``reference``.
+- norms (adaLN modulate, gated residual, and the two fused): ``auto`` (Triton on CUDA in eager; the PyTorch
+  expression under `torch.compile`, which fuses it, and on CPU), ``triton``, ``compile`` (the PyTorch expression,
+  for `torch.compile` to fuse) and ``reference``.
+
+`auto` follows the first GPU run (bench/REPORT.md, "GPU"; one H200, 2026-12-04). The Triton attention's kernels
+match SDPA's GPU time (225 vs 228 µs fwd + bwd at XL/2, batch 32), but a forward + backward through its custom ops costs
+the host ~1 ms (SDPA's: 0.42), and the DiT-XL/2 training step with SDPA + compiled norms ran 1.86× the Triton kernels'
+(375 vs 202 img/s, both compiled). In eager sampling the Triton norms beat unfused PyTorch (16.6 vs 19.1 ms per
+image at batch 32); under compile, inductor's fusion matches them.
 
 The Triton ops (lfm_fast.kernels) are custom ops with fake implementations and autograd, so
 `torch.compile(fullgraph=True)` sees one node per op; on CPU they run the reference (or the Triton
@@ -52,7 +58,7 @@ def _use_triton(backend: str, t: torch.Tensor) -> bool:
         if not triton_available():
             raise RuntimeError("backend 'triton' needs the triton package (pip install triton)")
         return True
-    return backend == "auto" and t.is_cuda and triton_available()
+    return backend == "auto" and t.is_cuda and triton_available() and not torch.compiler.is_compiling()
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -75,9 +81,8 @@ def _attention_xformers(q, k, v):
 
 
 def _use_triton_attention(backend: str, t: torch.Tensor) -> bool:
-    """`auto` takes the Triton kernel on CUDA for bf16/fp16 only: in fp32 its dots are IEEE (no tensor cores) and its
-    largest tiles may not fit shared memory at head dim ≥ 128, where SDPA has its own fp32 kernels."""
-    return backend in ("auto", "triton") and _use_triton(backend, t) and (backend == "triton" or t.dtype != torch.float32)
+    """Only when asked for by name (`auto` is SDPA on CUDA: see the module's docstring)."""
+    return backend == "triton" and _use_triton(backend, t)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:

@@ -77,11 +77,11 @@ def add_backend_flags(p):
     from lfm_fast.choices import ATTENTION_BACKENDS, NORM_BACKENDS
 
     p.add_argument("--attn-backend", choices=ATTENTION_BACKENDS, default=None,
-                   help="attention kernels (default: the config's, 'auto' = Triton on CUDA for bf16/fp16, SDPA for fp32; on CPU plain matmuls (math) for bf16 up to 512 tokens, else SDPA)")
+                   help="attention kernels (default: the config's, 'auto' = SDPA on CUDA; on CPU plain matmuls (math) for bf16 up to 512 tokens, else SDPA; 'triton' = the fused kernels)")
     p.add_argument("--norm-backend", choices=NORM_BACKENDS, default=None,
                    help="adaLN modulate / gated residual kernels, model.norm_backend: triton (fused Triton kernels; on "
                    "CPU they run Triton's interpreter only under TRITON_INTERPRET=1), compile (the PyTorch expression, "
-                   "for torch.compile to fuse), reference (plain PyTorch), auto (Triton on CUDA, else PyTorch; default: "
+                   "for torch.compile to fuse), reference (plain PyTorch), auto (Triton on CUDA in eager, PyTorch under compile and on CPU; default: "
                    "the config's)")
     p.add_argument("--kernels", dest="norm_backend", choices=NORM_BACKENDS, default=None, help=argparse.SUPPRESS)  # old name
 

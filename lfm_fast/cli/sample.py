@@ -37,7 +37,7 @@ def add_parser(sub) -> None:
     add_overwrite_flag(s)
     add_nproc_flag(s)
     s.add_argument("--backend", choices=("eager", "compile", "onnxruntime", "tensorrt"), default="eager",
-                   help="eager: any solver; compile: the unrolled fixed-step sampler under torch.compile; "
+                   help="eager: any solver; compile: the fixed-step sampler under torch.compile (on CUDA the network alone, with CUDA graphs; on CPU the whole unrolled sampler); "
                         "onnxruntime / tensorrt: a graph from `lfm-fast export` (--engine): a sampler graph runs its own "
                         "recipe; a velocity graph is driven by this command's solver, steps, grid and CFG")
     s.add_argument("--engine", default=None, help="the .onnx file (onnxruntime) or engine file (tensorrt, with its .json)")
