@@ -5,8 +5,8 @@
     out.images[0].save("a.png"); out.nfe
 
 The same object serves inpainting (`image=`, `mask_image=`, white = hole) and semantic-map checkpoints
-(`semantic_map=`, class ids). It runs what `lfm-fast sample --backend eager` runs (`generate_latents`, the
-autoencoder's decoder, the exact composite for inpainting); the recipe defaults are the checkpoint's.
+(`semantic_map=`, class ids). It runs what `lfm-fast sample` runs (the same `Sampler`, for any backend, then the
+exact composite for inpainting); the recipe defaults are the checkpoint's.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from lfm_fast.errors import InputError
-from lfm_fast.validation import validate_section
 
 
 @dataclass
@@ -64,19 +63,25 @@ def _count(name: str, value) -> int:
 
 
 class LFMPipeline:
-    def __init__(self, model, vae, config: dict, folder: str | None = None):
-        self.model, self.vae, self.config, self.folder = model, vae, config, folder  # folder: calibrated grids
-        from lfm_fast.generate import checkpoint_sigma_min
+    """A checkpoint, its autoencoder and a `Sampler` (lfm_fast.sampler) for one backend, called with the Python API's
+    names for the options."""
 
-        self.class_names = config.get("meta", {}).get("class_names", [])
-        self.sigma_min = checkpoint_sigma_min(config)
+    def __init__(self, model, vae, config: dict, folder: str | None = None, backend: str = "eager",
+                 engine: str | None = None):
+        from lfm_fast.sampler import Sampler
+
+        self.model, self.vae, self.config, self.folder = model, vae, config, folder  # folder: calibrated grids
+        self.sampler = Sampler(model, config, folder, backend, engine, vae)
+        self.class_names, self.sigma_min = self.sampler.class_names, self.sampler.sigma_min
 
     @classmethod
-    def from_pretrained(cls, run: str, device=None, dtype="auto", vae: str | None = None) -> "LFMPipeline":
+    def from_pretrained(cls, run: str, device=None, dtype="auto", vae: str | None = None, backend: str = "eager",
+                        engine: str | None = None) -> "LFMPipeline":
         """RUN: an inference checkpoint folder (config.json + model.safetensors: `train`'s output, `convert`'s).
         `dtype`: the network's (torch.bfloat16, "bf16", …; "auto": bf16 on CUDA, fp32 elsewhere; below fp32 the
         per-sample path stays fp32). `vae`: the autoencoder (builtin:NAME, a diffusers AutoencoderKL folder or hub id);
-        default: the checkpoint's."""
+        default: the checkpoint's. `backend`: eager, compile, or onnxruntime / tensorrt with `engine` (a graph of
+        `lfm-fast export`; it runs in the dtype it was exported in)."""
         from lfm_fast import default_device
         from lfm_fast.autoencoder import load_autoencoder
         from lfm_fast.generate import checkpoint_autoencoder, inference_model
@@ -87,12 +92,14 @@ class LFMPipeline:
         spec = vae or checkpoint_autoencoder(config, run)
         if not spec:
             raise InputError(f"checkpoint {run} records no autoencoder; pass vae=")
-        model = inference_model(DiT.from_pretrained(run), device, dtype)
-        return cls(model, load_autoencoder(spec, device=device), config, run)
+        if backend in ("onnxruntime", "tensorrt") and dtype != "auto":
+            raise InputError(f"dtype={dtype!r}: a graph runs in the dtype it was exported in (export --fp16 / --bf16)")
+        model = inference_model(DiT.from_pretrained(run), device, dtype if backend in ("eager", "compile") else "fp32")
+        return cls(model, load_autoencoder(spec, device=device), config, run, backend, engine)
 
     @property
     def task(self) -> str:
-        return {"none": "label"}.get(self.model.config.condition, self.model.config.condition)
+        return self.sampler.task
 
     @torch.no_grad()
     def __call__(self, class_labels=None, num_images: int | None = None, num_inference_steps: int | None = None,
@@ -104,8 +111,6 @@ class LFMPipeline:
         drawn in order from `generator` (a torch.Generator, or one per image), or from torch's global generator.
         `num_inference_steps`, `guidance_scale`, `solver` and `sample_options` (grid, shift, atol, rtol, cfg_lo,
         cfg_hi) default to the checkpoint's recipe. `output_type`: "pil", "np" (uint8 N×H×W×3) or "latent"."""
-        from lfm_fast.generate import generate_latents, latents_to_images
-
         if output_type not in ("pil", "np", "latent"):
             raise InputError(f"output_type {output_type!r}: expected pil, np or latent")
         scfg = self._recipe(dict(steps=num_inference_steps, cfg=guidance_scale, solver=solver), sample_options)
@@ -122,11 +127,12 @@ class LFMPipeline:
         if conds is not None:  # indexed as `sample` does, which keeps the layout (a copy could round differently)
             conds = conds[np.repeat(np.arange(inputs), per)]
         noise = self._noise(total, seed, generator)
-        latents, nfe = generate_latents(self.model, labels, list(range(total)), scfg, batch_size, progress, conds,
-                                        self.sigma_min, noise=noise)
+        latents, images, nfe = self.sampler.draw(scfg, labels, list(range(total)), conds, batch_size, progress, noise)
         if output_type == "latent":
+            if latents is None:
+                raise InputError(f"output_type='latent': the graph {self.sampler.engine} ends with the decoder")
             return LFMPipelineOutput(latents, nfe)
-        images = latents_to_images(self.vae, latents, batch_size)
+        images = self.sampler.images(latents, batch_size) if images is None else images
         if composite_with is not None:  # every known pixel is the input's, exactly
             from lfm_fast.tasks import composite
 
@@ -140,19 +146,14 @@ class LFMPipeline:
 
     def _recipe(self, named: dict, sample_options: dict):
         """The checkpoint's recipe with this call's options, checked, a calibrated grid's times loaded."""
-        from lfm_fast.generate import checkpoint_sample_config, resolve_times
+        from lfm_fast.sampler import OPTIONS
 
-        scfg = checkpoint_sample_config(self.config)
         for name in sample_options:
-            if name in ("steps", "cfg", "solver", "times") or not hasattr(scfg, name):
+            if name in ("steps", "cfg", "solver") or name not in OPTIONS:
                 raise InputError(f"unknown sampling option {name!r} (options: grid, shift, atol, rtol, cfg_lo, cfg_hi; the "
                                  f"steps, scale and solver are num_inference_steps, guidance_scale and solver)")
-        for name, value in {**named, **sample_options}.items():
-            if value is not None:
-                setattr(scfg, name, value)
         try:
-            validate_section("sample", scfg)
-            return resolve_times(scfg, self.folder)  # a calibrated grid's times, from the checkpoint folder
+            return self.sampler.recipe(**named, **sample_options)
         except InputError as e:  # named as this call names it
             raise InputError(str(e).replace("sample.steps", "num_inference_steps").replace("sample.cfg=", "guidance_scale=")
                              .replace("sample.", "").replace("--grid ", "grid=")) from None
@@ -160,18 +161,11 @@ class LFMPipeline:
     def _labels(self, class_labels, num_images, conditional: bool):
         """The labels of each input's images: `class_labels` (ids or names), else every class in turn (`num_images`,
         default one of each; one image an input for a conditional task), or None for a model without classes."""
-        from lfm_fast.generate import class_ids
-
+        if class_labels is not None:
+            return self.sampler.labels(class_labels)
         c = self.model.config
-        if class_labels is None:
-            per = _count("num_images", num_images) if num_images is not None else (1 if conditional else c.num_classes)
-            return torch.arange(per) % c.num_classes if c.num_classes else None
-        if not c.num_classes:
-            raise InputError("class_labels: this checkpoint takes no class labels")
-        values = list(np.atleast_1d(np.asarray(class_labels, dtype=object)))
-        if not values:
-            raise InputError("class_labels: an empty list")
-        return torch.tensor(class_ids(values, c.num_classes, self.class_names))
+        return self.sampler.labels(None, _count("num_images", num_images) if num_images is not None else
+                                   (1 if conditional else c.num_classes))
 
     def _noise(self, total: int, seed: int | None, generator) -> torch.Tensor:
         """Image i's noise from seed + i (as `lfm-fast sample --seed`), or drawn in order from `generator` (one, or one
@@ -191,10 +185,7 @@ class LFMPipeline:
 
     def _conditions(self, image, mask_image, semantic_map):
         """(conditions (N, ...) or None, (pixels, holes) to composite with or None), checked against the task."""
-        from lfm_fast.autoencoder import downsample_factor
-        from lfm_fast.tasks import check_holes, inpaint_condition, semantic_condition
-
-        c, task = self.model.config, self.task
+        task = self.task
         given = {"image": image is not None, "mask_image": mask_image is not None, "semantic_map": semantic_map is not None}
         need = {"inpaint": ("image", "mask_image"), "semantic": ("semantic_map",)}.get(task, ())
         for name, has in given.items():
@@ -206,18 +197,8 @@ class LFMPipeline:
         if task == "label":
             return None, None
         if task == "inpaint":
-            factor = downsample_factor(self.vae)
-            size = c.input_size * factor
             pixels, holes = _as_array(image, "RGB", "image"), _as_array(mask_image, "L", "mask_image")
             if len(holes) == 1 and len(pixels) > 1:  # one mask for every image, as the CLI's
                 holes = holes.repeat(len(pixels), 0)
-            if pixels.shape[1:] != (size, size, 3) or holes.shape[1:] != (size, size) or len(holes) != len(pixels):
-                raise InputError(f"image and mask_image: expected {len(pixels)} RGB image(s) and as many masks (or one), "
-                                 f"{size}×{size} each; got images {pixels.shape} and masks {holes.shape}")
-            check_holes(holes, [f"mask_image {i}" for i in range(len(holes))])
-            return inpaint_condition(self.vae, pixels, holes, factor), (pixels, holes)
-        size = c.input_size << c.cond_stages
-        maps = _as_array(semantic_map, "ids", "semantic_map")
-        if maps.shape[1:] != (size, size) or maps.min() < 0 or maps.max() >= c.semantic_classes:
-            raise InputError(f"semantic_map: expected {size}×{size} class ids in 0..{c.semantic_classes - 1}")
-        return semantic_condition(maps, c.semantic_classes), None
+            return self.sampler.conditions(pixels, holes), (pixels, holes)
+        return self.sampler.conditions(maps=_as_array(semantic_map, "ids", "semantic_map")), None

@@ -113,13 +113,13 @@ def test_cli_sampler_flag_errors(ckpt, tmp_path, capsys):
 def test_a_shifted_grid_with_shift_1_warns_that_it_is_uniform(ckpt):
     import argparse
 
-    from lfm_fast.cli.recipe import sample_config
-    from lfm_fast.models.dit import read_checkpoint_config
+    from lfm_fast.cli.recipe import sample_config, sampler
+    from lfm_fast.models.dit import DiT, read_checkpoint_config
 
     args = argparse.Namespace(ckpt=ckpt, solver="heun", steps=4, cfg=None, grid="shifted", shift=None, atol=None, rtol=None,
                               cfg_interval=None, backend="eager")
     with pytest.warns(UserWarning, match="--grid shifted with shift 1 is the uniform grid"):
-        scfg = sample_config(read_checkpoint_config(ckpt), args)
+        scfg = sample_config(sampler(args, DiT.from_pretrained(ckpt), read_checkpoint_config(ckpt)), args)
     assert time_grid(4, scfg.grid, scfg.shift) == time_grid(4)
 
 

@@ -438,13 +438,13 @@ def test_ort_tensorrt_provider_refuses_a_batch_outside_its_profile_before_runnin
 def test_cli_onnxruntime_builds_the_tensorrt_providers_profile_for_the_runs_batches(gpu_providers, tiny_pipeline, tmp_path):
     """A velocity graph under CFG takes two network rows an image: `sample --batch-size 40 --cfg 2` asks ONNX Runtime's
     TensorRT provider for a profile up to 80 rows (its default stops at 64)."""
-    from lfm_fast.cli.app import build_parser
-    from lfm_fast.cli.recipe import open_graph
+    from lfm_fast.models.dit import read_checkpoint_config
+    from lfm_fast.sampler import Sampler
 
     dit, graph = str(tiny_pipeline / "dit"), str(tmp_path / "v.onnx")
     export_onnx(DiT.from_pretrained(dit).eval(), graph, SampleConfig(), graph="velocity")
-    args = build_parser().parse_args(["sample", "--ckpt", dit, "--backend", "onnxruntime", "--engine", graph, "--num-images", "50",
-                                     "--batch-size", "40", "--cfg", "2", "--out", str(tmp_path / "s")])
-    meta, runner = open_graph(args, SampleConfig(cfg=2.0), DiT.from_pretrained(dit), 50)
+    s = Sampler(DiT.from_pretrained(dit), read_checkpoint_config(dit), dit, "onnxruntime", graph)
+    s._runner(SampleConfig(cfg=2.0), 50, 40)
+    meta = s.meta
     trt = dict(p for p in StandInSession.made[-1].provider_options if isinstance(p, tuple))["TensorrtExecutionProvider"]
     assert trt["trt_profile_max_shapes"].split(",")[0] .startswith("x:80x") and meta.graph == "velocity"

@@ -1,4 +1,5 @@
-"""`LFMPipeline`: the Python API gives what `lfm-fast sample` writes, in every output type, with seeds or generators."""
+"""`LFMPipeline`: the Python API gives what `lfm-fast sample` writes, in every output type, with seeds or generators, and
+every backend of the Sampler they share gives what eager gives."""
 
 import numpy as np
 import pytest
@@ -72,3 +73,29 @@ def test_a_bf16_pipeline_runs_its_network_in_bf16_and_gives_what_sample_dtype_bf
     fp32 = LFMPipeline.from_pretrained(str(tiny_pipeline / "dit"), device="cpu")
     lat32, lat16 = (p(**kw, output_type="latent").images for p in (fp32, bf16))
     assert lat16.dtype == torch.float32 and 0 < (lat16 - lat32).abs().max() < 0.05 * lat32.abs().max()
+
+
+def test_every_backend_gives_eager_images(pipe, tiny_pipeline, tmp_path):
+    """The backends of the one Sampler through the Python API, against eager for the same seeds: a sampler graph and a
+    velocity graph (ONNX Runtime) and the compile backend; a sampler graph runs its own recipe, and refuses another."""
+    from lfm_fast.export.onnx import export_onnx
+    from lfm_fast.models.dit import DiT
+    from lfm_fast.sampling import SampleConfig
+
+    dit = str(tiny_pipeline / "dit")
+    kw = dict(class_labels=[0, 3, 5], num_inference_steps=3, guidance_scale=2.0, solver="heun", seed=7, output_type="latent")
+    ref = pipe(**kw).images
+    model = DiT.from_pretrained(dit).eval()
+    export_onnx(model, str(tmp_path / "s.onnx"), SampleConfig("heun", 3, 2.0))
+    export_onnx(model, str(tmp_path / "v.onnx"), SampleConfig(), graph="velocity")
+    graph = LFMPipeline.from_pretrained(dit, device="cpu", backend="onnxruntime", engine=str(tmp_path / "s.onnx"))
+    torch.testing.assert_close(graph(**kw).images, ref, rtol=1e-4, atol=1e-4)
+    assert graph(**{**kw, "num_inference_steps": None}).nfe == 6  # the graph's own recipe
+    with pytest.raises(InputError, match="num_inference_steps=4: the graph .* was exported with steps=3"):
+        graph(**{**kw, "num_inference_steps": 4})
+    velocity = LFMPipeline.from_pretrained(dit, device="cpu", backend="onnxruntime", engine=str(tmp_path / "v.onnx"))
+    torch.testing.assert_close(velocity(**kw).images, ref, rtol=1e-4, atol=1e-4)
+    compiled = LFMPipeline.from_pretrained(dit, device="cpu", backend="compile")
+    torch.testing.assert_close(compiled(**kw).images, ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(InputError, match="dtype='bf16': a graph runs in the dtype it was exported in"):
+        LFMPipeline.from_pretrained(dit, device="cpu", dtype="bf16", backend="onnxruntime", engine=str(tmp_path / "s.onnx"))

@@ -6,7 +6,7 @@ import os
 
 from lfm_fast.choices import FIXED_SOLVERS
 from lfm_fast.cli.common import add_num_images, check_positive
-from lfm_fast.cli.recipe import sample_config, sigma_min
+from lfm_fast.cli.recipe import sample_config, sampler
 
 
 def add_parser(sub) -> None:
@@ -36,9 +36,10 @@ def run(args):
         check_positive("--cfg", args.cfg, allow_zero=True)
     config = read_checkpoint_config(args.ckpt)
     args.grid = "uniform"  # the fit's own starting grids; a stored calibrated grid is replaced, not read
-    scfg = sample_config(config, args)
     model = DiT.from_pretrained(args.ckpt).eval()
-    r = calibrate(model, args.ckpt, scfg, args.num, args.iters, sigma_min(config), overwrite=args.overwrite)
+    s = sampler(args, model, config)
+    scfg = sample_config(s, args)
+    r = calibrate(model, args.ckpt, scfg, args.num, args.iters, s.sigma_min, overwrite=args.overwrite)
     interval = "" if (scfg.cfg_lo, scfg.cfg_hi) == (0.0, 1.0) else f" --cfg-interval {scfg.cfg_lo:g}:{scfg.cfg_hi:g}"
     print(f"wrote {os.path.join(args.ckpt, GRIDS_FILE)}: {scfg.solver} × {scfg.steps} steps ({args.nfe} NFE), cfg "
           f"{float(scfg.cfg):g}{interval.replace(' --cfg-interval', ', interval')}: relative error {r['error']:.4f} on "

@@ -6,7 +6,7 @@ import os
 
 from lfm_fast.choices import FIXED_SOLVERS
 from lfm_fast.cli.common import add_grid_flags, add_ode_steps, flag
-from lfm_fast.cli.recipe import autoencoder_spec, check_sampler_flags, sample_config, sigma_min
+from lfm_fast.cli.recipe import autoencoder_spec, check_sampler_flags, sample_config, sampler
 from lfm_fast.errors import InputError
 
 
@@ -70,7 +70,8 @@ def run(args):
         raise InputError(f"--ae {args.ae}: the autoencoder is for --with-decoder (a sampler graph that outputs images)")
     config = read_checkpoint_config(args.ckpt)
     model = DiT.from_pretrained(args.ckpt).eval()
-    scfg = sample_config(config, args)
+    s = sampler(args, model, config)
+    scfg = sample_config(s, args)
     if args.graph == "sampler" and scfg.solver not in FIXED_SOLVERS:
         raise InputError(f"--solver {scfg.solver}{' (the checkpoint default)' if args.solver is None else ''}: the exported "
                          f"sampler unrolls the steps of {', '.join(FIXED_SOLVERS)}; pass one of them")
@@ -79,7 +80,7 @@ def run(args):
     start = time.perf_counter()
     what = f"{args.graph} graph, network {dtype}"
     if args.format == "onnx":
-        meta = export_onnx(model, args.out, scfg, ae, dtype, args.graph, sigma_min(config))
+        meta = export_onnx(model, args.out, scfg, ae, dtype, args.graph, s.sigma_min)
     else:
         import tempfile
 
@@ -87,7 +88,7 @@ def run(args):
 
         with tempfile.TemporaryDirectory(prefix="lfm-fast-export-") as tmp:  # the intermediate graph, never beside --out
             onnx_path = os.path.join(tmp, "graph.onnx")
-            meta = export_onnx(model, onnx_path, scfg, ae, dtype, args.graph, sigma_min(config))
+            meta = export_onnx(model, onnx_path, scfg, ae, dtype, args.graph, s.sigma_min)
             record = build_engine(onnx_path, args.out, batch_range)
         what += f", TensorRT {record['tensorrt_version']} on {record['gpu']}, batch {':'.join(map(str, batch_range))}"
     recipe = "" if args.graph == "velocity" else f", {scfg.describe()}, NFE {meta.nfe}"

@@ -5,8 +5,7 @@ from __future__ import annotations
 from lfm_fast.choices import INFERENCE_DTYPES, SOLVERS
 from lfm_fast.cli.common import (add_backend_flags, add_grid_flags, add_nproc_flag, add_num_images, add_ode_steps,
                                  add_overwrite_flag, backend_overrides, check_positive)
-from lfm_fast.cli.recipe import (autoencoder_spec, check_sampler_flags, check_task, draw, parse_labels, sample_config,
-                                 task_conditions)
+from lfm_fast.cli.recipe import check_sampler_flags, check_task, parse_labels, sample_config, sampler, task_conditions
 from lfm_fast.fileio import check_out_dir
 
 
@@ -51,9 +50,8 @@ def add_parser(sub) -> None:
 def run(args):
     import numpy as np
 
-    from lfm_fast.autoencoder import load_autoencoder
     from lfm_fast.dist import init_distributed
-    from lfm_fast.generate import NfeCount, inference_model, latents_to_images, rank_indices, save_samples
+    from lfm_fast.generate import NfeCount, inference_model, rank_indices, save_samples
     from lfm_fast.models.dit import DiT, read_checkpoint_config
 
     check_sampler_flags(args)
@@ -66,23 +64,21 @@ def run(args):
     model = DiT.from_pretrained(args.ckpt, **backend_overrides(args))
     # the network in the sampling dtype; a graph checks the weights it was exported from, which stay fp32 here
     model = inference_model(model, d.device, args.dtype if args.backend in ("eager", "compile") else "fp32")
-    c = model.config
-    ae = load_autoencoder(autoencoder_spec(config, args), device=d.device) if task == "inpaint" else None
-    conds, source, task_inputs = task_conditions(args, task, model, ae)
+    s = sampler(args, model, config, args.backend, args.ae)
+    conds, source, task_inputs = task_conditions(args, task, s)
     total = args.num if source is None else len(source)
-    all_labels = parse_labels(args.labels, total, c.num_classes, config.get("meta", {}).get("class_names", []))
-    scfg = sample_config(config, args)
+    all_labels = s.labels(parse_labels(args.labels), total, "--labels" if args.labels is None else f"--labels {args.labels!r}")
+    scfg = sample_config(s, args)
     mine = rank_indices(total, args.batch_size, d.rank, d.world_size)  # this rank's whole batches
     seeds = [args.seed + i for i in mine]
     labels = None if all_labels is None else all_labels[mine]
     conds = None if conds is None else conds[mine]
     if mine:
-        latents, images, nfe = draw(args, scfg, model, config, labels, seeds, conds, total, d.device, d.is_main)
+        latents, images, nfe = s.draw(scfg, labels, seeds, conds, args.batch_size, d.is_main)
     else:  # more ranks than batches: this rank has nothing to draw and only joins the collective write
         latents, images, nfe = None, np.zeros((0, 1, 1, 3), np.uint8), 0
     if images is None:
-        ae = ae or load_autoencoder(autoencoder_spec(config, args), device=d.device)
-        images = latents_to_images(ae, latents.float())
+        images = s.images(latents)
     grid = None
     if task != "label":
         from lfm_fast.tasks import composite, task_grid
