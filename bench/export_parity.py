@@ -24,7 +24,8 @@ from lfm_fast.data.images import to_uint8
 from lfm_fast.export.onnx import export_onnx
 from lfm_fast.export.ort import OrtSampler, velocity_net
 from lfm_fast.fileio import resolve_path, write_json
-from lfm_fast.models.dit import DiT, cast_token_path, read_checkpoint_config
+from lfm_fast.generate import cast_token_path
+from lfm_fast.models.dit import DiT, read_checkpoint_config
 from lfm_fast.sampling import SampleConfig, per_image_noise, sample_with
 
 CFG, BATCH = 2.0, 8

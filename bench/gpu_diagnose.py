@@ -83,7 +83,8 @@ def part_a(out):
 
 
 def xl_model():
-    from lfm_fast.models.dit import build_dit, cast_token_path
+    from lfm_fast.generate import cast_token_path
+    from lfm_fast.models.dit import build_dit
     torch.manual_seed(0)
     return cast_token_path(build_dit("DiT-XL/2", input_size=32, in_channels=4, num_classes=1000).cuda().eval(), torch.bfloat16)
 

@@ -46,7 +46,8 @@ def main():
         p.error(f"--backends {a.backends}: expected names from eager, compile")
 
     from lfm_fast.export.sampler import compile_sampler
-    from lfm_fast.models.dit import build_dit, cast_token_path
+    from lfm_fast.generate import cast_token_path
+    from lfm_fast.models.dit import build_dit
     from lfm_fast.sampling import SampleConfig, per_image_noise, sample
 
     torch.manual_seed(0)

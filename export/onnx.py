@@ -149,7 +149,8 @@ def export_onnx(model, out: str, cfg: SampleConfig, ae=None, dtype: str = "float
     decoder), or the velocity network (x, t, labels[, cond] → velocity), with a dynamic batch; check it with
     onnx.checker's full check. The opset defaults to 18, and to 22 for bf16 (where ONNX types Conv in bf16).
     Returns the metadata written into the graph."""
-    from lfm_fast.models.dit import cast_token_path, set_backends
+    from lfm_fast.generate import cast_token_path
+    from lfm_fast.models.dit import set_backends
 
     opset = opset or (22 if dtype == "bfloat16" else 18)
 
@@ -157,7 +158,7 @@ def export_onnx(model, out: str, cfg: SampleConfig, ae=None, dtype: str = "float
         raise ValueError(f"dtype {dtype!r} / graph {graph!r}: expected one of {list(DTYPES)} / {list(GRAPHS)}")
     # a copy with plain-PyTorch ops only, no Triton custom ops: SDPA becomes MatMul-Softmax-MatMul in the network's
     # dtype, the pattern TensorRT fuses into its own attention kernels
-    net = cast_token_path(set_backends(copy.deepcopy(model).eval().cpu(), attn="sdpa", norm="reference"), DTYPES[dtype])
+    net = cast_token_path(set_backends(copy.deepcopy(model).eval().cpu(), attn="sdpa", norm="compile"), DTYPES[dtype])
     c = net.config
     b = 2
     x = torch.randn(b, c.in_channels, c.input_size, c.input_size)

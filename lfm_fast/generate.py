@@ -18,7 +18,6 @@ from lfm_fast.data.images import to_uint8
 from lfm_fast.dist import to_device
 from lfm_fast.errors import InputError
 from lfm_fast.fileio import atomic_dir, image_grid, save_png
-from lfm_fast.models.dit import cast_token_path
 from lfm_fast.sampling import SampleConfig, per_image_noise, sample_with, time_grid
 from lfm_fast.train.throughput import forward_flops_per_image
 
@@ -42,6 +41,19 @@ def inference_model(model, device, dtype: str | torch.dtype | None = "auto"):
     model = model.eval().to(device)
     dt = inference_dtype(dtype, device)
     return model.float() if dt == torch.float32 else cast_token_path(model, dt)
+
+
+def cast_token_path(model, dtype: torch.dtype):
+    """A DiT in `dtype` for inference (sampling, export), in place, but for its per-sample path: the time and label embeddings and
+    the adaLN modulations act on one vector a sample (about 1/T of the FLOPs) and stay fp32, their outputs cast at
+    the modulation. At 32 Heun steps on the demo checkpoint, rounding every weight to fp16 moves the latents by
+    1.1e-2 (max abs), rounding only the token path's by 3.4e-3 (the time embedding alone: 4.5e-3)."""
+    keep = {id(p) for name, module in model.named_modules()
+            if name in ("t_embedder", "y_embedder") or name.endswith("adaLN_modulation") for p in module.parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.float() if id(p) in keep else p.data.to(dtype)  # never through `dtype` and back
+    return model
 
 
 def checkpoint_sample_config(config: dict) -> SampleConfig:

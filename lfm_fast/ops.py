@@ -8,8 +8,8 @@ backend is tested against. Backends:
   ``triton``, ``sdpa``, ``math`` (two matmuls and a softmax in the input dtype), ``xformers``
   (installed + CUDA only), ``reference`` (fp32).
 - norms (adaLN modulate, gated residual, and the two fused): ``auto`` (Triton on CUDA in eager; the PyTorch
-  expression under `torch.compile`, which fuses it, and on CPU), ``triton``, ``compile`` (the PyTorch expression,
-  for `torch.compile` to fuse) and ``reference``.
+  expression under `torch.compile`, which fuses it, and on CPU), ``triton``, ``compile`` (the PyTorch expression
+  in the input dtype, for `torch.compile` to fuse) and ``reference`` (in fp32, cast back: the kernels' definition).
 
 `auto` follows the first GPU run (bench/REPORT.md, "GPU"; one H200, 2026-12-04). The Triton attention's kernels
 match SDPA's GPU time (225 vs 228 µs fwd + bwd at XL/2, batch 32), but a forward + backward through its custom ops costs
@@ -123,6 +123,10 @@ def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, ba
         from lfm_fast.kernels.adaln import adaln_modulate as fused
 
         return fused(x, shift, scale)
+    if backend == "reference":
+        from lfm_fast.kernels.adaln import modulate_reference
+
+        return modulate_reference(x, shift, scale, LAYERNORM_EPS)
     h = F.layer_norm(x, x.shape[-1:], eps=LAYERNORM_EPS)
     return torch.addcmul(shift.unsqueeze(1), h, 1 + scale.unsqueeze(1))
 
@@ -134,6 +138,10 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, backend
         from lfm_fast.kernels.adaln import gated_residual as fused
 
         return fused(x, gate, y)
+    if backend == "reference":
+        from lfm_fast.kernels.adaln import gated_residual_reference
+
+        return gated_residual_reference(x, gate, y)
     return torch.addcmul(x, gate.unsqueeze(1), y)
 
 

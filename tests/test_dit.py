@@ -105,6 +105,42 @@ def test_save_and_from_pretrained_round_trip(tmp_path):
     torch.testing.assert_close(loaded(x, t, y), model(x, t, y), rtol=0, atol=0)
 
 
+def test_kernel_backends_are_the_machines_choice_not_the_checkpoints(tmp_path):
+    """A model run with the Triton kernels saves no backend into config.json, and a file that has one (0.2 wrote them)
+    loads with `auto` unless the reader asks for another: the kernels follow the machine that runs the model."""
+    import json
+
+    model = small(attn_backend="triton", norm_backend="triton")
+    model.save_pretrained(str(tmp_path))
+    saved = json.load(open(tmp_path / "config.json"))
+    assert not {"attn_backend", "norm_backend"} & set(saved["model"])
+    saved["model"].update(attn_backend="triton", norm_backend="triton")
+    json.dump(saved, open(tmp_path / "config.json", "w"))
+    assert (DiT.from_pretrained(str(tmp_path)).config.attn_backend, DiT.from_pretrained(str(tmp_path)).config.norm_backend) == ("auto", "auto")
+    assert DiT.from_pretrained(str(tmp_path), attn_backend="sdpa").config.attn_backend == "sdpa"
+
+
+def test_the_reference_norms_are_fp32_and_compile_is_the_expression_in_the_input_dtype():
+    """`reference` computes in fp32 and casts back (the definition the kernels are tested against); `compile` is the
+    same expression in the input dtype, for inductor: equal in fp32, apart in bf16 by bf16's rounding only."""
+    torch.manual_seed(0)
+    x, shift, scale, gate, y = torch.randn(2, 5, 64), torch.randn(2, 64), torch.randn(2, 64), torch.randn(2, 64), torch.randn(2, 5, 64)
+    exact = (ops.adaln_modulate(x.double(), shift.double(), scale.double(), "compile"),
+             ops.gated_residual(x.double(), gate.double(), y.double(), "compile"))
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 0.05)):
+        args = [t.to(dtype) for t in (x, shift, scale)]
+        ref, com = ops.adaln_modulate(*args, backend="reference"), ops.adaln_modulate(*args, backend="compile")
+        gref = ops.gated_residual(x.to(dtype), gate.to(dtype), y.to(dtype), "reference")
+        assert ref.dtype == com.dtype == gref.dtype == dtype
+        torch.testing.assert_close(ref.double(), exact[0], rtol=tol, atol=tol)
+        torch.testing.assert_close(gref.double(), exact[1], rtol=tol, atol=tol)
+        torch.testing.assert_close(com.double(), exact[0], rtol=4 * tol, atol=4 * tol)
+    bf = [t.bfloat16() for t in (x, shift, scale)]
+    ref_err = (ops.adaln_modulate(*bf, backend="reference").double() - exact[0]).abs().max()
+    com_err = (ops.adaln_modulate(*bf, backend="compile").double() - exact[0]).abs().max()
+    assert ref_err < com_err  # bf16 arithmetic in `compile`, one rounding at the end in `reference`
+
+
 def test_from_pretrained_rejects_a_folder_that_is_not_a_checkpoint(tmp_path):
     with pytest.raises(InputError, match="config.json and model.safetensors"):
         DiT.from_pretrained(str(tmp_path))

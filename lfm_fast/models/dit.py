@@ -62,6 +62,8 @@ class DiTConfig:
     # encodes the column, the second the row) or "rows" (the row first: what lfm-fast wrote before 0.2; a saved config
     # without this field is read as "rows", see `saved_model_config`). The table is a frozen tensor saved with the weights
     pos_embed: str = "mae"
+    # the fused ops' kernels (lfm_fast.ops): a choice of the machine that runs the model, not of its weights, so never
+    # written into config.json (see `saved_model_config`)
     attn_backend: str = "auto"
     norm_backend: str = "auto"
 
@@ -96,9 +98,13 @@ def build_dit(name: str, **overrides) -> "DiT":
     return DiT(DiTConfig(**{**arch_config(name), **overrides}))
 
 
+RUNTIME_FIELDS = ("attn_backend", "norm_backend")  # chosen where the model runs; not saved, and ignored when read
+
+
 def saved_model_config(model: dict) -> dict:
-    """A `model` config section read from disk: one written before `pos_embed` existed was row-first."""
-    return {"pos_embed": "rows", **model}
+    """A `model` config section read from disk: one written before `pos_embed` existed was row-first; kernel backends
+    (which 0.2 wrote) are the reading machine's choice, not the file's."""
+    return {"pos_embed": "rows", **{k: v for k, v in model.items() if k not in RUNTIME_FIELDS}}
 
 
 def sincos_pos_embed_2d(dim: int, grid: int, order: str = "mae") -> torch.Tensor:
@@ -290,7 +296,8 @@ class DiT(nn.Module):
         from lfm_fast import __version__
 
         sd = {k: v.detach().cpu().contiguous() for k, v in (state_dict or self.state_dict()).items()}
-        config = {"_class_name": "DiT", "_lfm_fast_version": __version__, "model": asdict(self.config), "meta": meta or {}}
+        model = {k: v for k, v in asdict(self.config).items() if k not in RUNTIME_FIELDS}
+        config = {"_class_name": "DiT", "_lfm_fast_version": __version__, "model": model, "meta": meta or {}}
         with atomic_path(os.path.join(folder, "model.safetensors")) as tmp:
             save_file(sd, tmp)
         write_json(os.path.join(folder, "config.json"), config)
@@ -370,19 +377,6 @@ def assign_full(p: torch.Tensor, full: torch.Tensor) -> None:
         p.to_local().copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local())
     else:
         p.copy_(full)
-
-
-def cast_token_path(model: DiT, dtype: torch.dtype) -> DiT:
-    """The network in `dtype` for inference, in place, but for its per-sample path: the time and label embeddings and
-    the adaLN modulations act on one vector a sample (about 1/T of the FLOPs) and stay fp32, their outputs cast at
-    the modulation. At 32 Heun steps on the demo checkpoint, rounding every weight to fp16 moves the latents by
-    1.1e-2 (max abs), rounding only the token path's by 3.4e-3 (the time embedding alone: 4.5e-3)."""
-    keep = {id(p) for name, module in model.named_modules()
-            if name in ("t_embedder", "y_embedder") or name.endswith("adaLN_modulation") for p in module.parameters()}
-    with torch.no_grad():
-        for p in model.parameters():
-            p.data = p.data.float() if id(p) in keep else p.data.to(dtype)  # never through `dtype` and back
-    return model
 
 
 def set_backends(model: DiT, attn: str | None = None, norm: str | None = None) -> DiT:
