@@ -25,7 +25,8 @@ class UnrolledSampler(nn.Module):
     def __init__(self, model, cfg: SampleConfig, decoder=None, scaling_factor: float = 1.0, sigma_min: float = 1e-5):
         super().__init__()
         if cfg.solver not in FIXED_SOLVERS:
-            raise InputError(f"--solver {cfg.solver}: the exported sampler unrolls fixed steps; expected one of {', '.join(FIXED_SOLVERS)}")
+            raise InputError(f"--solver {cfg.solver}: exported samplers and the compile backend unroll fixed steps; "
+                             f"expected one of {', '.join(FIXED_SOLVERS)} (or sample with --backend eager)")
         self.model, self.config, self.sigma_min = model, cfg, sigma_min
         self.decoder, self.scaling_factor = decoder, scaling_factor
         self.times = time_grid(cfg.steps, cfg.grid, cfg.shift, cfg.times)  # Python floats: constants of the graph

@@ -159,7 +159,7 @@ def class_ids(values, num_classes: int, class_names=(), what: str = "class_label
         i = int(v) if isinstance(v, str) and v.isdigit() else v
         if not isinstance(i, (int, np.integer)) or isinstance(i, bool) or not 0 <= i < num_classes:
             names = f" or one of {', '.join(class_names)}" if class_names else ""
-            raise InputError(f"{what}: {v!r}: expected a class id in 0..{num_classes - 1}{names}")
+            raise InputError(f"{what}: {v!r} is not a class of this checkpoint: expected a class id in 0..{num_classes - 1}{names}")
         ids.append(int(i))
     return ids
 

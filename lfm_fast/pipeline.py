@@ -92,6 +92,8 @@ class LFMPipeline:
         spec = vae or checkpoint_autoencoder(config, run)
         if not spec:
             raise InputError(f"checkpoint {run} records no autoencoder; pass vae=")
+        if backend in ("onnxruntime", "tensorrt") and not engine:
+            raise InputError(f"backend={backend!r} needs engine= (a graph made by `lfm-fast export`)")
         if backend in ("onnxruntime", "tensorrt") and dtype != "auto":
             raise InputError(f"dtype={dtype!r}: a graph runs in the dtype it was exported in (export --fp16 / --bf16)")
         model = inference_model(DiT.from_pretrained(run), device, dtype if backend in ("eager", "compile") else "fp32")
@@ -106,7 +108,7 @@ class LFMPipeline:
                  guidance_scale: float | None = None, solver: str | None = None, generator=None, seed: int | None = None,
                  output_type: str = "pil", image=None, mask_image=None, semantic_map=None, batch_size: int = 64,
                  progress: bool = False, **sample_options) -> LFMPipelineOutput:
-        """Generate images. `class_labels` (ints) or `num_images` say how many (per input image or map for the
+        """Generate images. `class_labels` (class ids or names) or `num_images` say how many (per input image or map for the
         conditional tasks: `num_images`, default 1). Noise: image i from `seed + i` (as `lfm-fast sample --seed`), or
         drawn in order from `generator` (a torch.Generator, or one per image), or from torch's global generator.
         `num_inference_steps`, `guidance_scale`, `solver` and `sample_options` (grid, shift, atol, rtol, cfg_lo,

@@ -59,9 +59,11 @@ def test_train_and_sample_input_errors(tiny_pipeline, tmp_path, capsys):
     assert_input_error(*run_cli(capsys, "train", "--latents", str(tmp_path), "--preset", "small-data", "--out", str(tmp_path / "t")),
                        "meta.json")
     assert_input_error(*run_cli(capsys, "sample", "--ckpt", lat, "--out", str(tmp_path / "s")), "config.json and model.safetensors")
+    assert_input_error(*run_cli(capsys, "sample", "--ckpt", str(tiny_pipeline), "--out", str(tmp_path / "s")),
+                       f"the checkpoint of this run is {dit}")  # a run folder (demo's) names its checkpoint
     assert_input_error(*run_cli(capsys, "sample", "--ckpt", dit, "--labels", "0,6", "--out", str(tmp_path / "s")), "0..5")
     assert_input_error(*run_cli(capsys, "sample", "--ckpt", dit, "--labels", "a", "--out", str(tmp_path / "s")),
-                       "'a': expected a class id in 0..5 or one of circle, square")
+                       "--labels: 'a' is not a class of this checkpoint: expected a class id in 0..5 or one of circle, square")
     assert_input_error(*run_cli(capsys, "sample", "--ckpt", dit, "--labels", ",", "--out", str(tmp_path / "s")), "ids or names")
     assert not (tmp_path / "t").exists() and not (tmp_path / "s").exists()
 

@@ -97,5 +97,7 @@ def test_every_backend_gives_eager_images(pipe, tiny_pipeline, tmp_path):
     torch.testing.assert_close(velocity(**kw).images, ref, rtol=1e-4, atol=1e-4)
     compiled = LFMPipeline.from_pretrained(dit, device="cpu", backend="compile")
     torch.testing.assert_close(compiled(**kw).images, ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(InputError, match="backend='onnxruntime' needs engine="):
+        LFMPipeline.from_pretrained(dit, device="cpu", backend="onnxruntime")
     with pytest.raises(InputError, match="dtype='bf16': a graph runs in the dtype it was exported in"):
         LFMPipeline.from_pretrained(dit, device="cpu", dtype="bf16", backend="onnxruntime", engine=str(tmp_path / "s.onnx"))

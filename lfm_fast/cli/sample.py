@@ -67,12 +67,17 @@ def run(args):
     s = sampler(args, model, config, args.backend, args.ae)
     conds, source, task_inputs = task_conditions(args, task, s)
     total = args.num if source is None else len(source)
-    all_labels = s.labels(parse_labels(args.labels), total, "--labels" if args.labels is None else f"--labels {args.labels!r}")
+    all_labels = s.labels(parse_labels(args.labels), total, "--labels")
     scfg = sample_config(s, args)
     mine = rank_indices(total, args.batch_size, d.rank, d.world_size)  # this rank's whole batches
     seeds = [args.seed + i for i in mine]
     labels = None if all_labels is None else all_labels[mine]
     conds = None if conds is None else conds[mine]
+    if args.backend == "compile" and d.is_main:
+        import sys
+
+        print("compiling the sampler (torch.compile): each new batch size compiles once, which takes a minute or more "
+              "on a CPU", file=sys.stderr, flush=True)
     if mine:
         latents, images, nfe = s.draw(scfg, labels, seeds, conds, args.batch_size, d.is_main)
     else:  # more ranks than batches: this rank has nothing to draw and only joins the collective write

@@ -399,7 +399,10 @@ def read_checkpoint_config(folder: str) -> dict:
     if not os.path.isdir(folder):
         raise InputError(f"checkpoint {folder}: no such folder")
     if not (os.path.isfile(path) and os.path.isfile(os.path.join(folder, "model.safetensors"))):
-        raise InputError(f"checkpoint {folder}: expected config.json and model.safetensors (a folder written by `lfm-fast train`)")
+        inner = next((os.path.join(folder, n) for n in ("dit", "model") if os.path.isfile(os.path.join(folder, n, "config.json"))), None)
+        hint = f"; the checkpoint of this run is {inner}" if inner else ""
+        raise InputError(f"checkpoint {folder}: expected config.json and model.safetensors (a folder written by `lfm-fast "
+                         f"train`){hint}")
     try:
         with open(path) as f:
             config = json.load(f)
