@@ -106,6 +106,57 @@ def write_json(path: str, obj) -> None:
 
 
 @contextlib.contextmanager
+def out_lock(out: str, flag: str = "--out"):
+    """An advisory lock on `out` for a whole run (fcntl.flock): a second process that would write there gets one line
+    naming the first one's PID. It is held on a file beside `out` (`.NAME.lfm-fast.lock`: `out` may not exist yet, and
+    a command may replace it whole), dies with its process (kill -9 too: a killed run never blocks the next), and the
+    file is removed at the end, with the folders made for it if they stayed empty. Where no folder can be made there
+    (a file in the way) there is no lock: the command itself refuses such an --out."""
+    import fcntl
+
+    parent, name = os.path.split(os.path.abspath(out))
+    made = []  # the missing folders above `out`, made here, removed at the end if they stay empty
+    d = parent
+    while not os.path.exists(d):
+        made.insert(0, d)
+        d = os.path.dirname(d)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError:
+        yield
+        return
+    path = os.path.join(parent, f".{name}.lfm-fast.lock")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise InputError(f"{flag} {out} is in use by another lfm-fast run (PID {pid}); wait for it to end, or "
+                             f"choose another {flag}") from None
+        try:  # the file its last holder removed between our open and our lock is not the lock: take the new one
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # while still locked: a waiting process then finds no file, or a new one
+        os.close(fd)
+        for d in reversed(made):
+            try:
+                os.rmdir(d)
+            except OSError:  # not empty (the run wrote there), or gone
+                break
+
+
+@contextlib.contextmanager
 def atomic_dir(path: str, command: str, overwrite: bool = False):
     """Yield a temporary folder; on success it gets the marker of `command` and takes the place of `path`
     (replacing an older one only as `check_out_dir` allows)."""

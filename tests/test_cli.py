@@ -261,3 +261,30 @@ def test_prepare_takes_a_presets_data_section(tmp_path, capsys):
     meta = json.loads((out / "meta.json").read_text())
     assert meta["num_samples"] == 8 and meta["latent_shape"] == [4, 8, 8] and meta["flip"] is False  # small-data: no flips
     assert meta["dataset"] == "shapes" and meta["num_classes"] == 6
+
+
+def test_one_run_per_out_folder(tiny_pipeline, tmp_path, capsys):
+    """train, prepare and sample hold a lock on --out for the whole run: a second process is refused in one line naming
+    the first one's PID, before any work; the lock of a killed process (kill -9) never blocks the next run, and the
+    lock file is gone after a run."""
+    import signal
+    import subprocess
+    import sys
+
+    dit, lat, out = str(tiny_pipeline / "dit"), str(tiny_pipeline / "latents"), tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom lfm_fast.fileio import out_lock\n"
+                               "with out_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)\n", str(out)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for argv in (["sample", "--ckpt", dit, "--num-images", "2", "--out", str(out)],
+                     ["train", "--latents", lat, "--preset", "small-data", "--steps", "1", "--out", str(out)],
+                     ["prepare", "--ae", str(tiny_pipeline / "ae"), "--data", "shapes", "--out", str(out)]):
+            assert_input_error(*run_cli(capsys, *argv), f"--out {out} is in use by another lfm-fast run (PID {holder.pid})")
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert holder.returncode == -signal.SIGKILL
+    assert main(["sample", "--ckpt", dit, "--num-images", "2", "--labels", "0", "--out", str(out)]) == 0
+    assert (out / "samples.npz").is_file() and [p.name for p in tmp_path.iterdir()] == ["run"]

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from lfm_fast.errors import InputError
-from lfm_fast.eval.fid import inception_features, load_inception
+from lfm_fast.eval.fid import inception_features, load_images, load_inception, reference_stats
 from lfm_fast.eval.frechet import frechet_distance
 
 
@@ -87,6 +87,30 @@ def test_load_inception_errors(tmp_path, monkeypatch):
     torch.save({"x": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(InputError, match="not the FID InceptionV3 weights"):
         load_inception(str(tmp_path / "other.pth"))
+
+
+def test_eval_checks_weights_and_files_before_reading_images(tmp_path, monkeypatch, capsys):
+    """A missing --inception is reported before any image is read (where the file comes from, in the line); a text
+    file named .npz and a truncated samples.npz are one line each, not a traceback."""
+    from lfm_fast.cli import main
+    from lfm_fast.eval import run as eval_run
+
+    monkeypatch.delenv("LFM_FAST_INCEPTION", raising=False)
+    np.savez(tmp_path / "a.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    read = []
+    monkeypatch.setattr(eval_run, "load_images", lambda *a, **k: read.append(a) or np.zeros((4, 8, 8, 3), np.uint8))
+    assert main(["eval", "--samples", str(tmp_path / "a.npz"), "--ref", str(tmp_path / "a.npz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert read == [] and len(err.splitlines()) == 1 and "github.com/mseitzer/pytorch-fid/releases" in err
+    monkeypatch.undo()
+    (tmp_path / "text.npz").write_text("not a zip")
+    with open(tmp_path / "a.npz", "rb") as f:
+        (tmp_path / "cut.npz").write_bytes(f.read()[:200])
+    for bad in ("text.npz", "cut.npz"):
+        with pytest.raises(InputError, match=f"{bad}: not a readable .npz file"):
+            load_images(str(tmp_path / bad))
+        with pytest.raises(InputError, match=f"{bad}: not a readable .npz file"):
+            reference_stats(str(tmp_path / bad))
 
 
 def test_precision_recall_on_known_geometry():

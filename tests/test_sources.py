@@ -113,14 +113,16 @@ def write_lmdb(path, items: dict[bytes, bytes]):
 def test_lsun_lmdb_encoded_values_in_key_order_with_a_limit(tmp_path):
     imgs = {b"f2a": noise_image(80, 60, 1), b"0b7": noise_image(60, 90, 2), b"c11": noise_image(64, 64, 3)}
     values = {b"f2a": encoded(imgs[b"f2a"], "WEBP", lossless=True), b"0b7": encoded(imgs[b"0b7"], "PNG"),
-              b"c11": encoded(imgs[b"c11"], "JPEG"), b"zzz": b"garbage bytes"}
+              b"c11": encoded(imgs[b"c11"], "JPEG"), b"zzz": b"garbage bytes", b"zzz12": b"not an image"}
     write_lmdb(tmp_path / "church_outdoor_train_lmdb", values)
     ds, names = open_image_dataset(f"lmdb:{tmp_path / 'church_outdoor_train_lmdb'}", 32)
-    assert names == [] and ds.layout == "lsun" and [ds.key(i) for i in range(len(ds))] == ["0b7", "c11", "f2a", "zzz"]
+    assert names == [] and ds.layout == "lsun" and [ds.key(i) for i in range(len(ds))] == ["0b7", "c11", "f2a", "zzz", "zzz12"]
     assert np.array_equal(ds.read(0)[0], center_crop_arr(imgs[b"0b7"], 32))
     assert np.array_equal(ds.read(2)[0], center_crop_arr(imgs[b"f2a"], 32))  # lossless WebP
     with pytest.raises(UnreadableImage, match="zzz"):
         ds.read(3)
+    with pytest.raises(UnreadableImage, match="zzz12.*12 bytes: neither an encoded image nor raw RGB .LSUN"):
+        ds.read(4)  # 12 = 3·2²: never a 2×2 image in LSUN's layout
     limited, _ = open_image_dataset(f"lmdb:{tmp_path / 'church_outdoor_train_lmdb'}?limit=2", 32)
     assert len(limited) == 2 and limited.key(1) == "c11"
     with pytest.raises(InputError, match="splits are folders"):
@@ -136,12 +138,16 @@ def test_lsun_lmdb_encoded_values_in_key_order_with_a_limit(tmp_path):
 def test_lfm_lmdb_layout_raw_and_encoded_with_splits(tmp_path):
     root = tmp_path / "celeba-lmdb"
     raw = [np.asarray(noise_image(40, 40, s)) for s in range(3)]
-    write_lmdb(root / "train.lmdb", {str(i).encode(): a.tobytes() for i, a in enumerate(raw)})
+    write_lmdb(root / "train.lmdb", {**{str(i).encode(): a.tobytes() for i, a in enumerate(raw)}, b"3": b"not an image",
+                                     b"4": np.asarray(noise_image(20, 20, 5)).tobytes()})
     write_lmdb(root / "validation.lmdb", {b"0": encoded(noise_image(50, 50, 9), "PNG"), b"1": b"\x01\x02\x03\x04"})
     ds, _ = open_image_dataset(f"lmdb:{root}", 32)
-    assert ds.layout == "lfm" and len(ds) == 3
+    assert ds.layout == "lfm" and len(ds) == 5 and ds.raw_side == 40
     for i in range(3):
         assert np.array_equal(ds.read(i)[0], center_crop_arr(Image.fromarray(raw[i]), 32))
+    for i, size in ((3, 12), (4, 1200)):  # raw only at the dataset's side: not 2×2, not 20×20
+        with pytest.raises(UnreadableImage, match=f"{size} bytes: neither an encoded image nor raw RGB of this dataset's 40×40"):
+            ds.read(i)
     val, _ = open_image_dataset(f"lmdb:{root}?split=validation", 32)
     assert np.array_equal(val.read(0)[0], center_crop_arr(noise_image(50, 50, 9), 32))
     with pytest.raises(UnreadableImage, match="neither an encoded image nor raw RGB"):

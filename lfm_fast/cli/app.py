@@ -198,6 +198,22 @@ def _terminate(signum, frame):
     raise Terminated()                                # cut short the removal of what is half-written
 
 
+LOCKED = ("train", "prepare", "sample")  # the commands that write a run folder over minutes to hours
+
+
+def _run_lock(args):
+    """The lock on --out for the whole run, held by one process: the one started by the user (a single process, or
+    the parent of --nproc's workers), or rank 0 of a run torchrun started directly (SLURM)."""
+    import contextlib
+
+    from lfm_fast.fileio import out_lock
+
+    worker = os.environ.get("LFM_FAST_LAUNCH") == "1" or os.environ.get("RANK", "0") != "0"
+    if args.command not in LOCKED or worker or not getattr(args, "out", None):
+        return contextlib.nullcontext()
+    return out_lock(args.out)
+
+
 def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     warnings.formatwarning = _format_warning
@@ -212,10 +228,16 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"lfm-fast: error: --nproc {nproc}: expected a positive count", file=sys.stderr)
         return 2
     if nproc and not launched_by_torchrun():
-        return relaunch(argv, nproc)
+        try:
+            with _run_lock(args):  # held by this parent while its workers run
+                return relaunch(argv, nproc)
+        except InputError as e:
+            report(f"lfm-fast: error: {e}")
+            return 2
     previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
     try:
-        COMMANDS[args.command](args)
+        with _run_lock(args):
+            COMMANDS[args.command](args)
     except InputError as e:
         report(f"lfm-fast: error: {e}")
         return 2

@@ -6,7 +6,10 @@
   the subset LFM trains on.
 - The CelebA-HQ / FFHQ one of LFM's `LMDBDataset`: PATH holds `train.lmdb` (and optionally `validation.lmdb`,
   read with `lmdb:PATH?split=validation`); keys are `str(index)`, values the raw RGB bytes of a square image
-  (3·S² bytes) or encoded image bytes.
+  (3·S² bytes, S the dataset's side: that of its first item) or encoded image bytes.
+
+A value is read as raw RGB only in LFM's layout and only at the dataset's side; any other value that is not an
+encoded image (in LSUN's layout, any at all) is an unreadable item, skipped and reported like a corrupt file.
 
 Environments are opened read-only, without locks, once per process (an LMDB handle must not cross a fork, so
 every DataLoader worker opens its own)."""
@@ -62,7 +65,7 @@ class LMDBDataset(ImageSource):
             if split is not None:
                 raise InputError(f"lmdb:{path}?split={split}: this is one LMDB environment (LSUN's layout); "
                                  f"splits are folders train.lmdb / validation.lmdb of LFM's layout")
-            self.layout, self.env_path = "lsun", path
+            self.layout, self.env_path, self.raw_side = "lsun", path, None  # LSUN's values are encoded images
             with _open_env(path).begin(write=False) as txn:
                 self.keys = [k for k, _ in txn.cursor()]  # byte order of the keys
         else:
@@ -80,6 +83,9 @@ class LMDBDataset(ImageSource):
                 if n and txn.get(self.keys[-1]) is None:
                     raise InputError(f"lmdb:{self.env_path}: {n} entries but no key {n - 1!r}; LFM's layout keys "
                                      f"images by str(index)")
+                first = txn.get(self.keys[0]) if n else None
+            # the side of the raw images: the first item's (None where it is encoded: no raw values expected)
+            self.raw_side = None if first is None or _is_encoded(first) else math.isqrt(len(first) // 3)
         close_envs()  # listed: reads open it again, in whichever process they run
         if not self.keys:
             raise InputError(f"lmdb:{path}: the database is empty")
@@ -99,10 +105,13 @@ class LMDBDataset(ImageSource):
         value, key = self._txn_get(self.keys[i]), self.key(i)
         if value is None:
             raise UnreadableImage(key, "no such key")
-        if not _is_encoded(value):  # LFM's raw layout: a square RGB image, row-major
-            side = math.isqrt(len(value) // 3)
-            if 3 * side * side != len(value):
-                raise UnreadableImage(key, f"{len(value)} bytes: neither an encoded image nor raw RGB of a square")
+        if not _is_encoded(value):  # LFM's raw layout: a square RGB image of the dataset's side, row-major
+            side = self.raw_side
+            if side is None or len(value) != 3 * side * side:
+                raw = f"raw RGB of this dataset's {side}×{side} images" if side else (
+                    "raw RGB (LSUN's values are encoded images)" if self.layout == "lsun" else
+                    "raw RGB (this dataset's first item is an encoded image)")
+                raise UnreadableImage(key, f"{len(value)} bytes: neither an encoded image nor {raw}")
             img = Image.fromarray(np.frombuffer(value, np.uint8).reshape(side, side, 3), "RGB")
             return center_crop_arr(img, self.image_size), 0, None
         return load_image(value, self.image_size, key), 0, None

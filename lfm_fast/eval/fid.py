@@ -9,6 +9,7 @@ downloaded.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -23,6 +24,7 @@ from lfm_fast.eval.frechet import frechet_distance, gaussian_stats
 
 INCEPTION_ENV = "LFM_FAST_INCEPTION"
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{INCEPTION_FILE}"
 
 
 class BasicConv2d(nn.Module):
@@ -165,10 +167,10 @@ class FIDInceptionV3(nn.Module):
 def load_inception(path: str | None = None, device="cpu", needed_by: str = "FID") -> FIDInceptionV3:
     path = path or os.environ.get(INCEPTION_ENV)
     if not path:
-        raise InputError(f"{needed_by} needs the Inception weights file {INCEPTION_FILE}: pass --inception PATH or set "
-                         f"${INCEPTION_ENV}")
+        raise InputError(f"{needed_by} needs the Inception weights file {INCEPTION_FILE} (pytorch-fid's, from "
+                         f"{INCEPTION_URL}): pass --inception PATH or set ${INCEPTION_ENV}")
     if not os.path.isfile(path):
-        raise InputError(f"--inception {path}: no such file (expected pytorch-fid's {INCEPTION_FILE})")
+        raise InputError(f"--inception {path}: no such file (expected pytorch-fid's {INCEPTION_FILE}, from {INCEPTION_URL})")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for files that are not state dicts
@@ -203,13 +205,28 @@ def load_images(source: str, size: int | None = None) -> np.ndarray:
     if size is not None and (scheme or options or os.path.isdir(source)):
         return _read_source(source, size)
     if source.endswith(".npz"):
-        if not os.path.isfile(source):
-            raise InputError(f"{source}: no such file")
-        with np.load(source) as f:
+        with read_npz(source) as f:
             if "arr_0" not in f:
                 raise InputError(f"{source}: no arr_0 array (expected the ADM / `lfm-fast sample` layout)")
             return f["arr_0"]
     return _read_sample_folder(source)
+
+
+@contextlib.contextmanager
+def read_npz(path: str):
+    """np.load of a .npz, a file that is not one (or a truncated one, found on reading its arrays) in one line."""
+    import zipfile
+    import zlib
+
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
+    try:
+        with np.load(path) as f:
+            yield f
+    except InputError:  # the caller's own, about the file's contents
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise InputError(f"{path}: not a readable .npz file ({e.__class__.__name__}: {str(e).splitlines()[0][:80]})") from None
 
 
 def _read_source(source: str, size: int) -> np.ndarray:
@@ -276,7 +293,7 @@ def reference_stats(path: str) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     if not os.path.isfile(path):
         raise InputError(f"--ref {path}: no such file")
-    with np.load(path) as f:
+    with read_npz(path) as f:
         if "mu" in f and "sigma" in f:
             return f["mu"], f["sigma"]
     return None

@@ -36,19 +36,22 @@ def evaluate(samples: str, ref: str, metrics: list[str], inception: str | None =
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise InputError(f"--metrics: unknown {', '.join(unknown)}; expected some of {', '.join(METRICS)}")
-    fake = load_images(samples)
+    # the flags, the reference's kind and the weights are checked before any image is read
+    if "latent_fd" in metrics and not ae:
+        raise InputError("--metrics latent_fd needs --ae (the autoencoder whose latents are compared)")
     stats = reference_stats(ref)  # an ADM reference batch holds both: its mu/sigma for FID, its arr_0 images for the rest
     need_images = [name for m, name in (("pr", "pr"), ("latent_fd", "latent_fd")) if m in metrics]
-    if stats is None or (need_images and _holds_images(ref)):
-        real = load_images(ref, size=fake.shape[1])
-    elif need_images:  # before any features are computed
+    read_ref = stats is None or (need_images and _holds_images(ref))
+    if need_images and not read_ref:
         raise InputError(f"--metrics {need_images[0]} needs reference images, but {ref} holds statistics only")
-    else:
-        real = None
-    result: dict = {"num_samples": int(len(fake)), "num_reference": None if real is None else int(len(real))}
+    net = None
     if "fid" in metrics or "pr" in metrics or save_stats:
         needed_by = " and ".join(name for m, name in (("fid", "FID"), ("pr", "precision/recall")) if m in metrics) or "--save-stats"
         net = load_inception(inception, device="cuda" if torch.cuda.is_available() else "cpu", needed_by=needed_by)
+    fake = load_images(samples)
+    real = load_images(ref, size=fake.shape[1]) if read_ref else None
+    result: dict = {"num_samples": int(len(fake)), "num_reference": None if real is None else int(len(real))}
+    if net is not None:
         fake_feats = inception_features(net, fake, batch_size, progress)
         fake_stats = gaussian_stats(fake_feats)
         if save_stats:
@@ -60,14 +63,8 @@ def evaluate(samples: str, ref: str, metrics: list[str], inception: str | None =
         if "fid" in metrics:
             result["fid"] = frechet_distance(*fake_stats, *(stats if stats is not None else gaussian_stats(real_feats)))
         if "pr" in metrics:
-            if real_feats is None:
-                raise InputError(f"--metrics pr needs reference images, but {ref} holds statistics only")
             result.update(precision_recall(real_feats, fake_feats, k=3))
     if "latent_fd" in metrics:
-        if not ae:
-            raise InputError("--metrics latent_fd needs --ae (the autoencoder whose latents are compared)")
-        if real is None:
-            raise InputError(f"--metrics latent_fd needs reference images, but {ref} holds statistics only")
         from lfm_fast.autoencoder import load_autoencoder
 
         model = load_autoencoder(ae)
